@@ -1,0 +1,60 @@
+"""`python -m nondet_hpc [-m] KEY=VALUE ...`: compose conf/ with Hydra and train one model per job.
+
+    python -m nondet_hpc source=init seed=7                       # one model
+    python -m nondet_hpc -m source=none,init,shuffle seed='range(1,9)'   # a local sweep + report
+    python -m nondet_hpc -m experiment=sources hydra/launcher=slurm_v100 # SLURM arrays, returns at once
+    python -m nondet_hpc --help                                   # every group and key
+
+Results: out_dir/runs/<run id>/ (see docs/ and ../shared/DESIGN.md). Finished runs are skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from .config import register_configs
+
+
+def conf_dir() -> str:
+    """conf/ inside an installed wheel, else the repository's top-level conf/ (editable install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "config.yaml").exists():
+            return str(candidate)
+    raise FileNotFoundError(f"nondet_hpc: no conf/config.yaml beside {here}; reinstall the package.")
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
+def main(cfg: DictConfig) -> dict:
+    from . import task
+    from .sources import ConfigError
+
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        out = task.run(cfg)
+        print(f"[nondet_hpc] {out['run_id']}: {out['state']} -> {out['run_dir']}", flush=True)
+        return out
+    # In a sweep one failing job must not stop the others: record it, go on, and let the
+    # end-of-sweep callback list every failure and exit non-zero.
+    try:
+        out = task.run(cfg)
+    except ConfigError as e:
+        print(f"[nondet_hpc] job {HydraConfig.get().job.num} refused: {e}", flush=True)
+        return {"state": "failed", "error": str(e)}
+    except Exception as e:  # noqa: BLE001 - recorded in run.json by task.run
+        print(f"[nondet_hpc] job {HydraConfig.get().job.num} failed: {type(e).__name__}: {e}", flush=True)
+        return {"state": "failed", "error": f"{type(e).__name__}: {e}"}
+    acc = f" test acc {out['test_acc']:.4f}" if "test_acc" in out else ""
+    print(f"[nondet_hpc] {out['run_id']}: {out['state']}{acc}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Hydra callbacks: a local sweep ends with the reducer's table and a list of what failed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",)
+
+
+class SweepFailed(RuntimeError):
+    pass
+
+
+class ReduceAtSweepEnd(Callback):
+    """After a local multirun: reduce the sweep folder, print the table, fail if any job failed.
+
+    SLURM sweeps return before their jobs run; their launcher queues a reducer job instead.
+    """
+
+    def __init__(self) -> None:
+        self.failures: list[tuple[int, str]] = []
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        value = getattr(job_return, "_return_value", None)
+        if isinstance(value, dict) and value.get("state") == "failed":
+            self.failures.append((config.hydra.job.num, value.get("error", "")))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.launcher.get("_target_") not in LOCAL_LAUNCHERS:
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        from . import reduce
+
+        if (sweep_dir / "runs").is_dir():
+            try:
+                table = reduce.reduce_sweep(sweep_dir)
+                print(reduce.format_table(table), flush=True)
+                print(f"[nondet_hpc] report: {sweep_dir / 'report'}  (metrics.csv, metrics.md, metrics.tex, plots)",
+                      flush=True)
+            except Exception as e:  # noqa: BLE001 - the runs are safe; say why there is no report
+                print(f"[nondet_hpc] reducer failed: {type(e).__name__}: {e}; rerun it with "
+                      f"python -m nondet_hpc.reduce {sweep_dir}", flush=True)
+        print(f"[nondet_hpc] runs: {sweep_dir / 'runs'}", flush=True)
+        if self.failures:
+            lines = "\n".join(f"  job {n}: {err}" for n, err in self.failures)
+            raise SweepFailed(f"{len(self.failures)} job(s) of the sweep failed:\n{lines}\n"
+                              f"Fix the cause and rerun the same command: finished runs are skipped.")

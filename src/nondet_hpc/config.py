@@ -1,0 +1,118 @@
+"""Structured configs: every knob of a run, with its meaning, in one place.
+
+The YAML files under conf/ pick values; these dataclasses fix the keys and types, so a misspelt
+key (``train.epoch=5``) or a wrong type fails when Hydra composes the config, before any work.
+Defaults are the paper's (../shared/PROTOCOL.md, "Training"); data/model/source files override
+them per group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+#: Sources whose random stream can take the replicate seed (PROTOCOL "Sources and seeds").
+SEEDED_SOURCES = ("init", "shuffle", "augment", "bitflip")
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # digits | cifar10 | cifar100 (the loader in data.py)
+    root: str = "data"  # folder holding cifar-10-batches-py / cifar-100-python (CIFAR only)
+    download: bool = False  # let torchvision download CIFAR into `root` if it is missing
+    num_classes: int = MISSING  # output width of the model's last layer
+    channels: int = 3  # input channels (digits: 1)
+    image_size: int = 32  # height = width of the stored images (digits: 8)
+    pad: int = 4  # training crop: zero-pad by this many pixels, crop back to image_size
+    flip: bool = True  # training augmentation: random horizontal flip with p = 0.5
+    mean: List[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])  # per channel, 0..1 scale
+    std: List[float] = field(default_factory=lambda: [0.2023, 0.1994, 0.2010])  # per channel, 0..1 scale
+    train_subset: Optional[int] = None  # keep only the first k training images (quick checks); null = all
+    test_subset: Optional[int] = None  # keep only the first k test images (quick checks); null = all
+    test_size: int = 497  # digits only: size of the fixed stratified test split (split seed 0)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # resnet14 | resnet18 | resnet34 (CIFAR-style ResNets in models.py)
+    widths: List[int] = MISSING  # channels of each stage; the stem has widths[0] channels
+    blocks: List[int] = MISSING  # basic blocks per stage
+    shortcut: str = "A"  # A: subsample + BN + zero channels (paper's ResNet-14); B: 1x1 conv + BN
+
+
+@dataclass
+class SourceConfig:
+    name: str = MISSING  # option name under conf/source/ (none, init, shuffle, ..., all)
+    label: str = MISSING  # row name in the paper's tables, e.g. "Parameter Initialization"
+    vary: List[str] = field(default_factory=list)  # streams seeded by the replicate seed; others get 1
+    deterministic_kernels: bool = True  # GPU: deterministic cuDNN/cuBLAS (false = the cudnn source)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 500  # total epochs (PROTOCOL: 500; the report also uses 100..400)
+    batch_size: int = 512  # SGD batch; the last batch of an epoch may be smaller
+    lr: float = 0.4  # peak LR of conv and linear weights
+    lr_scale_bias_bn: float = 0.1  # biases and BN parameters use lr * this (peak 0.04)
+    momentum: float = 0.9  # SGD momentum (PyTorch's, no Nesterov)
+    weight_decay: float = 5e-4  # on all parameters, as in the study's code
+    warmup_epochs: float = 3.0  # linear warm-up from 0 to the peak, per cycle
+    snapshots: int = 1  # cycles of warm-up + cosine-to-0 in the same budget; >1 = accelerated ensembling
+    checkpoint_every: int = 10  # epochs between checkpoints (also at every snapshot and at the end)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 = leave torch's default. Results differ with thread count
+    channels_last: str = "auto"  # auto (on for CUDA, where it is faster; off on CPU) | true | false
+
+
+@dataclass
+class EvalConfig:
+    views: List[str] = field(default_factory=lambda: ["plain"])  # logits/<view>.npy written at the end
+    features: bool = False  # also save penultimate features (features.npy) for CKA
+    batch_size: int = 500  # images per forward pass at evaluation
+
+
+@dataclass
+class Config:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    source: SourceConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 1  # replicate index (1..N): the seed of every stream named in source.vary
+    out_dir: str = "outputs/default"  # the sweep folder: runs go to out_dir/runs/<run id>/
+    force: bool = False  # retrain a run even if it is DONE (its old folder is moved aside, never deleted)
+    experiment: Optional[str] = None  # name of the experiment preset, if one was used (set by the preset)
+
+
+def register_configs() -> None:
+    """Register the root schema; conf/config.yaml names it first in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+def identity_items(cfg: Any) -> dict:
+    """The config keys that decide what a run computes, flattened to dotted names.
+
+    Excludes the bookkeeping keys that do not change the trained model (output folder, force,
+    evaluation views, checkpoint interval), so adding a view or moving a sweep keeps run ids.
+    """
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    c = {k: v for k, v in c.items() if k in ("data", "model", "source", "train", "seed")}
+    c["train"] = {k: v for k, v in c["train"].items() if k not in ("checkpoint_every",)}
+    c["data"] = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
+    flat: dict = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k in sorted(node):
+                walk(f"{prefix}.{k}" if prefix else k, node[k])
+        else:
+            flat[prefix] = node
+
+    walk("", c)
+    return flat

@@ -1,0 +1,107 @@
+"""The run directory (DESIGN.md, "Run directory"): names, atomic writes, the DONE marker.
+
+SWEEP_DIR/runs/<run id>/ holds config.yaml, run.json, logits/<view>.npy, labels.npy,
+features.npy (optional), checkpoint.pt and DONE (written last). Every file is written to a
+temporary name in the same folder and renamed, so a job killed at any instant leaves either the
+old file or the new one, never half a file under the real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import identity_items
+
+DONE = "DONE"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _digest(items: dict) -> str:
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def group_key(cfg) -> str:
+    """Equal for runs whose configs differ only in the replicate seed."""
+    items = identity_items(cfg)
+    items.pop("seed")
+    return _digest(items)
+
+
+def run_id(cfg) -> str:
+    """Readable and unique: source, seed, data, model, epochs, then a hash of everything else.
+
+    The hash covers the whole identity (identity_items), so two configs that differ anywhere that
+    matters can never share a folder, while bookkeeping keys (views, out_dir) keep the id.
+    """
+    items = identity_items(cfg)
+    return (f"{cfg.source.name}-s{cfg.seed:04d}-{cfg.data.name}-{cfg.model.name}-"
+            f"e{cfg.train.epochs}-{_digest(items)}")
+
+
+def run_dir(cfg) -> Path:
+    return Path(cfg.out_dir) / "runs" / run_id(cfg)
+
+
+def is_done(path: Path) -> bool:
+    return (Path(path) / DONE).exists()
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], Any]) -> None:
+    """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any file
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+class RunRecord:
+    """run.json of one run: kept in memory, rewritten atomically on every update."""
+
+    def __init__(self, path: Path, initial: dict | None = None):
+        self.path = Path(path)
+        self.data: dict = initial if initial is not None else (
+            read_json(self.path) if self.path.exists() else {})
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.data["updated"] = time.time()
+        write_json(self.path, self.data)

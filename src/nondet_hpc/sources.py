@@ -1,0 +1,138 @@
+"""The sources of nondeterminism: which seed each stream gets, and how each stream is used.
+
+PROTOCOL.md, "Sources and seeds". Every source owns one ``torch.Generator``; nothing here (or in
+the training code) touches torch's global RNG, so changing one source's seed cannot shift the
+random numbers of another. Studying a source = that source's seed is the replicate index, every
+other seed is 1.
+
+- init:    model weights (models.init_weights) draw from ``Streams.init``.
+- shuffle: each epoch's permutation (data.epoch_order) draws from ``Streams.shuffle``.
+- augment: each epoch's crops and flips (data.Augmenter) draw from ``Streams.augment``.
+- bitflip: one float32 ulp of one stem weight (apply_bitflip), chosen by its own generator.
+- cudnn:   not a stream but a switch (configure_kernels).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import SEEDED_SOURCES
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message says what was wrong, what is valid, and what to do."""
+
+
+@dataclass(frozen=True)
+class Seeds:
+    init: int
+    shuffle: int
+    augment: int
+    bitflip: Optional[int]  # None = no bit change
+    deterministic_kernels: bool
+
+    def as_dict(self) -> dict:
+        return {"init": self.init, "shuffle": self.shuffle, "augment": self.augment,
+                "bitflip": self.bitflip, "deterministic_kernels": self.deterministic_kernels}
+
+
+def resolve_seeds(vary: list[str], seed: int, deterministic_kernels: bool) -> Seeds:
+    """Seeds of every stream for replicate ``seed`` of a source set that varies ``vary``."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 1:
+        raise ConfigError(f"seed={seed!r} is invalid: the replicate index must be an integer >= 1 "
+                          f"(e.g. seed=7, or sweep with seed='range(1,101)').")
+    unknown = sorted(set(vary) - set(SEEDED_SOURCES))
+    if unknown:
+        raise ConfigError(f"source.vary has unknown stream(s) {unknown}; valid: {list(SEEDED_SOURCES)} "
+                          f"(the cuDNN source is source.deterministic_kernels=false, not a stream).")
+    pick = lambda s: seed if s in vary else 1  # noqa: E731
+    return Seeds(init=pick("init"), shuffle=pick("shuffle"), augment=pick("augment"),
+                 bitflip=seed if "bitflip" in vary else None,
+                 deterministic_kernels=deterministic_kernels)
+
+
+# Offsets keep streams apart even if two sources get the same integer seed: generator(init=1) and
+# generator(shuffle=1) must not produce the same numbers.
+_STREAM_OFFSET = {"init": 0, "shuffle": 1_000_003, "augment": 2_000_003, "bitflip": 3_000_017}
+
+
+def make_generator(stream: str, seed: int) -> torch.Generator:
+    """A CPU generator for one stream. CPU draws are identical on every machine and device."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(_STREAM_OFFSET[stream] + seed)
+    return g
+
+
+@dataclass
+class Streams:
+    """The live generators of one run; checkpointed and restored as a unit."""
+    init: torch.Generator
+    shuffle: torch.Generator
+    augment: torch.Generator
+
+    @classmethod
+    def from_seeds(cls, seeds: Seeds) -> "Streams":
+        return cls(init=make_generator("init", seeds.init),
+                   shuffle=make_generator("shuffle", seeds.shuffle),
+                   augment=make_generator("augment", seeds.augment))
+
+    def state(self) -> dict:
+        return {k: getattr(self, k).get_state() for k in ("init", "shuffle", "augment")}
+
+    def load_state(self, state: dict) -> None:
+        for k, s in state.items():
+            getattr(self, k).set_state(s)
+
+
+def apply_bitflip(weight: torch.Tensor, bitflip_seed: int) -> dict:
+    """Move one element of ``weight`` to the adjacent float32 value (up or down, 50/50).
+
+    The element and the direction come from a generator seeded by the bitflip seed alone, so the
+    global RNG is never consumed (the original code had to save and restore it for this).
+    Returns the record stored in run.json: flat index, old and new value, direction.
+    """
+    if weight.dtype != torch.float32:
+        raise TypeError(f"bit change needs a float32 weight, got {weight.dtype}")
+    g = make_generator("bitflip", bitflip_seed)
+    index = int(torch.randint(weight.numel(), (1,), generator=g))
+    up = bool(torch.rand(1, generator=g) < 0.5)
+    flat = weight.data.view(-1)
+    old = flat[index].detach().cpu().clone().reshape(1)  # clone: on CPU .cpu() is a view
+    target = torch.tensor([float("inf") if up else float("-inf")], dtype=torch.float32)
+    new = torch.nextafter(old, target)
+    with torch.no_grad():
+        flat[index] = new.to(flat.device)[0]
+    return {"index": index, "shape": list(weight.shape), "direction": "up" if up else "down",
+            "old": float(old[0]), "new": float(new[0]),
+            "old_hex": old.view(torch.int32).item() & 0xFFFFFFFF,
+            "new_hex": new.view(torch.int32).item() & 0xFFFFFFFF}
+
+
+def configure_kernels(deterministic: bool, device: torch.device) -> dict:
+    """Set PyTorch's kernel determinism switches; return what was set, for run.json.
+
+    GPU, deterministic: cuDNN deterministic, no benchmark autotuning, deterministic algorithms
+    everywhere, and cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS
+    initialises, which is why task.py calls this before any CUDA work).
+    GPU, nondeterministic: benchmark on, deterministic off (the study's cuDNN source).
+    CPU: the flags are set the same way, but CPU kernels are deterministic for a fixed thread count
+    either way, so the switch has no kernel-level effect there; the record says so.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    record = {"deterministic": deterministic, "cudnn.deterministic": deterministic,
+              "cudnn.benchmark": not deterministic, "use_deterministic_algorithms": deterministic,
+              "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+    if device.type == "cpu":
+        record["effect"] = ("none at kernel level: on CPU, results depend on the thread count "
+                            "(recorded as 'threads'), not on these switches")
+    else:
+        record["effect"] = "cuDNN/cuBLAS kernel selection"
+    return record

@@ -1,0 +1,263 @@
+"""One job = one trained model: what every local job and every SLURM array task runs.
+
+``run(cfg)`` checks the input, skips a finished run, resumes an interrupted one from its
+checkpoint, trains, evaluates the configured views and writes the run directory of DESIGN.md,
+DONE last. It needs no Hydra runtime, so launchers can call it with a composed config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__
+from .config import identity_items
+from .data import load_dataset
+from .models import build_model, init_weights
+from .rundir import DONE, RunRecord, group_key, is_done, run_dir, run_id, write_json, write_npy, write_text
+from .sources import ConfigError, Streams, apply_bitflip, configure_kernels, resolve_seeds
+from .train import Preempted, Trainer, clear_stop
+from .views import VIEWS, evaluate_views
+
+SLURM_ENV = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
+             "SLURM_JOB_NODELIST", "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT")
+
+
+# --- input checks ----------------------------------------------------------------------------
+def check_gpu_arch(capability: tuple[int, int], arch_list: list[str], gpu_name: str,
+                   torch_version: str, cuda_version: str | None) -> None:
+    """Fail early when the installed torch has no kernels for this GPU.
+
+    A cubin for sm_XY runs on sm_XZ with Z >= Y (same major); PTX for compute_XY can be JIT
+    compiled for any newer GPU. CUDA 13 builds of torch dropped sm_70 (V100).
+    """
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, num = arch.partition("_")
+        if not num.isdigit():
+            continue
+        a_major, a_minor = int(num[:-1]), int(num[-1])
+        if kind == "sm" and a_major == major and a_minor <= minor:
+            return
+        if kind == "compute" and (a_major, a_minor) <= (major, minor):
+            return
+    raise ConfigError(
+        f"GPU '{gpu_name}' has compute capability {major}.{minor} (sm_{major}{minor}), but the installed "
+        f"torch {torch_version} (CUDA {cuda_version}) only has kernels for {arch_list or 'no GPU'}. "
+        f"Install a torch build that includes sm_{major}{minor}: for V100 (sm_70) use a CUDA 12.6 build, "
+        f"e.g. pip install 'torch<=2.14.1' torchvision --index-url https://download.pytorch.org/whl/cu126 "
+        f"(CUDA 13 builds have no sm_70 kernels). See docs/v100.md.")
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise ConfigError(f"train.device={spec!r} is not a device ({e}); valid: auto, cpu, cuda, cuda:N.") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.device={spec} but this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda}). Use train.device=cpu (or auto), or run on a GPU node, "
+                f"e.g. hydra/launcher=slurm_v100.")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={spec} but only {torch.cuda.device_count()} GPU(s) are visible.")
+        check_gpu_arch(torch.cuda.get_device_capability(index), torch.cuda.get_arch_list(),
+                       torch.cuda.get_device_name(index), torch.__version__, torch.version.cuda)
+    elif device.type != "cpu":
+        raise ConfigError(f"train.device={spec!r}: valid values are auto, cpu, cuda, cuda:N.")
+    return device
+
+
+def validate(cfg) -> None:
+    """Reject bad input before anything is written (messages name the key and the fix)."""
+    resolve_seeds(list(cfg.source.vary), cfg.seed, cfg.source.deterministic_kernels)
+    t = cfg.train
+    if t.epochs < 1:
+        raise ConfigError(f"train.epochs={t.epochs} is invalid: train for at least 1 epoch (paper: 500).")
+    if t.snapshots < 1 or t.epochs % t.snapshots:
+        raise ConfigError(f"train.snapshots={t.snapshots} must be >= 1 and divide train.epochs={t.epochs} "
+                          f"(each snapshot cycle has the same length; paper: 5 cycles of 100 epochs).")
+    if t.batch_size < 1 or t.checkpoint_every < 1:
+        raise ConfigError("train.batch_size and train.checkpoint_every must be >= 1.")
+    if t.channels_last not in ("auto", True, False, "true", "false"):
+        raise ConfigError(f"train.channels_last={t.channels_last!r}: valid values are auto, true, false.")
+    bad = [v for v in cfg.eval.views if v not in VIEWS]
+    if bad:
+        raise ConfigError(f"eval.views has unknown view(s) {bad}; valid: {list(VIEWS)}.")
+    out = Path(cfg.out_dir)
+    try:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        probe = out / "runs" / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"out_dir={cfg.out_dir!r} is not writable ({e.strerror}: {e.filename}). "
+                          f"Choose a folder you can write with out_dir=PATH.") from e
+
+
+# --- provenance ------------------------------------------------------------------------------
+def _git_commit() -> str | None:
+    try:
+        r = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+                           capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def provenance(device: torch.device) -> dict:
+    import torchvision
+
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "platform": platform.platform(),
+            "threads": torch.get_num_threads(), "git_commit": _git_commit(),
+            "versions": {"nondet_hpc": __version__, "python": sys.version.split()[0],
+                         "torch": torch.__version__, "torchvision": torchvision.__version__,
+                         "numpy": np.__version__, "cuda": torch.version.cuda,
+                         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None},
+            "device": {"type": device.type}}
+    if device.type == "cuda":
+        i = device.index or 0
+        info["device"].update(name=torch.cuda.get_device_name(i),
+                              capability=list(torch.cuda.get_device_capability(i)))
+    slurm = {k: os.environ[k] for k in SLURM_ENV if k in os.environ}
+    if slurm:
+        info["slurm"] = slurm
+    return info
+
+
+# --- the job ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold a lock on the run folder, so two processes never train the same run at once."""
+    with open(path / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{path} is being trained by another process right now; "
+                              f"wait for it (python -m nondet_hpc.status {path.parent.parent}).") from None
+        yield
+
+
+def _move_aside(path: Path) -> Path:
+    """force=true: keep the finished run under runs/.replaced/ instead of deleting it."""
+    dest = path.parent / ".replaced" / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, dest)
+    return dest
+
+
+def _save_views(dest: Path, logits: dict[str, np.ndarray], prefix: str = "") -> None:
+    for view, arr in logits.items():
+        name = prefix if (prefix and view == "plain") else f"{prefix}_{view}" if prefix else view
+        write_npy(dest / "logits" / f"{name}.npy", arr)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train (or skip, or resume) the run that ``cfg`` describes; return its id, folder and state."""
+    validate(cfg)
+    rd = run_dir(cfg)
+    rid = run_id(cfg)
+    if is_done(rd):
+        if not cfg.force:
+            return {"run_id": rid, "run_dir": str(rd), "state": "skipped (DONE)"}
+        moved = _move_aside(rd)
+        print(f"[nondet_hpc] force=true: previous result of {rid} kept at {moved}", flush=True)
+    rd.mkdir(parents=True, exist_ok=True)
+    with _exclusive(rd):
+        if is_done(rd):  # finished by another process while we waited for the lock
+            return {"run_id": rid, "run_dir": str(rd), "state": "skipped (DONE)"}
+        return _train(cfg, rd, rid)
+
+
+def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
+    record = RunRecord(rd / "run.json")
+    attempts = record.data.get("attempts", 0) + 1
+    try:
+        t0 = time.time()
+        device = resolve_device(cfg.train.device)
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        kernels = configure_kernels(cfg.source.deterministic_kernels, device)
+        seeds = resolve_seeds(list(cfg.source.vary), cfg.seed, cfg.source.deterministic_kernels)
+        channels_last = (device.type == "cuda") if cfg.train.channels_last == "auto" else \
+            cfg.train.channels_last in (True, "true")
+        write_text(rd / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        record.update(run_id=rid, state="running", attempts=attempts, seed=cfg.seed,
+                      group_key=group_key(cfg), group_label=cfg.source.label,
+                      identity={k: v for k, v in identity_items(cfg).items() if k != "seed"},
+                      source=OmegaConf.to_container(cfg.source), seeds=seeds.as_dict(), kernels=kernels,
+                      channels_last=channels_last, started=record.data.get("started", t0),
+                      **provenance(device))
+        data = load_dataset(cfg.data)
+        record.update(data=data.info)
+        data = data.to(device)
+
+        streams = Streams.from_seeds(seeds)
+        m = cfg.model
+        model = build_model(m.name, m.widths, m.blocks, cfg.data.num_classes, cfg.data.channels, m.shortcut)
+        init_weights(model, streams.init)
+        bitflip = apply_bitflip(model.conv1.weight, seeds.bitflip) if seeds.bitflip is not None else None
+        record.update(bitflip=bitflip, n_parameters=sum(p.numel() for p in model.parameters()))
+
+        views = ["plain"] + [v for v in cfg.eval.views if v != "plain"]
+
+        def evaluate(with_features: bool):
+            return evaluate_views(model, data.test_x, data.test_y, list(cfg.data.mean), list(cfg.data.std),
+                                  views, batch_size=cfg.eval.batch_size, device=device,
+                                  channels_last=channels_last, with_features=with_features)
+
+        def on_snapshot(k: int) -> None:
+            if cfg.train.snapshots > 1:
+                _save_views(rd, evaluate(False)[0], prefix=f"snapshot-{k}")
+
+        trainer = Trainer(model, data, streams, cfg.train, cfg.data, device, rd / "checkpoint.pt",
+                          channels_last, on_epoch=lambda hb: record.update(heartbeat=hb), on_snapshot=on_snapshot)
+        resumed = trainer.load_checkpoint()
+        if resumed:
+            record.update(resumed_from={"epoch": trainer.progress.epoch, "batch": trainer.progress.batch,
+                                        "time": time.time()})
+        clear_stop()
+        trainer.fit()
+
+        t_eval = time.time()
+        logits, features = evaluate(cfg.eval.features)
+        _save_views(rd, logits)
+        if features is not None:
+            write_npy(rd / "features.npy", features)
+        labels = data.test_y.cpu().numpy().astype(np.int64)
+        write_npy(rd / "labels.npy", labels)
+        plain = torch.from_numpy(logits["plain"]).double()
+        y = torch.from_numpy(labels)
+        result = {"test_acc": float((plain.argmax(1) == y).double().mean()),
+                  "test_ce": float(torch.nn.functional.cross_entropy(plain, y))}
+        snaps = [f"snapshot-{k}" for k in range(1, cfg.train.snapshots + 1)] if cfg.train.snapshots > 1 else []
+        record.update(state="done", result=result, views=views, snapshots=snaps,
+                      features=features is not None,
+                      timings={"train_s": round(trainer.elapsed, 3), "eval_s": round(time.time() - t_eval, 3),
+                               "wall_s_this_attempt": round(time.time() - t0, 3)},
+                      finished=time.time())
+        write_json(rd / DONE, {"run_id": rid, "finished": time.time()})  # last: marks the run complete
+        return {"run_id": rid, "run_dir": str(rd), "state": "done", **result}
+    except Preempted as e:
+        record.update(state="preempted", preempted={"time": time.time(), "message": str(e)})
+        raise
+    except BaseException as e:
+        record.update(state="failed", error={"type": type(e).__name__, "message": str(e),
+                                             "traceback": traceback.format_exc(limit=20), "time": time.time()})
+        raise

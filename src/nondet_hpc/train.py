@@ -1,0 +1,181 @@
+"""The training loop (PROTOCOL.md, "Training" and "Accelerated ensembling").
+
+SGD (momentum 0.9, weight decay 5e-4 on every parameter) with two parameter groups: conv and
+linear weights peak at ``lr`` (0.4); biases and BN parameters at ``lr * lr_scale_bias_bn``
+(0.04). The learning rate is set every iteration: a linear warm-up from 0 over the first
+``warmup_epochs``, then ``0.5 * peak * (1 + cos(pi * e / E))`` with ``e`` the epoch as a fraction.
+With ``snapshots = k > 1`` the same budget is split into k cycles of E/k epochs, each with its
+own warm-up and cosine decay to 0, and every cycle ends with an evaluation (a snapshot).
+
+Checkpoints hold the model, the optimizer, the position (epoch, batch) and the state of every
+random stream at the start of the current epoch; resuming replays that epoch's draws and skips
+the batches already done, so a resumed run is bit-identical to an uninterrupted one, whether it
+stopped at an epoch boundary or mid-epoch (``request_stop``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import Dataset, Normalizer, augment_batch, draw_augment, epoch_order, training_batches
+from .rundir import atomic_write
+from .sources import Streams
+
+_STOP = threading.Event()
+
+
+class Preempted(RuntimeError):
+    """Raised by ``fit`` after it saved a checkpoint because ``request_stop`` was called."""
+
+
+def request_stop() -> None:
+    """Ask the running loop to checkpoint after the current iteration and raise Preempted.
+
+    Only sets a flag, so it is safe inside a signal handler (SLURM's pre-timeout signal).
+    """
+    _STOP.set()
+
+
+def clear_stop() -> None:
+    _STOP.clear()
+
+
+def lr_factor(epoch: float, epochs: int, snapshots: int, warmup: float) -> float:
+    """Fraction of the peak LR at fractional epoch ``epoch`` (per-iteration schedule)."""
+    cycle = epochs / snapshots
+    e = epoch - cycle * min(int(epoch // cycle), snapshots - 1)  # position within its cycle
+    if e < warmup:
+        return e / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * e / cycle))
+
+
+def param_groups(model: nn.Module, lr: float, scale: float, weight_decay: float) -> list[dict]:
+    """Conv/linear weights at the peak LR; biases and BN weights/biases at peak * scale."""
+    main, small = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            is_weight = name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear))
+            (main if is_weight else small).append(p)
+    return [{"params": main, "peak_lr": lr, "lr": 0.0, "weight_decay": weight_decay},
+            {"params": small, "peak_lr": lr * scale, "lr": 0.0, "weight_decay": weight_decay}]
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epochs fully done
+    batch: int = 0  # batches done within the current epoch
+    step: int = 0  # optimizer steps done in total
+
+
+class Trainer:
+    """One model, one data set, one set of streams; ``fit`` runs (or resumes) to the end."""
+
+    def __init__(self, model: nn.Module, data: Dataset, streams: Streams, tcfg, dcfg,
+                 device: torch.device, checkpoint_path: Path, channels_last: bool,
+                 on_epoch: Optional[Callable[[dict], None]] = None,
+                 on_snapshot: Optional[Callable[[int], None]] = None):
+        self.model, self.data, self.streams, self.t, self.d = model, data, streams, tcfg, dcfg
+        self.device, self.checkpoint_path = device, Path(checkpoint_path)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.on_epoch, self.on_snapshot = on_epoch, on_snapshot
+        self.model.to(device=device, memory_format=self.memory_format)
+        self.opt = torch.optim.SGD(param_groups(model, tcfg.lr, tcfg.lr_scale_bias_bn, tcfg.weight_decay),
+                                   lr=0.0, momentum=tcfg.momentum)
+        self.norm = Normalizer(dcfg.mean, dcfg.std, device)
+        self.n = len(data.train_x)
+        self.batches = training_batches(self.n, tcfg.batch_size)
+        self.steps = len(self.batches) * tcfg.epochs
+        self.progress = Progress()
+        self.epoch_streams = streams.state()  # stream states at the start of progress.epoch
+        self.snapshots_done = 0
+        self.elapsed = 0.0  # training seconds over all attempts
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "progress": vars(self.progress).copy(), "epoch_streams": self.epoch_streams,
+                "snapshots_done": self.snapshots_done, "elapsed": self.elapsed}
+
+    def save_checkpoint(self) -> None:
+        state = self.state_dict()
+
+        def write(f: io.BufferedWriter) -> None:
+            torch.save(state, f)
+
+        atomic_write(self.checkpoint_path, write)
+
+    def load_checkpoint(self) -> bool:
+        if not self.checkpoint_path.exists():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.progress = Progress(**state["progress"])
+        self.epoch_streams = state["epoch_streams"]
+        self.snapshots_done = state["snapshots_done"]
+        self.elapsed = state["elapsed"]
+        return True
+
+    # --- the loop ----------------------------------------------------------------------------
+    def set_lr(self, step: int) -> float:
+        f = lr_factor(step / len(self.batches), self.t.epochs, self.t.snapshots, self.t.warmup_epochs)
+        for g in self.opt.param_groups:
+            g["lr"] = g["peak_lr"] * f
+        return f * self.t.lr
+
+    def fit(self) -> None:
+        t, d, p = self.t, self.d, self.progress
+        cycle = t.epochs // t.snapshots
+        x_all, y_all = self.data.train_x, self.data.train_y
+        self.model.train()
+        while p.epoch < t.epochs:
+            start = time.perf_counter()
+            # Replaying from the epoch's saved stream states makes a mid-epoch resume exact.
+            self.streams.load_state(self.epoch_streams)
+            order = epoch_order(self.n, self.streams.shuffle).to(self.device)
+            aug = draw_augment(self.n, d.pad, d.flip, self.streams.augment)
+            dy, dx, flip = (a.to(self.device) for a in (aug.dy, aug.dx, aug.flip))
+            loss_sum = torch.zeros((), device=self.device)
+            lr = self.set_lr(p.step)
+            for b in range(p.batch, len(self.batches)):
+                lo, hi = self.batches[b]
+                idx = order[lo:hi]
+                x = augment_batch(x_all[idx], dy[idx], dx[idx], flip[idx], d.pad)
+                x = self.norm(x).contiguous(memory_format=self.memory_format)
+                lr = self.set_lr(p.step)
+                loss = F.cross_entropy(self.model(x), y_all[idx])
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                loss_sum += loss.detach() * (hi - lo)
+                p.batch, p.step = b + 1, p.step + 1
+                if _STOP.is_set():
+                    self.elapsed += time.perf_counter() - start
+                    self.save_checkpoint()
+                    raise Preempted(f"stopped at epoch {p.epoch} batch {p.batch}; checkpoint saved")
+            p.epoch, p.batch = p.epoch + 1, 0
+            self.epoch_streams = self.streams.state()
+            self.elapsed += time.perf_counter() - start
+            if p.epoch % cycle == 0 and self.snapshots_done < p.epoch // cycle and self.on_snapshot:
+                self.model.eval()
+                self.on_snapshot(p.epoch // cycle)
+                self.model.train()
+                self.snapshots_done = p.epoch // cycle
+            if p.epoch % t.checkpoint_every == 0 or p.epoch == t.epochs or p.epoch % cycle == 0:
+                self.save_checkpoint()
+            if self.on_epoch:
+                self.on_epoch({"epoch": p.epoch, "epochs": t.epochs, "step": p.step, "steps": self.steps,
+                               "train_loss": float(loss_sum) / self.n, "lr": lr, "time": time.time(),
+                               "elapsed_s": round(self.elapsed, 3),
+                               "epoch_s": round(time.perf_counter() - start, 3)})
+        self.model.eval()

@@ -1,0 +1,48 @@
+"""Shared fixtures: compose the real conf/ with Hydra's compose API, as the CLI does."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from nondet_hpc.__main__ import conf_dir
+from nondet_hpc.config import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A run that trains in about a second on one CPU core: digits, 2 epochs, a 256-image subset.
+FAST = ["train.epochs=2", "train.warmup_epochs=1", "data.train_subset=256", "data.test_subset=120",
+        "train.batch_size=64", "train.threads=1"]
+
+
+def make_cfg(out_dir: Path | str, *overrides: str, fast: bool = True) -> DictConfig:
+    register_configs()
+    with initialize_config_dir(conf_dir(), version_base="1.3"):
+        return compose("config", overrides=[f"out_dir={out_dir}", *(FAST if fast else []), *overrides])
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    def factory(*overrides: str, out: str = "sweep", fast: bool = True) -> DictConfig:
+        return make_cfg(tmp_path / out, *overrides, fast=fast)
+    return factory
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # CPU results depend on the thread count; pin it so comparisons within a test are fair.
+    import torch
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env

@@ -1,0 +1,168 @@
+"""End-to-end behaviour of one job: determinism, each source, resume, skip/force, the contract."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from nondet_hpc import task, train
+from nondet_hpc.rundir import run_dir
+from nondet_hpc.sources import ConfigError
+
+
+def _logits(out):
+    return np.load(os.path.join(out["run_dir"], "logits", "plain.npy"), allow_pickle=False)
+
+
+def test_determinism_control_replicates_are_bit_identical(cfg_factory):
+    a = task.run(cfg_factory("source=none", "seed=1"))
+    b = task.run(cfg_factory("source=none", "seed=2"))
+    assert a["run_dir"] != b["run_dir"]
+    assert np.array_equal(_logits(a), _logits(b))
+
+
+@pytest.mark.parametrize("source", ["init", "shuffle", "augment", "bitflip", "all"])
+def test_each_source_alone_changes_the_logits(cfg_factory, source):
+    a = task.run(cfg_factory(f"source={source}", "seed=1"))
+    b = task.run(cfg_factory(f"source={source}", "seed=2"))
+    assert not np.array_equal(_logits(a), _logits(b))
+    rec = json.load(open(os.path.join(b["run_dir"], "run.json")))
+    expected = {s: (2 if s in rec["source"]["vary"] else 1) for s in ("init", "shuffle", "augment")}
+    assert {k: rec["seeds"][k] for k in expected} == expected
+
+
+def test_bitflip_run_records_the_change_and_starts_one_ulp_from_the_control(cfg_factory):
+    out = task.run(cfg_factory("source=bitflip", "seed=3", "train.epochs=1"))
+    rec = json.load(open(os.path.join(out["run_dir"], "run.json")))
+    bf = rec["bitflip"]
+    assert 0 <= bf["index"] < 144 and bf["shape"] == [16, 1, 3, 3]
+    assert np.nextafter(np.float32(bf["old"]), np.float32(np.inf if bf["direction"] == "up" else -np.inf)) \
+        == np.float32(bf["new"])
+    assert rec["seeds"] == {"init": 1, "shuffle": 1, "augment": 1, "bitflip": 3, "deterministic_kernels": True}
+
+
+def test_a_run_leaves_the_global_rng_alone(cfg_factory):
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    task.run(cfg_factory("source=all", "seed=2", "train.epochs=1"))
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("stop_at_step", [5, 8])  # mid-epoch, and exactly at an epoch boundary (4 steps/epoch)
+def test_resume_from_checkpoint_is_bit_exact(cfg_factory, monkeypatch, stop_at_step):
+    args = ("source=all", "seed=3", "train.epochs=3", "train.checkpoint_every=1", "eval.features=true")
+    ref = task.run(cfg_factory(*args, out="ref"))
+    cfg = cfg_factory(*args, out="interrupted")
+    real = train.Trainer.set_lr
+
+    def set_lr(self, step):
+        if step == stop_at_step:
+            train.request_stop()
+        return real(self, step)
+
+    monkeypatch.setattr(train.Trainer, "set_lr", set_lr)
+    with pytest.raises(train.Preempted):
+        task.run(cfg)
+    rec = json.load(open(run_dir(cfg) / "run.json"))
+    assert rec["state"] == "preempted" and not (run_dir(cfg) / "DONE").exists()
+    monkeypatch.setattr(train.Trainer, "set_lr", real)
+    out = task.run(cfg)
+    rec = json.load(open(run_dir(cfg) / "run.json"))
+    assert rec["resumed_from"]["epoch"] * 4 + rec["resumed_from"]["batch"] == stop_at_step + 1
+    assert rec["attempts"] == 2
+    assert np.array_equal(_logits(ref), _logits(out))
+    assert np.array_equal(np.load(run_dir(cfg) / "features.npy"), np.load(os.path.join(ref["run_dir"], "features.npy")))
+
+
+def test_run_directory_contract(cfg_factory):
+    cfg = cfg_factory("source=init", "seed=4", "eval.views=[plain,flip]", "eval.features=true")
+    out = task.run(cfg)
+    rd = run_dir(cfg)
+    names = {p.name for p in rd.iterdir()}
+    assert {"config.yaml", "run.json", "logits", "labels.npy", "features.npy", "checkpoint.pt", "DONE"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    plain = np.load(rd / "logits" / "plain.npy", allow_pickle=False)
+    flip = np.load(rd / "logits" / "flip.npy", allow_pickle=False)
+    labels = np.load(rd / "labels.npy", allow_pickle=False)
+    assert plain.dtype == np.float32 and plain.shape == (120, 10) and flip.shape == (120, 10)
+    assert labels.dtype == np.int64 and labels.shape == (120,)
+    assert np.load(rd / "features.npy").shape == (120, 64)
+    rec = json.load(open(rd / "run.json"))
+    assert rec["state"] == "done" and rec["run_id"] == rd.name and rec["seed"] == 4
+    assert rec["result"]["test_acc"] == pytest.approx(float((plain.argmax(1) == labels).mean()))
+    assert rec["heartbeat"]["epoch"] == rec["heartbeat"]["epochs"] == 2
+    for key in ("versions", "host", "threads", "kernels", "data", "group_key", "identity", "timings"):
+        assert key in rec
+    assert rec["threads"] == 1 and rec["versions"]["torch"] == torch.__version__
+    assert "none at kernel level" in rec["kernels"]["effect"]
+    assert "seed" not in rec["identity"] and rec["identity"]["source.name"] == "init"
+    assert out["state"] == "done"
+    # DONE is written last
+    assert all((rd / "DONE").stat().st_mtime_ns >= p.stat().st_mtime_ns for p in rd.rglob("*") if p.is_file())
+
+
+def test_runs_differing_only_by_seed_share_a_group_and_not_a_folder(cfg_factory):
+    from nondet_hpc.rundir import group_key, run_id
+    a, b = cfg_factory("source=init", "seed=1"), cfg_factory("source=init", "seed=2")
+    c = cfg_factory("source=init", "seed=1", "train.epochs=3")
+    assert group_key(a) == group_key(b) != group_key(c)
+    assert len({run_id(a), run_id(b), run_id(c)}) == 3
+    assert run_id(a) == run_id(cfg_factory("source=init", "seed=1", "eval.views=[flip]", out="elsewhere"))
+
+
+def test_a_done_run_is_skipped_and_force_keeps_the_old_result(cfg_factory):
+    cfg = cfg_factory("source=init", "seed=1")
+    task.run(cfg)
+    rd = run_dir(cfg)
+    stamp = (rd / "logits" / "plain.npy").stat().st_mtime_ns
+    again = task.run(cfg)
+    assert again["state"].startswith("skipped") and (rd / "logits" / "plain.npy").stat().st_mtime_ns == stamp
+    cfg.force = True
+    task.run(cfg)
+    kept = list((rd.parent / ".replaced").iterdir())
+    assert len(kept) == 1 and (kept[0] / "DONE").exists()
+    assert np.array_equal(np.load(kept[0] / "logits" / "plain.npy"), np.load(rd / "logits" / "plain.npy"))
+
+
+def test_snapshot_ensembling_writes_one_logits_file_per_cycle(cfg_factory):
+    cfg = cfg_factory("source=init", "train.epochs=4", "train.snapshots=2", "eval.views=[plain,flip]")
+    task.run(cfg)
+    rd = run_dir(cfg)
+    files = sorted(p.name for p in (rd / "logits").iterdir())
+    assert files == ["flip.npy", "plain.npy", "snapshot-1.npy", "snapshot-1_flip.npy",
+                     "snapshot-2.npy", "snapshot-2_flip.npy"]
+    # the last cycle ends with the final model
+    assert np.array_equal(np.load(rd / "logits" / "snapshot-2.npy"), np.load(rd / "logits" / "plain.npy"))
+    assert not np.array_equal(np.load(rd / "logits" / "snapshot-1.npy"), np.load(rd / "logits" / "plain.npy"))
+
+
+@pytest.mark.parametrize("override,match", [
+    ("seed=0", "seed=0 is invalid"),
+    ("train.epochs=0", "train.epochs=0 is invalid"),
+    ("train.snapshots=3", "must be >= 1 and divide train.epochs"),
+    ("eval.views=[plain,crop99]", r"unknown view\(s\) \['crop99'\]"),
+    ("train.device=cuda" if not torch.cuda.is_available() else "train.device=tpu", "train.device"),
+])
+def test_bad_input_is_refused_before_anything_is_written(cfg_factory, tmp_path, override, match):
+    cfg = cfg_factory(override)
+    with pytest.raises(ConfigError, match=match):
+        task.run(cfg)
+    assert not list((tmp_path / "sweep").glob("runs/*/DONE"))
+
+
+def test_unwritable_output_folder(cfg_factory, tmp_path):
+    (tmp_path / "afile").write_text("")
+    cfg = cfg_factory(out="afile/sub")
+    with pytest.raises(ConfigError, match="out_dir=.*not writable.*out_dir=PATH"):
+        task.run(cfg)
+
+
+def test_failure_is_recorded_in_run_json(cfg_factory, tmp_path):
+    cfg = cfg_factory("data=cifar10", f"data.root={tmp_path}/none", fast=False)
+    with pytest.raises(ConfigError, match="cifar-10-batches-py"):
+        task.run(cfg)
+    rec = json.load(open(run_dir(cfg) / "run.json"))
+    assert rec["state"] == "failed" and "cifar-10-batches-py" in rec["error"]["message"]
