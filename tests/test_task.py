@@ -166,3 +166,10 @@ def test_failure_is_recorded_in_run_json(cfg_factory, tmp_path):
         task.run(cfg)
     rec = json.load(open(run_dir(cfg) / "run.json"))
     assert rec["state"] == "failed" and "cifar-10-batches-py" in rec["error"]["message"]
+
+
+def test_thread_count_changes_cpu_results_and_is_recorded(cfg_factory):
+    one = task.run(cfg_factory("source=none", "seed=1", "train.threads=1", "data.train_subset=null"))
+    two = task.run(cfg_factory("source=none", "seed=1", "train.threads=2", "data.train_subset=null"))
+    assert not np.array_equal(_logits(one), _logits(two))
+    assert [json.load(open(os.path.join(o["run_dir"], "run.json")))["threads"] for o in (one, two)] == [1, 2]

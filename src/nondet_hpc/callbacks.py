@@ -11,10 +11,6 @@ from omegaconf import DictConfig
 LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",)
 
 
-class SweepFailed(RuntimeError):
-    pass
-
-
 class ReduceAtSweepEnd(Callback):
     """After a local multirun: reduce the sweep folder, print the table, fail if any job failed.
 
@@ -38,7 +34,7 @@ class ReduceAtSweepEnd(Callback):
         if (sweep_dir / "runs").is_dir():
             try:
                 table = reduce.reduce_sweep(sweep_dir)
-                print(reduce.format_table(table), flush=True)
+                print(table.attrs.get("summary") or reduce.format_table(table), flush=True)
                 print(f"[nondet_hpc] report: {sweep_dir / 'report'}  (metrics.csv, metrics.md, metrics.tex, plots)",
                       flush=True)
             except Exception as e:  # noqa: BLE001 - the runs are safe; say why there is no report
@@ -47,5 +43,6 @@ class ReduceAtSweepEnd(Callback):
         print(f"[nondet_hpc] runs: {sweep_dir / 'runs'}", flush=True)
         if self.failures:
             lines = "\n".join(f"  job {n}: {err}" for n, err in self.failures)
-            raise SweepFailed(f"{len(self.failures)} job(s) of the sweep failed:\n{lines}\n"
+            # SystemExit, not an exception: Hydra turns callback exceptions into warnings and exit 0.
+            raise SystemExit(f"{len(self.failures)} job(s) of the sweep failed:\n{lines}\n"
                               f"Fix the cause and rerun the same command: finished runs are skipped.")

@@ -149,18 +149,6 @@ def draw_augment(n: int, pad: int, flip: bool, g_augment: torch.Generator) -> Ep
     return EpochAugment(dy=off[0], dx=off[1], flip=f if flip else torch.zeros_like(f))
 
 
-class Normalizer:
-    """uint8 [B, C, H, W] -> float32 normalised, on the data's device."""
-
-    def __init__(self, mean, std, device: torch.device):
-        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32, device=device))).view(1, -1, 1, 1)
-        self.shift = (-torch.tensor(mean, dtype=torch.float32, device=device)
-                      / torch.tensor(std, dtype=torch.float32, device=device)).view(1, -1, 1, 1)
-
-    def __call__(self, x_u8: torch.Tensor) -> torch.Tensor:
-        return x_u8.float() * self.scale + self.shift
-
-
 def augment_batch(x_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
                   pad: int) -> torch.Tensor:
     """Random crop of the zero-padded image plus horizontal flip, for a whole batch, as one gather.

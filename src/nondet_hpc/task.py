@@ -198,7 +198,7 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
         channels_last = (device.type == "cuda") if cfg.train.channels_last == "auto" else \
             cfg.train.channels_last in (True, "true")
         write_text(rd / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        record.update(run_id=rid, state="running", attempts=attempts, seed=cfg.seed,
+        record.update(run_id=rid, state="running", attempts=attempts, seed=cfg.seed, experiment=cfg.experiment,
                       group_key=group_key(cfg), group_label=cfg.source.label,
                       identity={k: v for k, v in identity_items(cfg).items() if k != "seed"},
                       source=OmegaConf.to_container(cfg.source), seeds=seeds.as_dict(), kernels=kernels,

@@ -27,9 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import Dataset, Normalizer, augment_batch, draw_augment, epoch_order, training_batches
+from .data import Dataset, augment_batch, draw_augment, epoch_order, training_batches
 from .rundir import atomic_write
 from .sources import Streams
+from .views import normalize
 
 _STOP = threading.Event()
 
@@ -91,7 +92,7 @@ class Trainer:
         self.model.to(device=device, memory_format=self.memory_format)
         self.opt = torch.optim.SGD(param_groups(model, tcfg.lr, tcfg.lr_scale_bias_bn, tcfg.weight_decay),
                                    lr=0.0, momentum=tcfg.momentum)
-        self.norm = Normalizer(dcfg.mean, dcfg.std, device)
+        self.mean, self.std = list(dcfg.mean), list(dcfg.std)
         self.n = len(data.train_x)
         self.batches = training_batches(self.n, tcfg.batch_size)
         self.steps = len(self.batches) * tcfg.epochs
@@ -151,7 +152,7 @@ class Trainer:
                 lo, hi = self.batches[b]
                 idx = order[lo:hi]
                 x = augment_batch(x_all[idx], dy[idx], dx[idx], flip[idx], d.pad)
-                x = self.norm(x).contiguous(memory_format=self.memory_format)
+                x = normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
                 lr = self.set_lr(p.step)
                 loss = F.cross_entropy(self.model(x), y_all[idx])
                 self.opt.zero_grad(set_to_none=True)

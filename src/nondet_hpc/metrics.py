@@ -1,0 +1,667 @@
+"""Variability metrics of the study, as pure functions on arrays (PROTOCOL.md, "Metrics").
+
+One file holds every formula so there is one place to check them against the paper; the formulas
+are written out in docs/metrics.md. Units are the ones the tables print:
+
+=================  ==========================================================================
+accuracy           percent (``100 * correct / n_test``)
+accuracy SD        percentage points, population SD (ddof=0) over models
+CE SD              nats, population SD over models of the mean test cross-entropy
+disagreement       percent of test examples, mean over pairs i<j
+correlation        Pearson r of the flattened logits, mean over pairs i<j
+ensemble delta     percentage points: acc(argmax(l_i + l_j)) - (acc_i + acc_j)/2, mean over pairs
+CKA                linear CKA of penultimate features, mean over pairs
+test-set SD        percentage points (see :func:`testset_sd`)
+variability        percent (mean over the five metrics of a relative reduction)
+reduction
+=================  ==========================================================================
+
+Exactness: a group of bit-identical models (the determinism control) must give exactly 0 SDs,
+0 disagreement, 0 ensemble delta and correlation/CKA exactly 1. That holds by construction here:
+counts are integers, SDs are computed on values shifted by their first element (identical values
+become exact zeros), and pairs whose arrays have the same digest get correlation (and CKA)
+exactly 1.0 instead of a floating-point dot product that may round to 0.9999999999999998.
+
+Memory: pairwise functions take a *sequence* of per-model ``[n_test, n_classes]`` arrays (a
+stacked ``[N, n, c]`` array works too, and so do ``numpy.load(..., mmap_mode="r")`` memmaps or
+any object with ``.shape``, ``.dtype`` and row slicing). They read the models in blocks of test
+examples, so memory is about ``block_bytes`` plus O(N^2 + N * n_test) whatever N is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+
+__all__ = [
+    "REDUCTION_KEYS",
+    "FORMULAS",
+    "ModelSummary",
+    "PairwiseStats",
+    "NonFiniteLogits",
+    "accuracy",
+    "cross_entropy",
+    "population_sd",
+    "bootstrap_sd_se",
+    "bootstrap_sd_ratio_ci",
+    "equal_variance_test",
+    "summarize_model",
+    "pairwise_stats",
+    "pairwise_cka_matrix",
+    "group_summary",
+    "subset_metrics",
+    "pairwise_disagreement",
+    "pairwise_correlation",
+    "ensemble_delta",
+    "linear_cka",
+    "pairwise_cka",
+    "testset_sd",
+    "reduction_terms",
+    "variability_reduction",
+    "array_digest",
+]
+
+REDUCTION_KEYS: tuple[str, ...] = ("acc_sd", "ce_sd", "disagreement", "correlation", "ensemble_delta")
+FORMULAS: tuple[str, ...] = ("paper", "report")
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+
+class ArrayLike2D(Protocol):
+    """What the pairwise functions need of one model's logits: shape, dtype and row slicing."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+    def __getitem__(self, key: Any) -> Any: ...
+
+
+class NonFiniteLogits(ValueError):
+    """A model's logits contain NaN or inf: the run diverged and cannot be measured."""
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def array_digest(x: Any, block_rows: int = 65536) -> bytes:
+    """BLAKE2b digest of an array's shape, dtype and bytes; equal digests mean identical arrays.
+
+    Read in row blocks so a memmapped array is never copied whole.
+    """
+    shape = tuple(int(s) for s in x.shape)
+    h = hashlib.blake2b(digest_size=20)
+    h.update(repr((shape, np.dtype(x.dtype).str)).encode())
+    for a in range(0, shape[0] if shape else 1, block_rows):
+        h.update(np.ascontiguousarray(x[a:a + block_rows]).tobytes())
+    return h.digest()
+
+
+def _blas_threads(n: int | None) -> contextlib.AbstractContextManager:
+    """Limit BLAS threads for the enclosed matrix products (no-op without threadpoolctl).
+
+    The products here are a few tens of milliseconds on one core; a multi-threaded OpenBLAS
+    whose second thread has to share a busy core (a training job beside the reducer) can take
+    100x longer, spinning while it waits. One thread is the predictable choice.
+    """
+    if n is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn, a dependency
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
+
+
+def _rows(x: Any, a: int, b: int, dtype: Any) -> np.ndarray:
+    return np.asarray(x[a:b], dtype=dtype)
+
+
+def _sd_rows(values: np.ndarray) -> np.ndarray:
+    """Population SD (ddof=0) of each row, exact 0 for a row of identical values.
+
+    Shifting each row by its first element changes no SD mathematically, but turns a row of equal
+    values into exact zeros, whose mean and spread are then exactly 0 in floating point too.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    d = v - v[:, :1]
+    m = d.mean(axis=1, keepdims=True)
+    return np.sqrt(np.mean((d - m) ** 2, axis=1))
+
+
+def _check_labels(labels: Any, n: int, c: int) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"labels have shape {y.shape}, expected ({n},) to match the logits")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+    if n and (y.min() < 0 or y.max() >= c):
+        raise ValueError(f"labels must lie in [0, {c}), got range [{y.min()}, {y.max()}]")
+    return y.astype(np.int64, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# one model
+
+
+def accuracy(logits: Any, labels: Any) -> float:
+    """Top-1 accuracy in percent; ties in the argmax go to the lowest class index (numpy)."""
+    x = np.asarray(logits)
+    y = _check_labels(labels, x.shape[0], x.shape[1])
+    return 100.0 * int(np.count_nonzero(x.argmax(axis=1) == y)) / x.shape[0]
+
+
+def cross_entropy(logits: Any, labels: Any) -> float:
+    """Mean cross-entropy (nats) of softmax(logits) against the labels, in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    y = _check_labels(labels, x.shape[0], x.shape[1])
+    return float(np.mean(_logsumexp(x) - x[np.arange(x.shape[0]), y]))
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=1)
+    return m + np.log(np.exp(x - m[:, None]).sum(axis=1))
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What one pass over one model's logits yields; computed once, reused by every metric.
+
+    ``mean``/``norm`` are the mean of all n*c logits and the root of their summed squared
+    deviations (so a standardized model is ``(x - mean) / norm``, unit length).
+    """
+
+    n_correct: int
+    correct: np.ndarray  # bool [n]
+    pred: np.ndarray  # int [n]
+    ce: float
+    mean: float
+    norm: float
+    digest: bytes
+
+
+def summarize_model(logits: Any, labels: Any) -> ModelSummary:
+    """One model's accuracy, CE, predictions and standardization constants.
+
+    Raises :class:`NonFiniteLogits` if any logit is NaN or inf and ``ValueError`` on bad shapes.
+    """
+    shape = tuple(logits.shape)
+    if len(shape) != 2:
+        raise ValueError(f"logits must be 2-D [n_test, n_classes], got shape {shape}")
+    if not np.issubdtype(np.dtype(logits.dtype), np.floating):
+        raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
+    n, c = shape
+    y = _check_labels(labels, n, c)
+    x = np.asarray(logits[:], dtype=np.float64)
+    if not np.isfinite(x).all():
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        raise NonFiniteLogits(f"{bad} of {x.size} logits are NaN or infinite")
+    pred = x.argmax(axis=1).astype(np.int32 if c > 32767 else np.int16)
+    correct = pred == y
+    ce = float(np.mean(_logsumexp(x) - x[np.arange(n), y]))
+    mean = float(x.mean())
+    norm = float(np.sqrt(np.sum((x - mean) ** 2)))
+    return ModelSummary(int(np.count_nonzero(correct)), correct, pred, ce, mean, norm, array_digest(logits))
+
+
+def population_sd(values: Any) -> float:
+    """Population standard deviation (ddof=0), as PROTOCOL.md asks; exact 0 for equal values."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        return math.nan
+    return float(_sd_rows(v[None])[0])
+
+
+def bootstrap_sd_se(values: Any, n_boot: int = 10_000, seed: Any = 0, chunk: int = 2000) -> float:
+    """Bootstrap standard error of the population SD (PROTOCOL.md "Metrics").
+
+    Resample the N values with replacement ``n_boot`` times (generator ``default_rng(seed)``, so
+    the same seed gives the same answer), take each resample's population SD, and return the SD
+    (ddof=1, the usual estimator of a standard error) of those SDs. Exact 0 for equal values.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0 or n_boot < 2:
+        return math.nan
+    rng = np.random.default_rng(seed)
+    sds = np.empty(n_boot)
+    for a in range(0, n_boot, chunk):
+        b = min(n_boot, a + chunk)
+        idx = rng.integers(0, v.size, size=(b - a, v.size))
+        sds[a:b] = _sd_rows(v[idx])
+    return float(_sd_rows(sds[None])[0] * math.sqrt(n_boot / (n_boot - 1)))
+
+
+def bootstrap_sd_ratio_ci(num: Any, den: Any, n_boot: int = 10_000, seed: Any = 0,
+                          level: float = 0.95) -> tuple[float, float, float]:
+    """SD(num)/SD(den) with a percentile bootstrap CI; the two samples are resampled independently.
+
+    Used for claim 1: each source's accuracy SD relative to the all-sources group. Returns
+    (ratio, low, high); resamples whose denominator SD is 0 give an infinite ratio, kept so that
+    the interval honestly widens instead of silently dropping them.
+    """
+    a = np.asarray(num, dtype=np.float64).ravel()
+    b = np.asarray(den, dtype=np.float64).ravel()
+    if a.size < 2 or b.size < 2:
+        return math.nan, math.nan, math.nan
+    sd_b = population_sd(b)
+    ratio = population_sd(a) / sd_b if sd_b > 0 else math.inf
+    rng = np.random.default_rng(seed)
+    ra = _sd_rows(a[rng.integers(0, a.size, size=(n_boot, a.size))])
+    rb = _sd_rows(b[rng.integers(0, b.size, size=(n_boot, b.size))])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(rb > 0, ra / np.where(rb > 0, rb, 1.0), np.where(ra > 0, np.inf, np.nan))
+    r = r[~np.isnan(r)]
+    if r.size == 0:
+        return ratio, math.nan, math.nan
+    alpha = (1.0 - level) / 2.0
+    # order statistics (no interpolation), so infinite resamples cannot produce inf - inf = NaN
+    lo, hi = np.quantile(r, [alpha, 1.0 - alpha], method="inverted_cdf")
+    return ratio, float(lo), float(hi)
+
+
+def equal_variance_test(samples: Sequence[Any]) -> tuple[float, float]:
+    """Brown-Forsythe test (Levene's test centred on the median) that all samples share a variance.
+
+    Returns (W statistic, p-value); robust to the non-normal accuracy distributions a few
+    outlier runs produce. Needs scipy and at least two samples of two or more values.
+    """
+    from scipy import stats  # local import: only the claim-1 line needs scipy
+
+    groups = [np.asarray(s, dtype=np.float64).ravel() for s in samples]
+    if len(groups) < 2 or any(g.size < 2 for g in groups):
+        raise ValueError("the test needs at least two groups with at least two values each")
+    res = stats.levene(*groups, center="median")
+    return float(res.statistic), float(res.pvalue)
+
+
+# --------------------------------------------------------------------------------------------
+# all pairs of a group
+
+
+@dataclass
+class PairwiseStats:
+    """Per-model and per-pair results of one group, enough to recompute every metric on any subset.
+
+    Pair matrices are symmetric with a zero diagonal: ``agree[i, j]`` = test examples on which
+    models i and j predict the same class; ``ens_correct[i, j]`` = examples the 2-model ensemble
+    (argmax of l_i + l_j) gets right; ``corr[i, j]`` = Pearson r of the flattened logits;
+    ``cka[i, j]`` = linear CKA of the features (None when no features).
+    """
+
+    n_examples: int
+    n_correct: np.ndarray  # int64 [N]
+    ce: np.ndarray  # float64 [N]
+    correct: np.ndarray  # bool [N, n]
+    agree: np.ndarray  # int64 [N, N]
+    ens_correct: np.ndarray  # int64 [N, N]
+    corr: np.ndarray  # float64 [N, N]
+    digests: list[bytes]
+    cka: np.ndarray | None = None
+
+    @property
+    def n_models(self) -> int:
+        return int(self.n_correct.shape[0])
+
+    @property
+    def accuracies(self) -> np.ndarray:
+        """Per-model accuracy in percent."""
+        return 100.0 * self.n_correct / self.n_examples
+
+    def n_distinct(self) -> int:
+        """Number of distinct logits arrays (1 for a bit-identical group)."""
+        return len(set(self.digests))
+
+
+def pairwise_stats(models: Sequence[ArrayLike2D], labels: Any, *, summaries: Sequence[ModelSummary] | None = None,
+                   features: Sequence[Any] | None = None, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                   blas_threads: int | None = 1) -> PairwiseStats:
+    """Everything pairwise for N models in one blocked pass over the test examples.
+
+    - disagreement: a one-hot encoding of each model's argmax, ``O [N, m*c]``; ``O @ O.T`` counts
+      the examples on which each pair agrees (exact integers: float32 holds counts up to 2^24).
+    - correlation: each model standardized to ``(x - mean) / norm`` over its n*c logits (float64),
+      so the Gram matrix of the standardized rows is the Pearson matrix; accumulated over blocks.
+      Pairs with identical arrays (equal digests) are set to exactly 1.0.
+    - ensemble: per pair, correct iff the label's summed logit beats every other class's
+      (ties go to the lowest class index, as ``argmax``); done class by class on ``[pairs, m]``
+      arrays so numpy works on long contiguous vectors. The sum is taken in the logits' dtype
+      (float32 as saved); ``(l_i + l_j) / 2`` has the same argmax, halving being exact.
+    ``summaries`` (from :func:`summarize_model`) skip the per-model pass when the caller already
+    made it. ``features`` (one ``[n, d]`` array per model) add the CKA matrix. ``blas_threads``
+    caps BLAS threads during the products (None: leave the library's setting).
+    """
+    with _blas_threads(blas_threads):
+        return _pairwise_stats(models, labels, summaries, features, block_bytes)
+
+
+def _pairwise_stats(models: Sequence[ArrayLike2D], labels: Any, summaries: Sequence[ModelSummary] | None,
+                    features: Sequence[Any] | None, block_bytes: int) -> PairwiseStats:
+    N = len(models)
+    if N < 1:
+        raise ValueError("pairwise_stats needs at least one model")
+    shape = tuple(models[0].shape)
+    for k, m in enumerate(models):
+        if tuple(m.shape) != shape:
+            raise ValueError(f"model {k} has logits of shape {tuple(m.shape)}, model 0 has {shape}")
+    n, c = shape
+    y = _check_labels(labels, n, c)
+    if summaries is None:
+        summaries = [summarize_model(m, y) for m in models]
+    if len(summaries) != N:
+        raise ValueError("one summary per model is required")
+
+    means = np.array([s.mean for s in summaries])
+    norms = np.array([s.norm for s in summaries])
+    preds = np.stack([s.pred for s in summaries])
+    work_dtype = np.result_type(np.dtype(models[0].dtype), np.float32)
+
+    agree = np.zeros((N, N), np.int64)
+    ens = np.zeros((N, N), np.int64)
+    gram = np.zeros((N, N), np.float64)
+    # bytes per test example held at once: float64 standardized + float32 one-hot + 2 float32
+    # copies of the logits + the ensemble loop's [N, m] temporaries
+    per_example = N * c * (8 + 4 + 2 * np.dtype(work_dtype).itemsize) + N * 16
+    m_block = int(max(1, min(n, block_bytes // max(per_example, 1))))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_norm = np.where(norms > 0, 1.0 / norms, np.nan)
+    rows = np.arange(N)[:, None]
+    for a in range(0, n, m_block):
+        b = min(n, a + m_block)
+        m = b - a
+        X = np.stack([_rows(mod, a, b, work_dtype) for mod in models])  # [N, m, c]
+
+        Z = X.reshape(N, m * c).astype(np.float64)
+        Z -= means[:, None]
+        Z *= inv_norm[:, None]
+        gram += Z @ Z.T
+        del Z
+
+        O = np.zeros((N, m, c), np.float32)
+        O[rows, np.arange(m)[None, :], preds[:, a:b]] = 1.0
+        O = O.reshape(N, m * c)
+        agree += np.rint(O @ O.T).astype(np.int64)
+        del O
+
+        _ensemble_block(X, y[a:b], ens)
+        del X
+
+    ens = ens + ens.T
+    np.fill_diagonal(agree, 0)  # a model agrees with itself everywhere; pair sums skip the diagonal
+    corr = np.clip(gram, -1.0, 1.0)
+    digests = [s.digest for s in summaries]
+    _set_identical_pairs(corr, digests)
+    np.fill_diagonal(corr, 0.0)
+    cka = _pairwise_cka_matrix(features, block_bytes) if features is not None else None
+    if cka is not None and cka.shape != (N, N):
+        raise ValueError(f"features given for {cka.shape[0]} models, logits for {N}")
+    return PairwiseStats(
+        n_examples=n,
+        n_correct=np.array([s.n_correct for s in summaries], np.int64),
+        ce=np.array([s.ce for s in summaries], np.float64),
+        correct=np.stack([s.correct for s in summaries]),
+        agree=agree,
+        ens_correct=ens,
+        corr=corr,
+        digests=digests,
+        cka=cka,
+    )
+
+
+def _ensemble_block(X: np.ndarray, y: np.ndarray, ens: np.ndarray) -> None:
+    """Add, for every pair i<j, the examples of this block that argmax(X_i + X_j) gets right."""
+    N, m, c = X.shape
+    if N < 2:
+        return
+    XT = np.ascontiguousarray(X.transpose(2, 0, 1))  # [c, N, m]: class k of all models contiguous
+    lab = np.ascontiguousarray(X[:, np.arange(m), y])  # [N, m] logit of the true class
+    below = [k < y for k in range(c)]  # class k wins a tie against the label iff k < label
+    for i in range(N - 1):
+        J = N - 1 - i
+        s_lab = lab[i][None, :] + lab[i + 1:]
+        wrong = np.zeros((J, m), bool)
+        s_k = np.empty_like(s_lab)
+        t = np.empty((J, m), bool)
+        for k in range(c):
+            np.add(XT[k, i][None, :], XT[k, i + 1:], out=s_k)
+            np.greater(s_k, s_lab, out=t)
+            wrong |= t
+            np.equal(s_k, s_lab, out=t)
+            t &= below[k]
+            wrong |= t
+        ens[i, i + 1:] += m - np.count_nonzero(wrong, axis=1)
+
+
+def _set_identical_pairs(mat: np.ndarray, digests: Sequence[bytes]) -> None:
+    """Identical arrays correlate exactly 1 (unless constant, where r is undefined and stays NaN)."""
+    by_digest: dict[bytes, list[int]] = {}
+    for i, d in enumerate(digests):
+        by_digest.setdefault(d, []).append(i)
+    for idx in by_digest.values():
+        if len(idx) > 1:
+            ix = np.array(idx)
+            block = mat[np.ix_(ix, ix)]
+            mat[np.ix_(ix, ix)] = np.where(np.isnan(block), np.nan, 1.0)
+
+
+def pairwise_cka_matrix(features: Sequence[Any], *, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                        blas_threads: int | None = 1) -> np.ndarray:
+    """Linear CKA (Kornblith et al. 2019) of every pair of feature matrices, zero diagonal.
+
+    CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred X, Y [n, d].
+    Feature-space form (cost n*d^2 per pair, no n x n kernels). Models are taken in row blocks of
+    about ``block_bytes`` of centred float32 features; cross products run in float32 BLAS
+    (relative error ~1e-6), norms in float64. Identical feature arrays get exactly 1.0.
+    """
+    with _blas_threads(blas_threads):
+        return _pairwise_cka_matrix(features, block_bytes)
+
+
+def _pairwise_cka_matrix(features: Sequence[Any], block_bytes: int) -> np.ndarray:
+    N = len(features)
+    if N == 0:
+        return np.zeros((0, 0))
+    n = int(features[0].shape[0])
+    for k, f in enumerate(features):
+        if len(f.shape) != 2 or int(f.shape[0]) != n:
+            raise ValueError(f"features of model {k} have shape {tuple(f.shape)}, expected [{n}, d]")
+
+    def centred(k: int) -> np.ndarray:
+        f = np.asarray(features[k][:], dtype=np.float64)
+        if not np.isfinite(f).all():
+            raise NonFiniteLogits(f"features of model {k} contain NaN or inf")
+        return f - f.mean(axis=0)
+
+    self_norm = np.empty(N)
+    digests = []
+    for k in range(N):
+        f = centred(k)
+        self_norm[k] = np.linalg.norm(f.T @ f)
+        digests.append(array_digest(features[k]))
+    out = np.zeros((N, N))
+    dims = [int(f.shape[1]) for f in features]
+    i0 = 0
+    while i0 < N:
+        # grow the row block while it fits in block_bytes (always at least one model)
+        i1, size = i0 + 1, n * dims[i0] * 4
+        while i1 < N and size + n * dims[i1] * 4 <= block_bytes:
+            size += n * dims[i1] * 4
+            i1 += 1
+        XI = np.concatenate([centred(i).astype(np.float32) for i in range(i0, i1)], axis=1)
+        offs = np.concatenate([[0], np.cumsum(dims[i0:i1])])
+        for j in range(i0 + 1, N):
+            Xj = centred(j).astype(np.float32)
+            C = XI.T @ Xj
+            for ii in range(i0, min(i1, j)):
+                block = C[offs[ii - i0]:offs[ii - i0 + 1]].astype(np.float64)
+                den = self_norm[ii] * self_norm[j]
+                out[ii, j] = np.sum(block * block) / den if den > 0 else math.nan
+        i0 = i1
+    out = out + out.T
+    out = np.clip(out, 0.0, 1.0)  # CKA lies in [0, 1]; float32 products may overshoot by ~1e-7
+    _set_identical_pairs(out, digests)
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# group metrics from pair matrices (full group or any subsets)
+
+
+def subset_metrics(stats: PairwiseStats, subsets: Any, *, blas_threads: int | None = 1) -> dict[str, np.ndarray]:
+    """Every group metric for each row of ``subsets`` ([R, k] model indices, k >= 2, no repeats).
+
+    Returns arrays of length R for: acc_mean, acc_sd, ce_sd, disagreement, correlation,
+    ensemble_delta, cka, testset_sd. Sums over the pairs of a subset S use the indicator vector
+    s: sum_{i<j in S} A_ij = s^T A s / 2 (A symmetric, zero diagonal), so R subsets cost two
+    matrix products. Counts stay integers in float64 (exact below 2^53), so identical models
+    still give exact zeros.
+    """
+    with _blas_threads(blas_threads):
+        return _subset_metrics(stats, subsets)
+
+
+def _subset_metrics(stats: PairwiseStats, subsets: Any) -> dict[str, np.ndarray]:
+    S = np.atleast_2d(np.asarray(subsets, dtype=np.int64))
+    R, k = S.shape
+    N, n = stats.n_models, stats.n_examples
+    if k < 2:
+        raise ValueError("pairwise metrics need subsets of at least 2 models")
+    M = np.zeros((R, N))
+    M[np.arange(R)[:, None], S] = 1.0
+    if not np.all(M.sum(axis=1) == k):
+        raise ValueError("a subset repeats a model index")
+    n_pairs = k * (k - 1) / 2
+
+    def pair_sum(A: np.ndarray) -> np.ndarray:
+        return np.einsum("rn,rn->r", M @ A.astype(np.float64), M) / 2.0
+
+    C = stats.n_correct[S].astype(np.float64)  # [R, k]
+    acc = 100.0 * C / n
+    out: dict[str, np.ndarray] = {
+        "acc_mean": 100.0 * C.sum(axis=1) / (k * n),  # one division: no rounding from averaging percents
+        "acc_sd": _sd_rows(acc),
+        "ce_sd": _sd_rows(stats.ce[S]),
+    }
+    total = n_pairs * n
+    out["disagreement"] = 100.0 * (total - pair_sum(stats.agree)) / total
+    out["correlation"] = pair_sum(stats.corr) / n_pairs
+    # sum over pairs of (acc_i + acc_j) = (k - 1) * sum_i acc_i, each model being in k-1 pairs
+    out["ensemble_delta"] = 100.0 * (2.0 * pair_sum(stats.ens_correct) - (k - 1) * C.sum(axis=1)) / (2.0 * total)
+    out["cka"] = pair_sum(stats.cka) / n_pairs if stats.cka is not None else np.full(R, math.nan)
+    counts = M @ stats.correct.astype(np.float64)  # [R, n] models right on each example
+    p = counts / k
+    out["testset_sd"] = 100.0 * np.sqrt(np.sum(p * (1.0 - p), axis=1)) / n
+    return out
+
+
+def group_summary(stats: PairwiseStats) -> dict[str, float]:
+    """The group's metrics over all its models (see :func:`subset_metrics` for the keys)."""
+    N = stats.n_models
+    if N < 2:
+        acc = stats.accuracies
+        return {"acc_mean": float(acc.mean()) if N else math.nan, **{k: math.nan for k in (
+            "acc_sd", "ce_sd", "disagreement", "correlation", "ensemble_delta", "cka", "testset_sd")}}
+    return {k: float(v[0]) for k, v in subset_metrics(stats, np.arange(N)[None]).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# convenience wrappers: one metric, straight from the logits
+
+
+def pairwise_disagreement(models: Sequence[ArrayLike2D], *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> float:
+    """Mean over pairs i<j of the percent of test examples whose argmax differs."""
+    n, c = models[0].shape
+    dummy = np.zeros(n, np.int64)  # labels do not enter disagreement
+    return group_summary(pairwise_stats(models, dummy, block_bytes=block_bytes))["disagreement"]
+
+
+def pairwise_correlation(models: Sequence[ArrayLike2D], *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> float:
+    """Mean over pairs i<j of the Pearson correlation of the two models' flattened logits."""
+    n, c = models[0].shape
+    return group_summary(pairwise_stats(models, np.zeros(n, np.int64), block_bytes=block_bytes))["correlation"]
+
+
+def ensemble_delta(models: Sequence[ArrayLike2D], labels: Any, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> float:
+    """Mean over pairs of acc(argmax(l_i + l_j)) - (acc_i + acc_j) / 2, in percentage points."""
+    return group_summary(pairwise_stats(models, labels, block_bytes=block_bytes))["ensemble_delta"]
+
+
+def linear_cka(x: Any, y: Any) -> float:
+    """Linear CKA of two feature matrices [n, d1], [n, d2] (float64 reference implementation)."""
+    X = np.asarray(x, dtype=np.float64)
+    Y = np.asarray(y, dtype=np.float64)
+    X = X - X.mean(axis=0)
+    Y = Y - Y.mean(axis=0)
+    den = np.linalg.norm(X.T @ X) * np.linalg.norm(Y.T @ Y)
+    return float(np.linalg.norm(Y.T @ X) ** 2 / den) if den > 0 else math.nan
+
+
+def pairwise_cka(features: Sequence[Any], *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> float:
+    """Mean over pairs i<j of the linear CKA of the models' penultimate features."""
+    mat = pairwise_cka_matrix(features, block_bytes=block_bytes)
+    iu = np.triu_indices(mat.shape[0], 1)
+    return float(mat[iu].mean()) if iu[0].size else math.nan
+
+
+def testset_sd(correct: Any) -> float:
+    """Accuracy SD (percentage points) that test-set sampling alone would give.
+
+    ``correct`` is [N models, n examples] booleans. With p_j the fraction of models right on
+    example j, a model whose per-example correctness were independent Bernoulli(p_j) draws would
+    have accuracy variance sum_j p_j (1 - p_j) / n^2, so SD = sqrt(sum_j p_j (1 - p_j)) / n.
+    A measured SD near this value means run-to-run variation behaves like coin flips on the
+    uncertain examples; well below means the models' errors move together.
+    """
+    C = np.asarray(correct, dtype=np.float64)
+    if C.ndim != 2 or C.shape[0] < 1:
+        raise ValueError(f"correct must be [N models, n examples], got shape {C.shape}")
+    p = C.mean(axis=0)
+    return float(100.0 * np.sqrt(np.sum(p * (1.0 - p))) / C.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# variability reduction
+
+
+def reduction_terms(base: Mapping[str, float], new: Mapping[str, float], formula: str = "paper") -> dict[str, float]:
+    """Relative reduction of each of the five metrics (fractions; NaN where undefined).
+
+    For acc_sd, ce_sd, disagreement and ensemble_delta both formulas use ``1 - new/base``.
+    Correlation differs (PROTOCOL.md, docs/metrics.md):
+      - "paper": variability is 1 - correlation, so the term is ``1 - (1 - new)/(1 - base)``;
+      - "report": the reproducibility report's relative rise ``(new - base)/base``.
+    """
+    if formula not in FORMULAS:
+        raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
+    missing = [k for k in REDUCTION_KEYS if k not in base or k not in new]
+    if missing:
+        raise KeyError(f"variability reduction needs keys {REDUCTION_KEYS}; missing {missing}")
+
+    def rel(b: float, n: float) -> float:
+        b, n = float(b), float(n)
+        return 1.0 - n / b if b != 0 and math.isfinite(b) and math.isfinite(n) else math.nan
+
+    out = {k: rel(base[k], new[k]) for k in REDUCTION_KEYS if k != "correlation"}
+    cb, cn = float(base["correlation"]), float(new["correlation"])
+    if formula == "paper":
+        out["correlation"] = rel(1.0 - cb, 1.0 - cn)
+    else:
+        out["correlation"] = (cn - cb) / cb if cb != 0 and math.isfinite(cb) and math.isfinite(cn) else math.nan
+    return {k: out[k] for k in REDUCTION_KEYS}
+
+
+def variability_reduction(base: Mapping[str, float], new: Mapping[str, float], formula: str = "paper") -> float:
+    """Variability reduction in percent: 100 x the mean of :func:`reduction_terms`.
+
+    NaN if any term is undefined (a baseline metric of 0, e.g. a bit-identical baseline), because
+    averaging the remaining terms would silently change what the number means.
+    """
+    terms = reduction_terms(base, new, formula)
+    vals = list(terms.values())
+    if any(math.isnan(v) for v in vals):
+        return math.nan
+    return 100.0 * sum(vals) / len(vals)

@@ -1,0 +1,64 @@
+"""The real command line: `python -m nondet_hpc [-m] ...` composing conf/ into a temporary folder."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import FAST, cli_env
+
+
+def cli(tmp_path, *args, check=True):
+    r = subprocess.run([sys.executable, "-m", "nondet_hpc", *args, *FAST, f"out_dir={tmp_path / 'sweep'}"],
+                       cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\nSTDOUT:\n{r.stdout}\nSTDERR:\n{r.stderr}")
+    return r
+
+
+def test_multirun_sweep_writes_the_contract_and_a_rerun_trains_nothing(tmp_path):
+    r = cli(tmp_path, "-m", "source=none,init,bitflip", "seed=1,2")
+    runs = sorted((tmp_path / "sweep" / "runs").iterdir())
+    assert len(runs) == 6 and all((rd / "DONE").exists() for rd in runs)
+    for rd in runs:
+        assert np.load(rd / "logits" / "plain.npy", allow_pickle=False).shape == (120, 10)
+        assert (rd / "config.yaml").exists() and (rd / "labels.npy").exists()
+    recs = {json.load(open(rd / "run.json"))["run_id"]: json.load(open(rd / "run.json")) for rd in runs}
+    assert {(v["source"]["name"], v["seed"]) for v in recs.values()} == \
+        {(s, k) for s in ("none", "init", "bitflip") for k in (1, 2)}
+    stamps = {rd.name: (rd / "DONE").stat().st_mtime_ns for rd in runs}
+    r2 = cli(tmp_path, "-m", "source=none,init,bitflip", "seed=1,2")
+    assert r2.stdout.count("skipped (DONE)") == 6, r2.stdout
+    assert stamps == {rd.name: (rd / "DONE").stat().st_mtime_ns for rd in runs}
+    assert r.stdout.count(": done") == 6
+
+
+def test_single_run_and_the_failures_of_a_sweep(tmp_path):
+    r = cli(tmp_path, "source=init", "seed=7")
+    assert "init-s0007" in r.stdout and ": done ->" in r.stdout
+    # one bad job in a sweep: the others still run, the sweep lists the failure and exits non-zero
+    r = cli(tmp_path, "-m", "source=init", "seed=0,7", check=False)
+    assert r.returncode != 0
+    assert "seed=0 is invalid" in r.stdout + r.stderr
+    assert "skipped (DONE)" in r.stdout  # seed 7 was done already
+
+
+@pytest.mark.parametrize("args,message", [
+    (["source=bogus"], "Could not find 'source/bogus'"),
+    (["train.epoch=3"], "Key 'epoch' not in 'TrainConfig'"),
+    (["model=resnet99"], "Available options in 'model'"),
+])
+def test_bad_config_fails_at_composition(tmp_path, args, message):
+    r = cli(tmp_path, *args, check=False)
+    assert r.returncode != 0 and message in r.stderr + r.stdout
+    assert not (tmp_path / "sweep" / "runs").exists()
+
+
+def test_help_lists_the_config_groups(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "nondet_hpc", "--help"], cwd=tmp_path, env=cli_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    for group in ("data:", "model:", "source:", "cifar10", "resnet34", "bitflip", "shuffle+cudnn"):
+        assert group in r.stdout

@@ -1,0 +1,278 @@
+"""Metric formulas against small cases worked out by hand (PROTOCOL.md "Metrics").
+
+Expected values are written out from the definitions, never taken from the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from nondet_hpc import metrics as M
+
+
+def onehot_logits(preds: list[int], classes: int) -> np.ndarray:
+    """Logits whose argmax is ``preds`` (1 on the predicted class, 0 elsewhere)."""
+    x = np.zeros((len(preds), classes), np.float32)
+    x[np.arange(len(preds)), preds] = 1.0
+    return x
+
+
+# ----------------------------------------------------------------------------------- one model
+
+
+def test_accuracy_hand_case_with_tie_to_lowest_class():
+    logits = np.array([[2, 1, 0], [0, 1, 2], [1, 1, 0]], np.float32)
+    labels = np.array([0, 0, 1])
+    # predictions 0, 2, 0 (the tie 1 = 1 goes to class 0): only the first is right
+    assert M.accuracy(logits, labels) == pytest.approx(100 / 3)
+
+
+def test_cross_entropy_hand_case():
+    logits = np.array([[0.0, 0.0], [math.log(3.0), 0.0]])
+    labels = np.array([0, 0])
+    # -log(1/2) and -log(3/4)
+    assert M.cross_entropy(logits, labels) == pytest.approx((math.log(2) + math.log(4 / 3)) / 2, rel=1e-12)
+
+
+def test_population_sd_hand_case_and_exact_zero():
+    assert M.population_sd([1, 2, 3, 4]) == pytest.approx(math.sqrt(1.25), rel=1e-15)  # deviations 1.5, .5
+    assert M.population_sd([0.1] * 7) == 0.0
+    assert M.population_sd([91.37] * 100) == 0.0
+
+
+def test_summarize_model_rejects_non_finite():
+    x = np.zeros((3, 2), np.float32)
+    x[1, 0] = np.nan
+    with pytest.raises(M.NonFiniteLogits):
+        M.summarize_model(x, np.array([0, 1, 0]))
+    x[1, 0] = np.inf
+    with pytest.raises(M.NonFiniteLogits):
+        M.summarize_model(x, np.array([0, 1, 0]))
+
+
+def test_labels_outside_classes_rejected():
+    with pytest.raises(ValueError, match="labels must lie"):
+        M.summarize_model(np.zeros((2, 3), np.float32), np.array([0, 3]))
+
+
+# ----------------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_se_reproducible_and_seed_dependent():
+    vals = np.random.default_rng(5).normal(size=40)
+    a = M.bootstrap_sd_se(vals, n_boot=2000, seed=7)
+    b = M.bootstrap_sd_se(vals, n_boot=2000, seed=7)
+    c = M.bootstrap_sd_se(vals, n_boot=2000, seed=8)
+    assert a == b
+    assert a != c
+    assert M.bootstrap_sd_se(vals, n_boot=2000, seed=[7, 123]) == M.bootstrap_sd_se(vals, n_boot=2000, seed=[7, 123])
+
+
+def test_bootstrap_se_two_values_worked_out():
+    # values {0, 2}: a resample is (0,0), (0,2), (2,0) or (2,2), each with probability 1/4, with
+    # population SD 0, 1, 1, 0. The resampled SD is 0 or 1 with probability 1/2: its SD is 1/2.
+    se = M.bootstrap_sd_se([0.0, 2.0], n_boot=10_000, seed=0)
+    assert se == pytest.approx(0.5, abs=0.01)
+
+
+def test_bootstrap_se_exactly_zero_for_identical_values():
+    assert M.bootstrap_sd_se([0.7] * 30, n_boot=500, seed=1) == 0.0
+
+
+def test_bootstrap_ratio_ci():
+    # point ratio by hand: SD{0,2} = 1, SD{0,4} = 2
+    r, lo, hi = M.bootstrap_sd_ratio_ci([0.0, 2.0], [0.0, 4.0], n_boot=200, seed=0)
+    assert r == pytest.approx(0.5)
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(scale=1.0, size=400), rng.normal(scale=2.0, size=400)
+    r, lo, hi = M.bootstrap_sd_ratio_ci(a, b, n_boot=2000, seed=1)
+    assert lo < 0.5 < hi < 1.0  # true ratio 0.5 inside, equality (1) excluded
+    assert M.bootstrap_sd_ratio_ci(a, b, n_boot=500, seed=4) == M.bootstrap_sd_ratio_ci(a, b, n_boot=500, seed=4)
+
+
+def test_brown_forsythe_against_hand_anova():
+    # Brown-Forsythe W = one-way ANOVA F statistic on z = |x - median of its group|
+    groups = [np.array([1.0, 2.0, 4.0, 7.0]), np.array([2.0, 2.5, 3.0, 3.5, 10.0]), np.array([0.0, 5.0, 5.0])]
+    z = [np.abs(g - np.median(g)) for g in groups]
+    k, N = len(z), sum(len(g) for g in z)
+    grand = np.concatenate(z).mean()
+    between = sum(len(g) * (g.mean() - grand) ** 2 for g in z) / (k - 1)
+    within = sum(((g - g.mean()) ** 2).sum() for g in z) / (N - k)
+    W, p = M.equal_variance_test(groups)
+    assert W == pytest.approx(between / within, rel=1e-12)
+    assert 0.0 < p < 1.0
+
+
+# ----------------------------------------------------------------------------------- pairwise
+
+
+def test_disagreement_hand_case():
+    preds = [[0, 1, 2, 0], [0, 1, 1, 0], [1, 1, 2, 2]]
+    models = [onehot_logits(p, 3) for p in preds]
+    # pairs (0,1): 1 of 4 differ; (0,2): 2 of 4; (1,2): 3 of 4 -> mean 6/12
+    assert M.pairwise_disagreement(models) == pytest.approx(50.0, abs=1e-12)
+
+
+def test_correlation_hand_case():
+    a = np.array([[1, 2], [3, 4]], np.float32)  # deviations -1.5 -.5 .5 1.5
+    b = np.array([[1, 2], [4, 3]], np.float32)  # deviations -1.5 -.5 1.5 .5: sum of products 4, norms^2 5
+    c = 2 * a + 1  # perfectly correlated with a
+    d = np.array([[1, 0], [0, 1]], np.float32)  # deviations .5 -.5 -.5 .5: uncorrelated with a
+    assert M.pairwise_correlation([a, b]) == pytest.approx(0.8, abs=1e-12)
+    assert M.pairwise_correlation([a, b, c]) == pytest.approx((0.8 + 1.0 + 0.8) / 3, abs=1e-12)
+    assert M.pairwise_correlation([a, d]) == pytest.approx(0.0, abs=1e-12)
+    assert M.pairwise_correlation([a, -a]) == pytest.approx(-1.0, abs=1e-12)
+
+
+def test_ensemble_delta_hand_case():
+    labels = np.array([0, 0])
+    m0 = np.array([[2, 0], [0, 1]], np.float32)  # right, wrong: 50 %
+    m1 = np.array([[0, 1], [3, 0]], np.float32)  # wrong, right: 50 %
+    # sum [[2, 1], [3, 1]] -> both right: 100 %; delta = 100 - (50 + 50)/2
+    assert M.ensemble_delta([m0, m1], labels) == pytest.approx(50.0)
+
+
+def test_ensemble_delta_tie_goes_to_lowest_class():
+    labels = np.array([1])
+    m0 = np.array([[1, 0]], np.float32)  # wrong
+    m1 = np.array([[0, 1]], np.float32)  # right
+    # sum [1, 1]: argmax picks class 0, wrong -> 0 - (0 + 100)/2
+    assert M.ensemble_delta([m0, m1], labels) == pytest.approx(-50.0)
+
+
+def test_ensemble_delta_three_models_by_hand():
+    labels = np.array([0, 1, 2])
+    m = [np.array([[3, 0, 0], [0, 0, 2], [0, 1, 0]], np.float32),   # right, wrong, wrong
+         np.array([[0, 2, 0], [0, 3, 0], [0, 0, 1]], np.float32),   # wrong, right, right
+         np.array([[1, 0, 0], [1, 0, 0], [0, 0, 5]], np.float32)]   # right, wrong, right
+    acc = [100 / 3, 200 / 3, 200 / 3]
+    # (0,1): sums [3,2,0] [0,3,2] [0,1,1] -> 0 right, 1 right, tie 1=1 -> class 1 wrong: 2/3
+    # (0,2): [4,0,0] [1,0,2] [0,1,5] -> right, wrong, right: 2/3
+    # (1,2): [1,2,0] [1,3,0] [0,0,6] -> wrong, right, right: 2/3
+    ens = [200 / 3] * 3
+    expected = np.mean([ens[0] - (acc[0] + acc[1]) / 2, ens[1] - (acc[0] + acc[2]) / 2, ens[2] - (acc[1] + acc[2]) / 2])
+    assert M.ensemble_delta(m, labels) == pytest.approx(expected, abs=1e-12)
+
+
+def test_linear_cka_hand_case():
+    X = np.array([[1, 0], [-1, 0], [0, 1], [0, -1]], np.float64)  # centred; X^T X = 2 I, ||.||_F = sqrt 8
+    Y = np.array([[1], [-1], [0], [0]], np.float64)  # Y^T Y = [2]; Y^T X = [2, 0]
+    expected = 4.0 / (math.sqrt(8.0) * 2.0)
+    assert M.linear_cka(X, Y) == pytest.approx(expected, rel=1e-12)
+    mat = M.pairwise_cka_matrix([X.astype(np.float32), Y.astype(np.float32)])
+    assert mat[0, 1] == pytest.approx(expected, rel=1e-6)
+    # invariant to rotation and scale: CKA(X, 3 X Q) = 1
+    Q = np.array([[0.6, -0.8], [0.8, 0.6]])
+    assert M.linear_cka(X, 3 * X @ Q) == pytest.approx(1.0, rel=1e-12)
+    assert M.pairwise_cka([X, Y, 3 * X @ Q]) == pytest.approx((expected + 1.0 + expected) / 3, rel=1e-6)
+
+
+def test_testset_sd_hand_case():
+    correct = np.array([[1, 1, 0, 0], [1, 0, 1, 0]], bool)
+    # p = 1, .5, .5, 0 -> sum p(1-p) = 0.5 -> 100 * sqrt(0.5) / 4
+    assert M.testset_sd(correct) == pytest.approx(100 * math.sqrt(0.5) / 4, rel=1e-12)
+
+
+def _random_group(n_models: int, n: int, c: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    base = rng.normal(size=(n, c))
+    base[np.arange(n), y] += 1.5
+    return [(base + rng.normal(size=(n, c))).astype(np.float32) for _ in range(n_models)], y
+
+
+def test_group_summary_matches_per_pair_definitions():
+    models, y = _random_group(6, 300, 5, seed=11)
+    s = M.group_summary(M.pairwise_stats(models, y))
+    acc = [np.mean(m.argmax(1) == y) * 100 for m in models]
+    dis, cor, ens = [], [], []
+    for i in range(6):
+        for j in range(i + 1, 6):
+            dis.append(np.mean(models[i].argmax(1) != models[j].argmax(1)) * 100)
+            cor.append(np.corrcoef(models[i].ravel().astype(float), models[j].ravel().astype(float))[0, 1])
+            ens.append(np.mean((models[i] + models[j]).argmax(1) == y) * 100 - (acc[i] + acc[j]) / 2)
+    assert s["acc_mean"] == pytest.approx(np.mean(acc), abs=1e-12)
+    assert s["acc_sd"] == pytest.approx(np.std(acc), abs=1e-12)
+    assert s["disagreement"] == pytest.approx(np.mean(dis), abs=1e-12)
+    assert s["correlation"] == pytest.approx(np.mean(cor), abs=1e-12)
+    assert s["ensemble_delta"] == pytest.approx(np.mean(ens), abs=1e-12)
+
+
+def test_blocking_does_not_change_results():
+    models, y = _random_group(7, 257, 4, seed=2)
+    big = M.pairwise_stats(models, y)
+    tiny = M.pairwise_stats(models, y, block_bytes=1)  # one test example per block
+    assert np.array_equal(big.agree, tiny.agree)
+    assert np.array_equal(big.ens_correct, tiny.ens_correct)
+    np.testing.assert_allclose(big.corr, tiny.corr, atol=1e-13)
+
+
+def test_subset_metrics_equal_metrics_of_the_subset():
+    models, y = _random_group(9, 200, 3, seed=4)
+    full = M.pairwise_stats(models, y)
+    idx = [7, 1, 4, 2]
+    sub = M.group_summary(M.pairwise_stats([models[i] for i in idx], y))
+    got = M.subset_metrics(full, [idx])
+    for k in ("acc_mean", "acc_sd", "ce_sd", "disagreement", "correlation", "ensemble_delta", "testset_sd"):
+        assert got[k][0] == pytest.approx(sub[k], abs=1e-12), k
+    with pytest.raises(ValueError):
+        M.subset_metrics(full, [[1, 1, 2]])
+
+
+# ----------------------------------------------------------------------------------- determinism
+
+
+def test_identical_models_give_exact_zeros_and_one():
+    rng = np.random.default_rng(0)
+    n, c = 997, 10
+    y = rng.integers(0, c, n)
+    # awkward values (0.1 multiples, large offset) that make float sums round
+    x = (rng.integers(-50, 50, size=(n, c)) * 0.1 + 1000.3).astype(np.float32)
+    feats = (rng.normal(size=(n, 16)) * 0.1 + 7.7).astype(np.float32)
+    models = [x.copy() for _ in range(5)]
+    st = M.pairwise_stats(models, y, features=[feats.copy() for _ in range(5)])
+    s = M.group_summary(st)
+    assert s["acc_sd"] == 0.0
+    assert s["ce_sd"] == 0.0
+    assert s["disagreement"] == 0.0
+    assert s["correlation"] == 1.0
+    assert s["ensemble_delta"] == 0.0
+    assert s["cka"] == 1.0
+    assert s["testset_sd"] == 0.0
+    assert M.bootstrap_sd_se(st.accuracies, n_boot=1000, seed=0) == 0.0
+    assert M.bootstrap_sd_se(st.ce, n_boot=1000, seed=0) == 0.0
+    assert st.n_distinct() == 1
+
+
+# ----------------------------------------------------------------------------------- reduction
+
+
+BASE = {"acc_sd": 0.2, "ce_sd": 0.004, "disagreement": 10.0, "correlation": 0.98, "ensemble_delta": 1.0}
+NEW = {"acc_sd": 0.1, "ce_sd": 0.003, "disagreement": 8.0, "correlation": 0.99, "ensemble_delta": 0.5}
+
+
+def test_variability_reduction_paper_formula_worked_example():
+    # 1 - .1/.2 = .5; 1 - .003/.004 = .25; 1 - 8/10 = .2; 1 - (1-.99)/(1-.98) = .5; 1 - .5/1 = .5
+    assert M.variability_reduction(BASE, NEW, "paper") == pytest.approx(100 * (0.5 + 0.25 + 0.2 + 0.5 + 0.5) / 5)
+    assert M.variability_reduction(BASE, NEW) == M.variability_reduction(BASE, NEW, "paper")
+
+
+def test_variability_reduction_report_formula_worked_example():
+    # correlation term becomes the relative rise (.99 - .98)/.98
+    expected = 100 * (0.5 + 0.25 + 0.2 + 0.01 / 0.98 + 0.5) / 5
+    assert M.variability_reduction(BASE, NEW, "report") == pytest.approx(expected)
+    terms = M.reduction_terms(BASE, NEW, "report")
+    assert terms["correlation"] == pytest.approx(0.01 / 0.98)
+
+
+def test_variability_reduction_undefined_and_invalid():
+    zero = dict(BASE, acc_sd=0.0)
+    assert math.isnan(M.variability_reduction(zero, NEW))
+    assert M.variability_reduction(BASE, BASE) == 0.0
+    with pytest.raises(ValueError):
+        M.variability_reduction(BASE, NEW, "mean")
+    with pytest.raises(KeyError):
+        M.variability_reduction({"acc_sd": 1.0}, NEW)
