@@ -43,7 +43,7 @@ VIEW_DISPLAY: dict[str, str] = {"plain": "", "flip": "Flip", "crop25": "Crop25",
 ACC_ENS = "acc-ens"
 # paper's row order; names not listed (new combinations) go between the single sources and "all"
 SOURCE_ORDER: dict[str, int] = {"none": 0, "init": 1, "shuffle": 2, "augment": 3, "cudnn": 4,
-                                "init_shuffle": 5, "shuffle_cudnn": 6, "shuffle_augment_cudnn": 7,
+                                "init+shuffle": 5, "shuffle+cudnn": 6, "shuffle+augment+cudnn": 7,
                                 "all": 9, "bitflip": 10}
 ABLATION_NS: tuple[int, ...] = (10, 25, 50, 75)
 ABLATION_SUBSETS = 200
@@ -862,7 +862,10 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     exc_df = pd.DataFrame([e.__dict__ for e in excluded],
                           columns=["run_id", "group", "view", "category", "reason", "group_key"])
 
-    summary_lines = [format_table(df), "", *claim1_lines]
+    from .experiments import describe_sweep
+
+    reproduces = describe_sweep(sorted({r.info.get("experiment") or "" for r in runs}))
+    summary_lines = [reproduces, "", format_table(df), "", *claim1_lines]
     summary_lines += ["", *_excluded_summary(excluded)]
     if warnings:
         summary_lines += ["", f"Warnings ({len(warnings)}):", *[f"  {w}" for w in warnings]]
@@ -905,6 +908,7 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
             (report / name).unlink()
 
     df.attrs["summary"] = summary
+    df.attrs["reproduces"] = reproduces
     df.attrs["report_dir"] = str(report)
     df.attrs["claim1"] = list(claim1_lines)
     df.attrs["excluded"] = [dict(e.__dict__) for e in excluded]

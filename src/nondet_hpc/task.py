@@ -220,11 +220,17 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
         def evaluate(with_features: bool):
             return evaluate_views(model, data.test_x, data.test_y, list(cfg.data.mean), list(cfg.data.std),
                                   views, batch_size=cfg.eval.batch_size, device=device,
-                                  channels_last=channels_last, with_features=with_features)
+                                  channels_last=channels_last, with_features=with_features,
+                                  pad=cfg.data.pad)  # TTA crops shift as far as training crops do
+
+        last_snapshot: dict = {}
 
         def on_snapshot(k: int) -> None:
             if cfg.train.snapshots > 1:
-                _save_views(rd, evaluate(False)[0], prefix=f"snapshot-{k}")
+                logits = evaluate(False)[0]
+                _save_views(rd, logits, prefix=f"snapshot-{k}")
+                if k == cfg.train.snapshots:  # the last cycle ends with the final model: reuse it
+                    last_snapshot.update(logits)
 
         trainer = Trainer(model, data, streams, cfg.train, cfg.data, device, rd / "checkpoint.pt",
                           channels_last, on_epoch=lambda hb: record.update(heartbeat=hb), on_snapshot=on_snapshot)
@@ -236,7 +242,8 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
         trainer.fit()
 
         t_eval = time.time()
-        logits, features = evaluate(cfg.eval.features)
+        logits, features = (last_snapshot, None) if last_snapshot and not cfg.eval.features \
+            else evaluate(cfg.eval.features)
         _save_views(rd, logits)
         if features is not None:
             write_npy(rd / "features.npy", features)
