@@ -17,18 +17,16 @@ cycle) cannot be made here: only the final model is kept.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import os
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from .rundir import DONE, RunRecord, is_done, read_json, write_npy
+from .rundir import DONE, RunRecord, is_done, read_json, run_lock, write_npy
 from .sources import ConfigError
 from .views import VIEWS
 
@@ -95,16 +93,10 @@ def _state(run: Path) -> str:
         return "unknown (no readable run.json)"
 
 
-@contextlib.contextmanager
-def _locked(run: Path) -> Iterator[None]:
+def _locked(run: Path):
     """The lock task.run holds while training: never write into a run another process writes."""
-    with open(run / ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise EvaluateError(f"{run} is being written by another process (training or evaluate); "
-                                f"try again when it has finished.") from None
-        yield
+    return run_lock(run, lambda: EvaluateError(f"{run} is being written by another process (training or "
+                                               f"evaluate); try again when it has finished."))
 
 
 def evaluate_run(run: str | os.PathLike, views: Sequence[str], *, features: bool = False, force: bool = False,

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
+from .rundir import atomic_write
 
 __all__ = ["ReduceError", "reduce_sweep", "format_table", "main", "VIEW_DISPLAY"]
 
@@ -147,22 +147,6 @@ class _SnapshotMean:
         for p in self.parts[1:]:
             total += np.asarray(p[key], dtype=np.float64)
         return (total / len(self.parts)).astype(np.float32)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -902,7 +886,7 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
                                       warnings, [k for k, v in figures.items() if v is not None], n_boot, seed).encode()
 
     for name, data in outputs.items():
-        _atomic_write(report / name, data)
+        atomic_write(report / name, lambda f, data=data: f.write(data))
     for name in REPORT_FILES:  # a file this run did not produce must not survive from an older one
         if name not in outputs and (report / name).exists():
             (report / name).unlink()

@@ -8,6 +8,8 @@ old file or the new one, never half a file under the real name.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -15,7 +17,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -105,3 +107,14 @@ class RunRecord:
         self.data.update(fields)
         self.data["updated"] = time.time()
         write_json(self.path, self.data)
+
+
+@contextlib.contextmanager
+def run_lock(path: Path, busy: Callable[[], Exception]) -> Iterator[None]:
+    """Hold the run folder's lock (training and evaluate take it); raise ``busy()`` if it is held."""
+    with open(Path(path) / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy() from None
+        yield

@@ -7,8 +7,6 @@ DONE last. It needs no Hydra runtime, so launchers can call it with a composed c
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import platform
 import socket
@@ -26,7 +24,8 @@ from . import __version__
 from .config import identity_items
 from .data import load_dataset
 from .models import build_model, init_weights
-from .rundir import DONE, RunRecord, group_key, is_done, run_dir, run_id, write_json, write_npy, write_text
+from .rundir import (DONE, RunRecord, group_key, is_done, run_dir, run_id, run_lock, write_json, write_npy,
+                     write_text)
 from .sources import ConfigError, Streams, apply_bitflip, configure_kernels, resolve_seeds
 from .train import Preempted, Trainer, clear_stop
 from .views import VIEWS, evaluate_views
@@ -142,18 +141,6 @@ def provenance(device: torch.device) -> dict:
 
 
 # --- the job ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _exclusive(path: Path):
-    """Hold a lock on the run folder, so two processes never train the same run at once."""
-    with open(path / ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"{path} is being trained by another process right now; "
-                              f"wait for it (python -m nondet_hpc.status {path.parent.parent}).") from None
-        yield
-
-
 def _move_aside(path: Path) -> Path:
     """force=true: keep the finished run under runs/.replaced/ instead of deleting it."""
     dest = path.parent / ".replaced" / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
@@ -179,7 +166,9 @@ def run(cfg: DictConfig) -> dict:
         moved = _move_aside(rd)
         print(f"[nondet_hpc] force=true: previous result of {rid} kept at {moved}", flush=True)
     rd.mkdir(parents=True, exist_ok=True)
-    with _exclusive(rd):
+    busy = lambda: ConfigError(f"{rd} is being trained by another process right now; wait for it "  # noqa: E731
+                               f"(python -m nondet_hpc.status {rd.parent.parent}).")
+    with run_lock(rd, busy):
         if is_done(rd):  # finished by another process while we waited for the lock
             return {"run_id": rid, "run_dir": str(rd), "state": "skipped (DONE)"}
         return _train(cfg, rd, rid)
