@@ -173,3 +173,13 @@ def test_thread_count_changes_cpu_results_and_is_recorded(cfg_factory):
     two = task.run(cfg_factory("source=none", "seed=1", "train.threads=2", "data.train_subset=null"))
     assert not np.array_equal(_logits(one), _logits(two))
     assert [json.load(open(os.path.join(o["run_dir"], "run.json")))["threads"] for o in (one, two)] == [1, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU paths are covered above)")
+def test_gpu_deterministic_kernels_give_bit_identical_replicates(cfg_factory):
+    # Would abort if any op of the training step lacked a deterministic CUDA kernel.
+    a = task.run(cfg_factory("source=none", "seed=1", "train.device=cuda"))
+    b = task.run(cfg_factory("source=none", "seed=2", "train.device=cuda"))
+    assert np.array_equal(_logits(a), _logits(b))
+    rec = json.load(open(os.path.join(a["run_dir"], "run.json")))
+    assert rec["kernels"]["use_deterministic_algorithms"] and rec["channels_last"] is True

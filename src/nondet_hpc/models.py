@@ -79,7 +79,9 @@ class ResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (after the global average pool), for CKA."""
         x = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        # A mean, not adaptive_avg_pool2d: the latter's CUDA backward has no deterministic kernel
+        # and would abort every run under torch.use_deterministic_algorithms(True).
+        return x.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
