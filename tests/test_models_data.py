@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from nondet_hpc.data import augment_batch, draw_augment, load_dataset, training_batches
 from nondet_hpc.models import BasicBlock, ShortcutA, build_model, init_weights

@@ -157,6 +157,7 @@ def _save_views(dest: Path, logits: dict[str, np.ndarray], prefix: str = "") -> 
 
 def run(cfg: DictConfig) -> dict:
     """Train (or skip, or resume) the run that ``cfg`` describes; return its id, folder and state."""
+    clear_stop()  # a stop request from an earlier run of this process must not stop this one
     validate(cfg)
     rd = run_dir(cfg)
     rid = run_id(cfg)
@@ -227,7 +228,6 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
         if resumed:
             record.update(resumed_from={"epoch": trainer.progress.epoch, "batch": trainer.progress.batch,
                                         "time": time.time()})
-        clear_stop()
         trainer.fit()
 
         t_eval = time.time()

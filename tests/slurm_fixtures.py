@@ -1,0 +1,205 @@
+"""Helpers of the SLURM tests: a fake SLURM client for unit tests, cluster checks, CLI runners.
+
+The fake client (``FakeSlurm``) is a directory of executables (sbatch, squeue, sacct, scontrol,
+sacctmgr, scancel) backed by one JSON state file, so submission, status and cancel logic can be
+tested without a cluster. The real-cluster tests use ``require_cluster()``: they skip with a
+reason when no cluster is reachable, but FAIL when CI=true (CI starts one with
+launch/start_slurm.sh, so a missing cluster there is a bug, not a reason to skip).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAKE_TOOL = textwrap.dedent(r'''
+    #!{python}
+    import json, os, re, sys, time
+    STATE = {state!r}
+    name = os.path.basename(sys.argv[0])
+    args = sys.argv[1:]
+    with open(STATE) as f:
+        st = json.load(f)
+    st.setdefault("calls", []).append([name] + args)
+    def save():
+        with open(STATE + ".tmp", "w") as f:
+            json.dump(st, f)
+        os.replace(STATE + ".tmp", STATE)
+    behave = st.get("behave", {{}}).get(name, {{}})
+    if behave.get("sleep"):
+        save(); time.sleep(behave["sleep"])
+    if behave.get("fail"):
+        save(); sys.stderr.write(behave["fail"] + "\n"); sys.exit(behave.get("rc", 1))
+    out = ""
+    if name == "sbatch":
+        script = open(args[-1]).read()
+        jid = st.get("next_id", 100)
+        st["next_id"] = jid + 1
+        m = re.search(r"^#SBATCH --array=0-(\d+)%(\d+)", script, re.M)
+        dep = re.search(r"^#SBATCH --dependency=(\S+)", script, re.M)
+        job = {{"id": str(jid), "script": args[-1], "array": int(m.group(1)) + 1 if m else None,
+               "parallelism": int(m.group(2)) if m else None, "dependency": dep.group(1) if dep else None}}
+        st.setdefault("jobs", []).append(job)
+        # queue every task as PENDING
+        q = st.setdefault("queue", {{}})
+        if m:
+            for i in range(job["array"]):
+                q[f"{{jid}}_{{i}}"] = {{"state": "PENDING", "reason": "Priority", "raw": str(jid), "restarts": 0}}
+        else:
+            q[str(jid)] = {{"state": "PENDING", "reason": "Dependency" if dep else "Priority", "raw": str(jid), "restarts": 0}}
+        out = f"{{jid}}\n" if "--parsable" in args else f"Submitted batch job {{jid}}\n"
+    elif name == "squeue":
+        lines = []
+        for k, v in st.get("queue", {{}}).items():
+            arr = k.split("_")[0] if "_" in k else k
+            lines.append("|".join([k, v.get("raw", arr), arr, v["state"], v.get("reason", "None"),
+                                   str(v.get("restarts", 0)), "0:05", "vm", v.get("stdout", "")]))
+        out = "\n".join(lines) + ("\n" if lines else "")
+    elif name == "sacct":
+        ids = set()
+        if "-j" in args:
+            ids = set(args[args.index("-j") + 1].split(","))
+        lines = []
+        for k, rows in st.get("acct", {{}}).items():
+            if k.split("_")[0] in ids:
+                for row in rows:
+                    lines.append("|".join([k, row.get("raw", k.split("_")[0]), row["state"],
+                                           row.get("exit", "0:0"), "00:00:05", "", "", "vm"]))
+        out = "\n".join(lines) + ("\n" if lines else "")
+    elif name == "scontrol":
+        if args[:2] == ["show", "config"]:
+            out = f"Configuration data as of now\nMaxArraySize            = {{st.get('max_array_size', 1001)}}\nMaxJobCount             = 10000\n"
+    elif name == "sacctmgr":
+        if "assoc" in args:
+            lim = st.get("max_submit")
+            out = f"{{lim if lim is not None else ''}}|normal|normal\n"
+        elif "qos" in args:
+            out = "normal|\n"
+    elif name == "scancel":
+        for a in args:
+            if a.startswith("-"):
+                continue
+            for k in list(st.get("queue", {{}})):
+                if k == a or k.split("_")[0] == a:
+                    st["queue"].pop(k)
+                    st.setdefault("acct", {{}}).setdefault(k, []).append({{"state": "CANCELLED by 0", "exit": "0:0"}})
+    save()
+    sys.stdout.write(out)
+''').lstrip()
+
+TOOLS = ("sbatch", "squeue", "sacct", "scontrol", "sacctmgr", "scancel", "srun")
+
+
+class FakeSlurm:
+    """A fake SLURM client on PATH. ``state`` is the JSON the tools read and write."""
+
+    def __init__(self, root: Path, tools: tuple[str, ...] = TOOLS):
+        self.bin = root / "fakebin"
+        self.bin.mkdir(parents=True, exist_ok=True)
+        self.state_path = root / "fake_slurm.json"
+        self.state_path.write_text(json.dumps({"next_id": 100, "jobs": [], "queue": {}, "acct": {}}))
+        for t in tools:
+            p = self.bin / t
+            p.write_text(FAKE_TOOL.format(python=sys.executable, state=str(self.state_path)))
+            p.chmod(0o755)
+
+    @property
+    def state(self) -> dict:
+        return json.loads(self.state_path.read_text())
+
+    def update(self, **kw) -> None:
+        st = self.state
+        st.update(kw)
+        self.state_path.write_text(json.dumps(st))
+
+    def set_task(self, job_id: str, state: str, *, queue: bool = True, exit: str = "0:0", reason: str = "None",
+                 restarts: int = 0) -> None:
+        st = self.state
+        if queue:
+            raw = st["queue"].get(job_id, {}).get("raw", job_id.split("_")[0])
+            st["queue"][job_id] = {"state": state, "reason": reason, "raw": raw, "restarts": restarts}
+        else:
+            st["queue"].pop(job_id, None)
+        st["acct"].setdefault(job_id, []).append({"state": state, "exit": exit})
+        self.state_path.write_text(json.dumps(st))
+
+    def calls(self, name: str) -> list[list[str]]:
+        return [c[1:] for c in self.state.get("calls", []) if c[0] == name]
+
+    def env(self, path_prefix: bool = True) -> dict:
+        env = dict(os.environ)
+        env["PATH"] = f"{self.bin}{os.pathsep}{env['PATH']}" if path_prefix else str(self.bin)
+        return env
+
+
+# ------------------------------------------------------------------------------ real cluster
+def cluster_problem(timeout: float = 15.0) -> str | None:
+    """None when a SLURM cluster answers here, else why not."""
+    if shutil.which("sbatch") is None:
+        return "no sbatch on PATH (start a local cluster: bash launch/start_slurm.sh)"
+    try:
+        p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout)
+        if p.returncode != 0 or "UP" not in p.stdout:
+            return f"slurmctld not reachable: {p.stdout.strip()} {p.stderr.strip()}"
+        p = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=timeout)
+        states = p.stdout.split()
+        if not any(s.startswith(("idle", "mixed", "alloc", "completing")) for s in states):
+            return f"no usable node (sinfo states: {states})"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"SLURM does not answer: {e}"
+    return None
+
+
+def require_cluster() -> None:
+    problem = cluster_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but the SLURM cluster is not up: {problem}. .ci/run must run "
+                    "launch/start_slurm.sh before the tests.", pytrace=False)
+    pytest.skip(f"SLURM cluster not reachable: {problem}")
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["HYDRA_FULL_ERROR"] = "0"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], *, env: dict | None = None, timeout: float = 120, cwd: Path | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                       env=env or cli_env(), cwd=cwd or REPO, stdin=subprocess.DEVNULL)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def sweep_status(sweep_dir: Path, env: dict | None = None) -> dict:
+    p = run_cli(["-m", "nondet_hpc.status", str(sweep_dir), "--json"], env=env, timeout=120)
+    return json.loads(p.stdout)
+
+
+def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "condition"):
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
