@@ -27,7 +27,7 @@ def test_resnet14_matches_the_protocol():
     assert [b.conv1.stride[0] for b in blocks] == [1, 1, 2, 1, 2, 1]
     assert sum(isinstance(b.shortcut, ShortcutA) for b in blocks) == 2
     assert all(float(b.bn2.weight.detach().abs().sum()) == 0 for b in blocks)  # zero-init residual BN
-    assert all(float(b.bn1.weight.min()) == 1 for b in blocks)
+    assert all(float(b.bn1.weight.detach().min()) == 1 for b in blocks)
     assert m.fc.in_features == 64 and m.fc.out_features == 10
     # no conv has a bias; a 3x3 conv's kaiming fan_out std is sqrt(2 / (out * 9))
     w = blocks[-1].conv1.weight
