@@ -134,3 +134,13 @@ def test_cuda_without_gpu_is_refused():
         resolve_device("cuda")
     with pytest.raises(ConfigError, match="valid"):
         resolve_device("tpu")
+
+
+def test_cublas_workspace_is_fixed_on_import_before_any_cuda_work():
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    out = subprocess.run([sys.executable, "-c", "import os, nondet_hpc; print(os.environ['CUBLAS_WORKSPACE_CONFIG'])"],
+                         env=env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    assert out == ":4096:8"

@@ -117,13 +117,13 @@ def configure_kernels(deterministic: bool, device: torch.device) -> dict:
 
     GPU, deterministic: cuDNN deterministic, no benchmark autotuning, deterministic algorithms
     everywhere, and cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS
-    initialises, which is why task.py calls this before any CUDA work).
+    initialises, which is why the package sets it on import).
     GPU, nondeterministic: benchmark on, deterministic off (the study's cuDNN source).
     CPU: the flags are set the same way, but CPU kernels are deterministic for a fixed thread count
     either way, so the switch has no kernel-level effect there; the record says so.
     """
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # CUBLAS_WORKSPACE_CONFIG is set when the package is imported (nondet_hpc/__init__.py), before
+    # cuBLAS can initialise; here it is only recorded.
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
     torch.use_deterministic_algorithms(deterministic, warn_only=False)
