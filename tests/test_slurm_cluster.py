@@ -124,8 +124,10 @@ def test_scancel_task_shows_failed_and_rerun_submits_exactly_it(cluster, tmp_pat
         def failed():
             st = sweep_status(sweep)
             r = next(r for r in st["runs"] if r["run_id"] == target_run)
-            return r if r["state"] == "failed" else None
-        r = wait_for(failed, 90, what=f"{job} to show as failed")
+            # slurmdbd records the cancellation asynchronously: until sacct has it, the run shows
+            # as failed with state GONE (left the queue without DONE); wait for SLURM's own word.
+            return r if r["state"] == "failed" and r["slurm_state"] != "GONE" else None
+        r = wait_for(failed, 90, what=f"{job} to show as failed with its sacct state")
         assert r["slurm_state"] == "CANCELLED" and r["log_err"].endswith("_log.err")
         p = run_cli(args)
         m = manifest(sweep)
