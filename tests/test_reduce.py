@@ -378,3 +378,14 @@ def test_acc_ens_rows_are_compared_with_normally_trained_single_models(tmp_path)
     assert math.isnan(single_row["reduction_pct"])
     snap_plain = df[(df["view"] == "") & df["group"].str.contains("snapshots=3")].iloc[0]
     assert snap_plain["baseline"] == single_row["group"]
+
+
+def test_results_kept_aside_by_force_are_not_runs_of_the_sweep(tmp_path):
+    for s in (1, 2, 3):
+        write_run(tmp_path, "init", s)
+    # force=true moves a finished run to runs/.replaced/<id>.<time>/ before retraining it
+    (tmp_path / "runs" / ".replaced" / "init-s0001-e10.20261127-120000" / "logits").mkdir(parents=True)
+    df = R.reduce_sweep(tmp_path, n_boot=20)
+    assert row(df, "Parameter Initialization")["n_models"] == 3
+    assert ".replaced" not in set(excluded(tmp_path)["run_id"])
+    assert "Left out: nothing" in df.attrs["summary"]

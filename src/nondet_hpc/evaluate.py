@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .rundir import DONE, RunRecord, is_done, read_json, run_lock, write_npy
+from .rundir import DONE, RunRecord, is_done, list_runs, read_json, run_lock, write_npy
 from .sources import ConfigError
 from .views import VIEWS
 
@@ -63,7 +63,7 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tupl
     skipped: list[tuple[Path, str]] = []
     for p in map(Path, paths):
         if (p / "runs").is_dir() and not (p / "config.yaml").exists():
-            found = sorted(d for d in (p / "runs").iterdir() if d.is_dir() and not d.name.startswith("."))
+            found = list_runs(p)
             if not found:
                 raise EvaluateError(f"{p} is a sweep folder without runs (nothing under {p / 'runs'}).")
             for d in found:
@@ -162,7 +162,7 @@ def _evaluate_locked(rd, rid, cfg, record, dev, channels_last, bs, todo, want_fe
     import torch
 
     from .data import load_dataset
-    from .models import build_model
+    from .models import model_from_config
     from .views import evaluate_views
 
     with _locked(rd):
@@ -192,8 +192,7 @@ def _evaluate_locked(rd, rid, cfg, record, dev, channels_last, bs, todo, want_fe
             raise EvaluateError(f"the data loaded now (data.root={cfg.data.root!r}) differ from the data this run was "
                                 f"trained on (sha256 {data.info.get('sha256', '?')[:12]} != {want_sha[:12]}); point "
                                 f"--data-root at the same data set.")
-        m = cfg.model
-        model = build_model(m.name, m.widths, m.blocks, cfg.data.num_classes, cfg.data.channels, m.shortcut)
+        model = model_from_config(cfg)
         model.load_state_dict(state["model"])
         model.to(device=dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         model.eval()

@@ -99,6 +99,12 @@ def build_model(name: str, widths: list[int], blocks: list[int], num_classes: in
     return model
 
 
+def model_from_config(cfg) -> ResNet:
+    """The network that ``cfg.model`` and ``cfg.data`` describe (uninitialised: see init_weights)."""
+    m = cfg.model
+    return build_model(m.name, m.widths, m.blocks, cfg.data.num_classes, cfg.data.channels, m.shortcut)
+
+
 @torch.no_grad()
 def init_weights(model: ResNet, g: torch.Generator) -> None:
     """Initialise every parameter and buffer from generator ``g`` (the init stream) alone."""

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from .rundir import atomic_write
+from .rundir import atomic_write, list_runs
 
 __all__ = ["ReduceError", "reduce_sweep", "format_table", "main", "VIEW_DISPLAY"]
 
@@ -236,7 +236,7 @@ def _scan(sweep: Path, warnings: list[str]) -> tuple[list[Run], list[Exclusion]]
         raise ReduceError(f"{sweep} has no runs/ folder: nothing to reduce (is this a sweep directory?)")
     runs: list[Run] = []
     excluded: list[Exclusion] = []
-    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+    for d in list_runs(sweep):
         rid = d.name
         info: dict = {}
         info_err = ""

@@ -58,6 +58,11 @@ def is_done(path: Path) -> bool:
     return (Path(path) / DONE).exists()
 
 
+def list_runs(sweep_dir: Path) -> list[Path]:
+    """The run folders of a sweep, sorted; hidden ones (runs/.replaced/ of force=true) are not runs."""
+    return sorted(p for p in (Path(sweep_dir) / "runs").iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], Any]) -> None:
     """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename."""
     path = Path(path)

@@ -48,6 +48,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from . import rundir
+from .config import identity_items
+from .rundir import is_done, list_runs
+
 MANIFEST = "sweep.json"
 LOCK = ".sweep.lock"
 FORMAT = 1
@@ -527,18 +531,11 @@ def plan_run(cfg: Any, overrides: Sequence[str], ignore_keys: Sequence[str] = DE
     """Build a PlannedRun from a resolved job config (DictConfig or dict)."""
     from omegaconf import DictConfig, OmegaConf
 
-    from . import rundir
-
     dcfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     plain = OmegaConf.to_container(dcfg, resolve=True)
-    try:
-        # what decides a run's result, as the trainer defines it (data, model, source, train,
-        # seed; not the output folder, evaluation views or checkpoint interval)
-        from .config import identity_items
-
-        flat = dict(identity_items(dcfg))
-    except (ImportError, KeyError, TypeError):
-        flat = flatten(plain)
+    # what decides a run's result, as the trainer defines it (data, model, source, train, seed;
+    # not the output folder, evaluation views or checkpoint interval)
+    flat = dict(identity_items(dcfg))
     run_id = rundir.run_id(dcfg)
     run_dir = Path(rundir.run_dir(dcfg)).absolute()
     return PlannedRun(run_id=run_id, run_dir=run_dir, overrides=list(overrides), cfg=dcfg, flat=flat,
@@ -835,7 +832,7 @@ def submit_sweep(sweep_dir: str | os.PathLike, planned: Sequence[PlannedRun], pa
             q = queue.get(job["job_id"]) if job else None
             if q and q.state in ACTIVE_STATES and q.belongs_to(folders.get(job.get("submission"))):
                 active.append(run)
-            elif _is_done(run.run_dir) and not run.force:
+            elif is_done(run.run_dir) and not run.force:
                 done.append(run)
             else:
                 todo.append(run)
@@ -992,15 +989,6 @@ def submit_sweep(sweep_dir: str | os.PathLike, planned: Sequence[PlannedRun], pa
         record["status"] = "submitted"
         write_manifest(sweep_dir, manifest)
     return result
-
-
-def _is_done(run_dir: Path) -> bool:
-    try:
-        from . import rundir
-
-        return bool(rundir.is_done(run_dir))
-    except ImportError:
-        return (Path(run_dir) / "DONE").exists()
 
 
 def _jsonable(obj: Any) -> Any:
@@ -1162,7 +1150,7 @@ def sweep_status(sweep_dir: str | os.PathLike, *, timeout: float | None = None, 
             st.restarts = max(st.restarts, q.restarts)
         elif a:
             st.slurm_state = a.state
-        if _is_done(Path(run_dir)):
+        if is_done(Path(run_dir)):
             st.state = "done"
         elif not job:
             st.state = "unsubmitted"
@@ -1229,11 +1217,11 @@ def _local_status(sweep_dir: Path, stale_s: float) -> dict:
     """Status of a sweep folder without sweep.json (local launcher): from the run folders only."""
     now = time.time()
     runs = []
-    for run_dir in sorted(p for p in (sweep_dir / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for run_dir in list_runs(sweep_dir):
         info = read_run_json(run_dir)
         st = RunStatus(run_id=run_dir.name, run_dir=str(run_dir), state="unknown", run_state=str(info.get("state", "")))
         hb = info.get("heartbeat") or {}
-        if _is_done(run_dir):
+        if is_done(run_dir):
             st.state = "done"
         elif st.run_state == "running":
             age = now - float(hb.get("time") or info.get("updated") or 0)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__
 from .config import identity_items
 from .data import load_dataset
-from .models import build_model, init_weights
+from .models import init_weights, model_from_config
 from .rundir import (DONE, RunRecord, group_key, is_done, run_dir, run_id, run_lock, write_json, write_npy,
                      write_text)
 from .sources import ConfigError, Streams, apply_bitflip, configure_kernels, resolve_seeds
@@ -199,8 +199,7 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
         data = data.to(device)
 
         streams = Streams.from_seeds(seeds)
-        m = cfg.model
-        model = build_model(m.name, m.widths, m.blocks, cfg.data.num_classes, cfg.data.channels, m.shortcut)
+        model = model_from_config(cfg)
         init_weights(model, streams.init)
         bitflip = apply_bitflip(model.conv1.weight, seeds.bitflip) if seeds.bitflip is not None else None
         record.update(bitflip=bitflip, n_parameters=sum(p.numel() for p in model.parameters()))
