@@ -109,7 +109,7 @@ def bench(n_models: int, n_test: int, classes: int, naive_pairs: int, tmp: Path)
 
 
 def end_to_end(n_models: int, n_test: int, classes: int, tmp: Path) -> float:
-    from nondet_hpc.reduce import reduce_sweep
+    from nondet_hpc.analysis.reduce import reduce_sweep
 
     sweep = tmp / "sweep"
     rng = np.random.default_rng(0)

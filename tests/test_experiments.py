@@ -30,7 +30,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO, cli_env, make_cfg
-from nondet_hpc import evaluate, experiments, task
+from nondet_hpc import experiments
+from nondet_hpc.run import evaluate, task
 from nondet_hpc.__main__ import conf_dir
 from nondet_hpc.config import register_configs
 from nondet_hpc.rundir import run_dir, run_id
@@ -118,7 +119,7 @@ def test_header_numbers_match_the_entry_and_the_sweep(name):
 
 
 def test_cost_model_constants_are_the_models_macs():
-    from nondet_hpc.models import build_model
+    from nondet_hpc.run.models import build_model
 
     for name, (conv, fc_in) in experiments.MACS.items():
         m = OmegaConf.load(Path(conf_dir()) / "model" / f"{name}.yaml")
@@ -231,7 +232,7 @@ def _cli(args: list[str], cwd: Path, timeout: int = 300) -> tuple[subprocess.Com
 
 
 def _metrics(sweep: Path):
-    pytest.importorskip("nondet_hpc.reduce")
+    from nondet_hpc.analysis import reduce  # noqa: F401
     import pandas as pd
 
     assert (sweep / "report" / "metrics.csv").is_file(), "the reducer wrote no report/metrics.csv"

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from nondet_hpc.data import augment_batch, draw_augment, load_dataset, training_batches
-from nondet_hpc.models import BasicBlock, ShortcutA, build_model, init_weights
-from nondet_hpc.sources import ConfigError
-from nondet_hpc.train import lr_factor, param_groups
+from nondet_hpc.run.data import augment_batch, draw_augment, load_dataset, training_batches
+from nondet_hpc.run.models import BasicBlock, ShortcutA, build_model, init_weights
+from nondet_hpc.config import ConfigError
+from nondet_hpc.run.train import lr_factor, param_groups
 
 
 def _resnet(name, widths, blocks, shortcut, classes=10, ch=3):

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nondet_hpc import reduce as R
+from nondet_hpc.analysis import reduce as R
 
 N_TEST, N_CLASSES = 120, 4
 LABELS = np.random.default_rng(99).integers(0, N_CLASSES, N_TEST)

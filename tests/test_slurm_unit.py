@@ -17,7 +17,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nondet_hpc import slurm
+from nondet_hpc.cluster import slurm
 from nondet_hpc.__main__ import conf_dir
 from nondet_hpc.config import register_configs
 from slurm_fixtures import FakeSlurm, cli_env, run_cli
@@ -434,7 +434,7 @@ def test_status_states(fake, tmp_path):
                            "unsubmitted": 0, "unknown": 0}
     assert s["reducer"]["state"] == "PENDING" and s["accounting"] == "sacct"
     # the human table and --json
-    from nondet_hpc import status
+    from nondet_hpc.cluster import status
     text = status.format_status(s)
     assert "epoch 4/10 40%" in text and "CANCELLED exit 0:15" in text and "*** JOB CANCELLED ***" in text
     p = run_cli(["-m", "nondet_hpc.status", str(sweep), "--json"], env=cli_env({"PATH": os.environ["PATH"]}))
@@ -542,7 +542,8 @@ def test_cli_without_sbatch(tmp_path):
 # ============================================================================ in-job signal handling
 JOB_SCRIPT = textwrap.dedent("""
     import os, signal, sys, threading, time
-    from nondet_hpc import slurm, task, train
+    from nondet_hpc.cluster import slurm
+    from nondet_hpc.run import task, train
 
     def fake_run(cfg):
         if {early}:

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from nondet_hpc.data import draw_augment, epoch_order
-from nondet_hpc.models import build_model, init_weights
-from nondet_hpc.sources import (ConfigError, Seeds, Streams, apply_bitflip, configure_kernels,
+from nondet_hpc.run.data import draw_augment, epoch_order
+from nondet_hpc.run.models import build_model, init_weights
+from nondet_hpc.config import ConfigError
+from nondet_hpc.run.sources import (Seeds, Streams, apply_bitflip, configure_kernels,
                                 make_generator, resolve_seeds)
-from nondet_hpc.task import check_gpu_arch, resolve_device
+from nondet_hpc.run.task import check_gpu_arch, resolve_device
 
 
 @pytest.mark.parametrize("vary,expect", [

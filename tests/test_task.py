@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from nondet_hpc import task, train
+from nondet_hpc.run import task, train
 from nondet_hpc.rundir import run_dir
-from nondet_hpc.sources import ConfigError
+from nondet_hpc.config import ConfigError
 
 
 def _logits(out):

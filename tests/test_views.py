@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nondet_hpc.views import (
+from nondet_hpc.run.views import (
     VIEWS,
     crop_batch,
     evaluate_views,

@@ -34,8 +34,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
 def main(cfg: DictConfig) -> dict:
-    from . import task
-    from .sources import ConfigError
+    from .run import task
+    from .config import ConfigError
 
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         out = task.run(cfg)

@@ -29,7 +29,7 @@ class ReduceAtSweepEnd(Callback):
         if config.hydra.launcher.get("_target_") not in LOCAL_LAUNCHERS:
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        from . import reduce
+        from .analysis import reduce
 
         if (sweep_dir / "runs").is_dir():
             try:

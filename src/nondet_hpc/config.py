@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+class ConfigError(ValueError):
+    """Bad user input: the message says what was wrong, what is valid, and what to do."""
+
 
 #: Sources whose random stream can take the replicate seed (PROTOCOL "Sources and seeds").
 SEEDED_SOURCES = ("init", "shuffle", "augment", "bitflip")
@@ -89,6 +92,8 @@ class Config:
 
 def register_configs() -> None:
     """Register the root schema; conf/config.yaml names it first in its defaults list."""
+    from hydra.core.config_store import ConfigStore  # only the composer needs Hydra
+
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
 

@@ -55,7 +55,7 @@ def model_macs(model: str, num_classes: int = 10) -> int:
 
 def transforms_per_image(views: Iterable[str], pad: int = 4) -> int:
     """Distinct forward passes per test image that evaluating ``views`` costs (plain always included)."""
-    from .views import view_transforms
+    from .run.views import view_transforms
 
     union: set = set()
     for v in ["plain", *views]:

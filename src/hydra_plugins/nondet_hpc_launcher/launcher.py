@@ -145,8 +145,8 @@ class NondetSlurmLauncher(Launcher):
     def _validate(planned: list, job_overrides: Sequence[Sequence[str]]) -> None:
         """The trainer's input checks, here, before hundreds of jobs fail one by one on GPUs."""
         try:
-            from nondet_hpc.sources import ConfigError
-            from nondet_hpc.task import validate
+            from nondet_hpc.config import ConfigError
+            from nondet_hpc.run.task import validate
         except ImportError:  # an older trainer: the jobs check their input themselves
             return
         for run, overrides in zip(planned, job_overrides):
@@ -165,7 +165,7 @@ class NondetSlurmLauncher(Launcher):
         return self._hydra_resolver
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from nondet_hpc import slurm
+        from nondet_hpc.cluster import slurm
 
         setup_globals()
         assert self.config is not None

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__
-from .config import identity_items
+from .. import __version__
+from ..config import ConfigError, identity_items
 from .data import load_dataset
 from .models import init_weights, model_from_config
-from .rundir import (DONE, RunRecord, group_key, is_done, run_dir, run_id, run_lock, write_json, write_npy,
+from ..rundir import (DONE, RunRecord, group_key, is_done, run_dir, run_id, run_lock, write_json, write_npy,
                      write_text)
-from .sources import ConfigError, Streams, apply_bitflip, configure_kernels, resolve_seeds
+from .sources import Streams, apply_bitflip, configure_kernels, resolve_seeds
 from .train import Preempted, Trainer, clear_stop
 from .views import VIEWS, evaluate_views
 

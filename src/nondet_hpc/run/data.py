@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sources import ConfigError
+from ..config import ConfigError
 
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 DATASETS = ("digits", "cifar10", "cifar100")

@@ -20,11 +20,7 @@ from typing import Optional
 
 import torch
 
-from .config import SEEDED_SOURCES
-
-
-class ConfigError(ValueError):
-    """Bad user input: the message says what was wrong, what is valid, and what to do."""
+from ..config import SEEDED_SOURCES, ConfigError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Stage 1: one trained model (sources, data, models, train, views, task, evaluate)."""
