@@ -23,7 +23,14 @@ import numpy as np
 
 from .config import identity_items
 
-DONE = "DONE"
+DONE = "DONE"  # written last: a run folder without it is not complete
+RUN_JSON = "run.json"  # provenance + state (RunRecord writes it, read_run_json reads it)
+CONFIG = "config.yaml"  # the resolved config of the run
+LABELS = "labels.npy"  # int64 [n_test]
+FEATURES = "features.npy"  # optional float32 [n_test, d] (penultimate features, for CKA)
+CHECKPOINT = "checkpoint.pt"  # latest training state (loaded with weights_only=True)
+LOGITS = "logits"  # folder of float32 [n_test, n_classes] arrays, one file per view
+RUNS = "runs"  # SWEEP_DIR/runs/<run id>/
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -51,7 +58,36 @@ def run_id(cfg) -> str:
 
 
 def run_dir(cfg) -> Path:
-    return Path(cfg.out_dir) / "runs" / run_id(cfg)
+    return Path(cfg.out_dir) / RUNS / run_id(cfg)
+
+
+def snapshot_view(k: int, view: str = "plain") -> str:
+    """Name of the view of the model at the end of snapshot cycle ``k`` (accelerated ensembling)."""
+    return f"snapshot-{k}" if view == "plain" else f"snapshot-{k}_{view}"
+
+
+def logits_path(run: Path, view: str) -> Path:
+    """Where a run's logits of one view (plain, flip, ..., snapshot-k, snapshot-k_<view>) live."""
+    return Path(run) / LOGITS / f"{view}.npy"
+
+
+def read_run_json(run: Path) -> tuple[dict | None, str]:
+    """run.json of a run folder, tolerant: ``(data, "")`` or ``(None, why it cannot be used)``.
+
+    Only a regular file is opened (a FIFO or device under that name would block or lie), and
+    only a JSON object counts. Status, the reducer and evaluate all read run.json through here.
+    """
+    path = Path(run) / RUN_JSON
+    try:
+        if not path.is_file():
+            return None, f"{RUN_JSON} missing" if not path.exists() else f"{RUN_JSON} is not a regular file"
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        return None, f"{RUN_JSON} unreadable ({type(e).__name__}: {e})"
+    if not isinstance(data, dict):
+        return None, f"{RUN_JSON} holds a JSON {type(data).__name__}, not an object"
+    return data, ""
 
 
 def is_done(path: Path) -> bool:
@@ -60,7 +96,7 @@ def is_done(path: Path) -> bool:
 
 def list_runs(sweep_dir: Path) -> list[Path]:
     """The run folders of a sweep, sorted; hidden ones (runs/.replaced/ of force=true) are not runs."""
-    return sorted(p for p in (Path(sweep_dir) / "runs").iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in (Path(sweep_dir) / RUNS).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], Any]) -> None:
