@@ -203,3 +203,42 @@ def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "cond
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
+
+
+def wait_progressing(predicate, progress, stall: float, interval: float = 1.0, what: str = "condition"):
+    """Wait for ``predicate()`` while ``progress()`` keeps changing; fail only after ``stall`` s
+    without a change. A slow or loaded machine makes progress slowly, not never, so no fixed
+    deadline has to guess its speed (a hung job still fails, ``stall`` s after its last sign)."""
+    last_change, seen = time.monotonic(), progress()
+    while True:
+        got = predicate()
+        if got:
+            return got
+        now = progress()
+        if now != seen:
+            last_change, seen = time.monotonic(), now
+        elif time.monotonic() - last_change > stall:
+            raise AssertionError(f"no progress for {stall:g} s waiting for {what} (last progress: {seen!r}, "
+                                 f"last: {got!r})")
+        time.sleep(interval)
+
+
+def heartbeat(run_dir: Path) -> dict:
+    """run.json's heartbeat of a run (epoch, step, elapsed_s), {} before the first epoch ends."""
+    try:
+        info = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info.get("heartbeat") or {} if isinstance(info, dict) else {}
+
+
+def measure_epoch_seconds(tmp: Path, epochs: int = 4) -> float:
+    """Seconds per digits epoch on one thread, measured here by a short local run of the same
+    training the SLURM tests submit (the mean over the first epochs, start-up included)."""
+    out = Path(tmp) / "epoch-reference"
+    run_cli(["-m", "nondet_hpc", "source=init", "seed=1", f"train.epochs={epochs}", "train.threads=1",
+             f"out_dir={out}"], timeout=600)
+    (run,) = (out / "runs").iterdir()
+    hb = heartbeat(run)
+    assert hb.get("epoch") == epochs, hb
+    return max(hb["elapsed_s"] / epochs, 1e-3)

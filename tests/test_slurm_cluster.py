@@ -1,21 +1,24 @@
 """The SLURM launcher on a real cluster (marker ``slurm``; CI starts one with launch/start_slurm.sh).
 
 Skips with a reason where no cluster answers; FAILS under CI=true instead. Real trainer, real
-digits, 1-600 epochs. Together about 3-4 minutes on the 2-CPU local cluster.
+digits. No test depends on the machine's speed: runs that must still be training when the test
+acts get an epoch count sized from a measured reference run (``epochs_for``), and waits for
+training fail on a stall (no progress for minutes), not on a deadline.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from slurm_fixtures import require_cluster, run_cli, sweep_status, wait_for
+from slurm_fixtures import (heartbeat, measure_epoch_seconds, require_cluster, run_cli, sweep_status, wait_for,
+                            wait_progressing)
 
 pytestmark = pytest.mark.slurm
 
@@ -25,6 +28,15 @@ FAST = ["train.epochs=2", "train.warmup_epochs=1", "train.threads=1"]
 @pytest.fixture(scope="module")
 def cluster():
     require_cluster()
+
+
+@pytest.fixture(scope="module")
+def epochs_for(cluster, tmp_path_factory):
+    """Digits epochs (one thread) that train for about ``seconds`` on this machine, from a short
+    measured reference run: tests that must act while a run trains size it from this, so a slow
+    or a fast CPU changes the epoch count, not the outcome."""
+    per_epoch = measure_epoch_seconds(tmp_path_factory.mktemp("epoch-ref"))
+    return lambda seconds: max(20, math.ceil(seconds / per_epoch))
 
 
 def sh(*cmd: str, timeout: float = 30) -> str:
@@ -72,11 +84,9 @@ def test_end_to_end_sweep(cluster, tmp_path):
     args = ["-m", "nondet_hpc", "-m", "source=init,shuffle", "seed=range(1,4)", f"out_dir={sweep}", *FAST,
             "hydra/launcher=slurm", "hydra.launcher.reducer.partition=cpu"]
     try:
-        t0 = time.monotonic()
         p = run_cli(args)
-        submit_s = time.monotonic() - t0
-        # returned at once, with the job ids, the sweep folder and the status command
-        assert submit_s < 60, submit_s
+        # returned at once (before the jobs end, checked below), with the job ids, the sweep folder
+        # and the status command
         array_id = re.search(r"array job (\d+): 6 tasks", p.stdout).group(1)
         reducer_id = re.search(rf"reducer job (\d+) \(afterany:{array_id}\), partition cpu", p.stdout).group(1)
         assert f"python -m nondet_hpc.status {sweep}" in p.stdout
@@ -99,14 +109,13 @@ def test_end_to_end_sweep(cluster, tmp_path):
         p = run_cli(args)
         assert "6 done, 0 queued/running, 0 submitted now" in p.stdout
         assert len(manifest(sweep)["submissions"]) == 1 and our_queue(sweep) == []
-        print(f"\n[e2e] submit {submit_s:.1f} s")
     finally:
         cleanup(sweep)
 
 
-def test_scancel_task_shows_failed_and_rerun_submits_exactly_it(cluster, tmp_path):
+def test_scancel_task_shows_failed_and_rerun_submits_exactly_it(cluster, epochs_for, tmp_path):
     sweep = tmp_path / "cancel"
-    args = ["-m", "nondet_hpc", "-m", "source=init", "seed=1,2", f"out_dir={sweep}", "train.epochs=80",
+    args = ["-m", "nondet_hpc", "-m", "source=init", "seed=1,2", f"out_dir={sweep}", f"train.epochs={epochs_for(40.0)}",
             "train.threads=1", "hydra/launcher=slurm", "hydra.launcher.reducer.enabled=false"]
     foreign = sh("sbatch", "--parsable", "--hold", "-o", "/dev/null", "--wrap", "sleep 60").strip()
     try:
@@ -178,35 +187,47 @@ def test_chunking_with_small_max_array_size(cluster, tmp_path):
         cleanup(held)
 
 
-def test_time_limit_requeue_resumes_bit_identically(cluster, tmp_path):
-    """2-minute time limit, USR2 60 s before it: SLURM checks limits every 30 s, so the signal comes
-    30-60 s after each start. 600 digits epochs on one thread take ~105-150 s here, so the cut lands
-    mid-training with a wide margin even on a faster CPU; the run checkpoints, requeues itself, resumes, and ends with the logits of an
+def test_usr2_requeue_resumes_bit_identically(cluster, epochs_for, tmp_path):
+    """The time-limit path, forced deterministically: SLURM's warning before a time limit is USR2
+    (``--signal=USR2@D``, checked in the unit tests); here the test sends that same signal itself
+    once the run has finished its first epoch, instead of racing a 2-minute limit against this
+    machine's speed. The run checkpoints, requeues itself, resumes, and ends with the logits of an
     uninterrupted run of the same config (deterministic CPU mode, one thread)."""
-    common = ["-m", "nondet_hpc", "-m", "source=init", "seed=1", "train.epochs=600", "train.threads=1",
-              "hydra/launcher=slurm", "hydra.launcher.reducer.enabled=false"]
+    epochs = epochs_for(25.0)  # ~25 s of training left after the signal, whatever the CPU
+    common = ["-m", "nondet_hpc", "-m", "source=init", "seed=1", f"train.epochs={epochs}", "train.threads=1",
+              "hydra/launcher=slurm", "hydra.launcher.reducer.enabled=false", "hydra.launcher.timeout_min=30"]
     cut, ref = tmp_path / "cut", tmp_path / "ref"
     try:
-        run_cli(common + [f"out_dir={cut}", "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60"])
-        run_cli(common + [f"out_dir={ref}", "hydra.launcher.timeout_min=20"])
+        run_cli(common + [f"out_dir={cut}"])
+        run_cli(common + [f"out_dir={ref}"])
+        rec = next(iter(manifest(cut)["runs"].values()))
+        run_dir, job = Path(rec["run_dir"]), rec["jobs"][-1]["job_id"]
+        wait_for(lambda: heartbeat(run_dir).get("epoch", 0) >= 1, 300, interval=0.2,
+                 what=f"{job} to finish its first epoch")
+        sh("scancel", "--signal=USR2", job)
         seen: list[dict] = []
-        st = wait_sweep_over(cut, 420, seen)
+
+        def done():
+            seen.append(sweep_status(cut))
+            return (run_dir / "DONE").exists()
+        wait_progressing(done, lambda: (heartbeat(run_dir).get("step"), seen[-1]["runs"][0]["state"] if seen else None),
+                         stall=300, interval=2, what=f"{job} to requeue, resume and finish")
+        st = wait_sweep_over(cut, 120, seen)
         assert st["counts"]["done"] == 1, st
-        wait_sweep_over(ref, 120)
         # status showed progress while it ran, and the requeue
         running = [r for s in seen for r in s["runs"] if r["state"] == "running" and r["epoch"] is not None]
-        assert running and any(r["eta_s"] is not None and r["epochs"] == 600 for r in running)
-        job = manifest(cut)["submissions"][0]["arrays"][0]["job_id"]
+        assert running and any(r["eta_s"] is not None and r["epochs"] == epochs for r in running)
         # DONE is written before the task exits: give accounting a moment to record the end
-        states = wait_for(lambda: (lambda s: s if s[-1] == "COMPLETED" else None)([r[1] for r in sacct_rows(job)]),
+        states = wait_for(lambda: (lambda s: s if s and s[-1] == "COMPLETED" else None)([r[1] for r in sacct_rows(job)]),
                           60, what="sacct to record the end")
         assert "REQUEUED" in states, states
         assert st["runs"][0]["restarts"] >= 1
-        run_dir = Path(st["runs"][0]["run_dir"])
         info = json.loads((run_dir / "run.json").read_text())
         assert info["attempts"] >= 2 and "resumed_from" in info
-        assert 0 < info["resumed_from"]["epoch"] < 600
-        ref_dir = Path(sweep_status(ref)["runs"][0]["run_dir"])
+        assert 0 < info["resumed_from"]["epoch"] < epochs, (info["resumed_from"], epochs)
+        ref_dir = Path(next(iter(manifest(ref)["runs"].values()))["run_dir"])
+        wait_progressing(lambda: (ref_dir / "DONE").exists(), lambda: heartbeat(ref_dir).get("step"), stall=300,
+                         what="the uninterrupted reference run to finish")
         assert run_dir.name == ref_dir.name
         a = np.load(run_dir / "logits" / "plain.npy", allow_pickle=False)
         b = np.load(ref_dir / "logits" / "plain.npy", allow_pickle=False)
