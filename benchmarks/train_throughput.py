@@ -23,11 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nondet_hpc.run.data import _cifar_loader, augment_batch, draw_augment, epoch_order
+from nondet_hpc.run.data import _cifar_loader, augment_batch, draw_augment, epoch_order, normalize
 from nondet_hpc.run.models import build_model, init_weights
 from nondet_hpc.run.sources import make_generator
 from nondet_hpc.run.train import param_groups
-from nondet_hpc.run.views import normalize
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nondet_hpc.run.data import normalize
 from nondet_hpc.run.views import (
     VIEWS,
     crop_batch,
     evaluate_views,
-    normalize,
     pad_black,
     view_count,
     view_transforms,

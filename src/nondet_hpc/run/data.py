@@ -10,6 +10,7 @@ an image to another batch but leaves its crop and flip in every epoch unchanged.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,3 +173,25 @@ def augment_batch(x_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: 
 def training_batches(n: int, batch_size: int):
     """(start, stop) of each batch of an epoch; the last batch keeps the remainder (no drop_last)."""
     return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+# --- preprocessing (train and test) ---------------------------------------------------------
+def normalize(
+    images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> float32 ``(x/255 - mean_c) / std_c`` (PROTOCOL, Training: "Test:
+    normalise only").
+
+    Same float32 operations, in the same order, as torchvision's ToTensor + Normalize, so test
+    inputs match the training pipeline bit for bit.
+    """
+    if images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
+        raise ValueError(
+            f"expected uint8 images [B, C, H, W], got {images_u8.dtype} {tuple(images_u8.shape)}"
+        )
+    c = images_u8.shape[1]
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"mean/std need {c} values (one per channel), got {len(mean)}/{len(std)}")
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images_u8.device).view(1, c, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images_u8.device).view(1, c, 1, 1)
+    return images_u8.to(torch.float32).div(255).sub(m).div(s)

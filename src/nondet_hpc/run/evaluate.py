@@ -163,7 +163,7 @@ def _evaluate_locked(rd, rid, cfg, record, dev, channels_last, bs, todo, want_fe
 
     from .data import load_dataset
     from .models import model_from_config
-    from .views import evaluate_views
+    from .views import evaluate_test_set
 
     with _locked(rd):
         # re-read under the lock: another evaluate may have finished since we looked
@@ -196,13 +196,11 @@ def _evaluate_locked(rd, rid, cfg, record, dev, channels_last, bs, todo, want_fe
         model.load_state_dict(state["model"])
         model.to(device=dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         model.eval()
-        # The same call as task.py makes at the end of training: plain first, then the views in order.
+        # The same function task.py calls at the end of training: plain first, then the views in order.
         order = ["plain"] + [v for v in todo if v != "plain"]
         t0 = time.time()
-        logits, feats = evaluate_views(model, data.test_x.to(dev), data.test_y.to(dev), list(cfg.data.mean),
-                                       list(cfg.data.std), order, batch_size=bs, device=dev,
-                                       channels_last=channels_last, with_features=want_features,
-                                       pad=cfg.data.pad)
+        logits, feats = evaluate_test_set(model, data, cfg.data, order, batch_size=bs, device=dev,
+                                          channels_last=channels_last, with_features=want_features)
         labels_path = rd / "labels.npy"
         if labels_path.exists():
             labels = np.load(labels_path, allow_pickle=False)

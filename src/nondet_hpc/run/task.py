@@ -28,7 +28,7 @@ from ..rundir import (DONE, RunRecord, group_key, is_done, run_dir, run_id, run_
                      write_text)
 from .sources import Streams, apply_bitflip, configure_kernels, resolve_seeds
 from .train import Preempted, Trainer, clear_stop
-from .views import VIEWS, evaluate_views
+from .views import VIEWS, evaluate_test_set
 
 SLURM_ENV = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
              "SLURM_JOB_NODELIST", "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT")
@@ -207,10 +207,8 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
         views = ["plain"] + [v for v in cfg.eval.views if v != "plain"]
 
         def evaluate(with_features: bool):
-            return evaluate_views(model, data.test_x, data.test_y, list(cfg.data.mean), list(cfg.data.std),
-                                  views, batch_size=cfg.eval.batch_size, device=device,
-                                  channels_last=channels_last, with_features=with_features,
-                                  pad=cfg.data.pad)  # TTA crops shift as far as training crops do
+            return evaluate_test_set(model, data, cfg.data, views, batch_size=cfg.eval.batch_size, device=device,
+                                     channels_last=channels_last, with_features=with_features)
 
         last_snapshot: dict = {}
 

@@ -27,10 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import Dataset, augment_batch, draw_augment, epoch_order, training_batches
+from .data import Dataset, augment_batch, draw_augment, epoch_order, normalize, training_batches
 from ..rundir import atomic_write
 from .sources import Streams
-from .views import normalize
 
 _STOP = threading.Event()
 

@@ -32,15 +32,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import normalize
+
 __all__ = [
     "VIEWS",
     "Transform",
     "view_count",
     "view_transforms",
-    "normalize",
     "pad_black",
     "crop_batch",
     "evaluate_views",
+    "evaluate_test_set",
 ]
 
 VIEWS: tuple[str, ...] = ("plain", "flip", "crop25", "crop81", "flip-crop25", "flip-crop81")
@@ -95,27 +97,6 @@ def view_transforms(name: str, pad: int = 4) -> list[Transform]:
 def view_count(name: str, pad: int = 4) -> int:
     """Number of views averaged by ``name``: 1, 2, 26, 82, 51, 163 at pad 4 (PROTOCOL, TTA)."""
     return len(view_transforms(name, pad))
-
-
-def normalize(
-    images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> float32 ``(x/255 - mean_c) / std_c`` (PROTOCOL, Training: "Test:
-    normalise only").
-
-    Same float32 operations, in the same order, as torchvision's ToTensor + Normalize, so test
-    inputs match the training pipeline bit for bit.
-    """
-    if images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
-        raise ValueError(
-            f"expected uint8 images [B, C, H, W], got {images_u8.dtype} {tuple(images_u8.shape)}"
-        )
-    c = images_u8.shape[1]
-    if len(mean) != c or len(std) != c:
-        raise ValueError(f"mean/std need {c} values (one per channel), got {len(mean)}/{len(std)}")
-    m = torch.as_tensor(mean, dtype=torch.float32, device=images_u8.device).view(1, c, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=images_u8.device).view(1, c, 1, 1)
-    return images_u8.to(torch.float32).div(255).sub(m).div(s)
 
 
 def pad_black(
@@ -269,3 +250,17 @@ def evaluate_views(
         mean_logits = (acc / weight.sum(1).view(-1, 1, 1)).to(torch.float32).cpu().numpy()
         out = {v: mean_logits[i] for i, v in enumerate(views)}
     return out, (feats.cpu().numpy() if feats is not None else None)
+
+
+def evaluate_test_set(model: nn.Module, data, data_cfg, views: Sequence[str], *, batch_size: int,
+                      device: torch.device, channels_last: bool, with_features: bool
+                      ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The one evaluation call of a run's test set: training's end (task.py) and a later
+    ``python -m nondet_hpc.evaluate`` both come here, so their logits cannot drift apart.
+
+    ``data`` is a loaded :class:`~nondet_hpc.run.data.Dataset`, ``data_cfg`` the run's ``data``
+    config (normalisation, and ``pad``: TTA crops shift as far as the training crops do).
+    """
+    return evaluate_views(model, data.test_x.to(device), data.test_y.to(device), list(data_cfg.mean),
+                          list(data_cfg.std), views, batch_size=batch_size, device=device,
+                          channels_last=channels_last, with_features=with_features, pad=data_cfg.pad)
