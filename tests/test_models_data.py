@@ -152,7 +152,7 @@ def _write_cifar(root, name, n_train=20, n_test=10, classes=10):
 @pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
 def test_cifar_loader_reads_the_real_format(tmp_path, cfg_factory, name, classes):
     parts = _write_cifar(tmp_path / "data", name, classes=classes)
-    cfg = cfg_factory(f"data={name}", f"data.root={tmp_path / 'data'}", fast=False)
+    cfg = cfg_factory(f"data={name}", f"data.root={tmp_path / 'data'}", "data.verify_md5=false", fast=False)
     ds = load_dataset(cfg.data)
     assert ds.train_x.shape == (20, 3, 32, 32) and ds.test_x.shape == (10, 3, 32, 32)
     assert ds.train_x.dtype == torch.uint8 and ds.train_y.dtype == torch.int64
@@ -162,7 +162,55 @@ def test_cifar_loader_reads_the_real_format(tmp_path, cfg_factory, name, classes
     assert int(ds.test_x[3, 2, 31, 31]) == int(test["data"][3, 3071])
     key = "labels" if name == "cifar10" else "fine_labels"
     assert ds.test_y.tolist() == test[key]
-    assert ds.info["md5_ok"] is False and ds.info["n_train"] == 20
+    assert ds.info["md5_ok"] is False and ds.info["verify_md5"] is False and ds.info["n_train"] == 20
+
+
+def test_cifar_files_that_differ_from_the_published_ones_are_refused_by_default(tmp_path, cfg_factory):
+    _write_cifar(tmp_path / "data", "cifar10")
+    cfg = cfg_factory("data=cifar10", f"data.root={tmp_path / 'data'}", fast=False)
+    with pytest.raises(ConfigError, match=r"data_batch_1.*differ from the published files \(md5\).*"
+                                          r"data.verify_md5=false"):
+        load_dataset(cfg.data)
+
+
+class _Payload:
+    """Unpickling this calls os.system: what a planted data file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_cifar_file_does_not_run_its_payload(tmp_path, cfg_factory):
+    _write_cifar(tmp_path / "data", "cifar10")
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "data" / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump({"data": _Payload(marker), "labels": [0]}, f)
+    cfg = cfg_factory("data=cifar10", f"data.root={tmp_path / 'data'}", "data.verify_md5=false", fast=False)
+    with pytest.raises(ConfigError, match=r"data_batch_3 is not a CIFAR batch file.*posix.system|"
+                                          r"data_batch_3 is not a CIFAR batch file.*os.system") as e:
+        load_dataset(cfg.data)
+    assert not marker.exists() and "official archive" in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-a-dict", "fifo"])
+def test_a_damaged_cifar_file_is_named_in_a_config_error(tmp_path, cfg_factory, damage):
+    import os
+    _write_cifar(tmp_path / "data", "cifar10")
+    path = tmp_path / "data" / "cifar-10-batches-py" / "test_batch"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "not-a-dict":
+        path.write_bytes(pickle.dumps([1, 2, 3]))
+    else:
+        path.unlink()
+        os.mkfifo(path)  # would block a plain open() forever
+    cfg = cfg_factory("data=cifar10", f"data.root={tmp_path / 'data'}", "data.verify_md5=false", fast=False)
+    with pytest.raises(ConfigError, match="test_batch"):
+        load_dataset(cfg.data)
 
 
 def test_missing_cifar_names_the_folder_and_the_options(tmp_path, cfg_factory):

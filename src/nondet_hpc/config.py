@@ -26,6 +26,7 @@ class DataConfig:
     name: str = MISSING  # digits | cifar10 | cifar100 (the loader in data.py)
     root: str = "data"  # folder holding cifar-10-batches-py / cifar-100-python (CIFAR only)
     download: bool = False  # let torchvision download CIFAR into `root` if it is missing
+    verify_md5: bool = True  # CIFAR files must match the published md5s; false only for reduced copies (recorded)
     num_classes: int = MISSING  # output width of the model's last layer
     channels: int = 3  # input channels (digits: 1)
     image_size: int = 32  # height = width of the stored images (digits: 8)
@@ -109,7 +110,7 @@ def identity_items(cfg: Any) -> dict:
     c = OmegaConf.to_container(cfg, resolve=True)
     c = {k: v for k, v in c.items() if k in ("data", "model", "source", "train", "seed")}
     c["train"] = {k: v for k, v in c["train"].items() if k not in ("checkpoint_every",)}
-    c["data"] = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
+    c["data"] = {k: v for k, v in c["data"].items() if k not in ("root", "download", "verify_md5")}
     flat: dict = {}
 
     def walk(prefix: str, node: Any) -> None:

@@ -10,6 +10,8 @@ an image to another batch but leaves its crop and flip in every epoch unchanged.
 from __future__ import annotations
 
 import hashlib
+import pickle
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,49 +53,90 @@ def _digits(test_size: int) -> tuple:
     return x[tr], d.target[tr], x[te], d.target[te], {"split": split}
 
 
-def _cifar_loader(name: str):
-    """torchvision's CIFAR reader, with the md5 check moved out of the way of subsets.
+# Globals a CIFAR batch file may name: numpy's array reconstruction and nothing else. The files
+# are pickles (the format the dataset ships in); a full unpickler would run whatever code a
+# planted file names, so everything outside this list is refused (data folders are shared).
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
 
-    torchvision refuses any file whose md5 differs from the official archive, which would also
-    refuse the tiny datasets the tests write in the same format; we accept files that parse,
-    and record whether they are the official ones (``md5_ok`` in run.json).
-    """
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):  # noqa: D102 - pickle API
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never contains")
+        with warnings.catch_warnings():  # numpy 2 warns about the numpy.core alias old pickles name
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return super().find_class(module, name)
+
+
+def _cifar_files(name: str) -> tuple[str, list[tuple[str, str]], list[tuple[str, str]]]:
+    """(folder name, [(train file, published md5)], [(test file, md5)]) from torchvision's tables."""
     import torchvision
 
     base = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-
-    class Loader(base):  # type: ignore[misc, valid-type]
-        def _check_integrity(self) -> bool:
-            folder = Path(self.root) / self.base_folder
-            return all((folder / f).is_file() for f, _ in self.train_list + self.test_list)
-
-        def _load_meta(self) -> None:  # class names are not needed; labels are integers
-            self.classes = []
-
-        def md5_ok(self) -> bool:
-            from torchvision.datasets.utils import check_integrity
-            folder = Path(self.root) / self.base_folder
-            return all(check_integrity(str(folder / f), md5) for f, md5 in self.train_list + self.test_list)
-
-    return Loader
+    return base.base_folder, [tuple(x) for x in base.train_list], [tuple(x) for x in base.test_list]
 
 
-def _cifar(name: str, root: str, download: bool) -> tuple:
-    loader = _cifar_loader(name)
-    root_path = Path(root).expanduser()
-    folder = root_path / CIFAR_FOLDERS[name]
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """One batch file -> (uint8 [n, 3072] rows, labels), read without executing anything."""
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing or not a regular file: the CIFAR folder is incomplete; "
+                          f"extract the official archive again into data.root.")
     try:
-        train = loader(root=str(root_path), train=True, download=download)
-        test = loader(root=str(root_path), train=False, download=download)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        with open(path, "rb") as f:
+            entry = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+        if not isinstance(entry, dict):
+            raise pickle.UnpicklingError(f"it holds a {type(entry).__name__}, not a dict")
+        entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+        labels = entry.get("labels", entry.get("fine_labels"))
+        data = np.asarray(entry["data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels is None \
+                or len(labels) != len(data):
+            raise pickle.UnpicklingError("its 'data' is not uint8 [n, 3072] with one label per row")
+        return data, [int(v) for v in labels]
+    except (pickle.UnpicklingError, EOFError, KeyError, AttributeError, ValueError, TypeError, IndexError,
+            OSError) as e:
+        raise ConfigError(f"{path} is not a CIFAR batch file ({type(e).__name__}: {e}). Replace the folder with "
+                          f"the extracted official archive (or data.download=true where there is internet).") from e
+
+
+def _cifar(name: str, root: str, download: bool, verify_md5: bool) -> tuple:
+    from torchvision.datasets.utils import check_integrity
+
+    folder_name, train_files, test_files = _cifar_files(name)
+    root_path = Path(root).expanduser()
+    folder = root_path / folder_name
+    if download and not folder.is_dir():
+        import torchvision  # its public dataset class downloads and checks the archive
+
+        base = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        base(root=str(root_path), train=True, download=True)
+    if not folder.is_dir():
         raise ConfigError(
-            f"{name} not found in {folder.resolve()} ({e}). Put the extracted '{CIFAR_FOLDERS[name]}' "
-            f"folder under data.root (now {root!r}), e.g. data.root=/path/to/datasets, or let "
-            f"torchvision fetch it with data.download=true (needs internet).") from e
-    # torchvision keeps CIFAR as HWC uint8 numpy; we want NCHW.
-    to_nchw = lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # noqa: E731
-    return (to_nchw(train.data), np.asarray(train.targets), to_nchw(test.data),
-            np.asarray(test.targets), {"md5_ok": train.md5_ok(), "folder": str(folder.resolve())})
+            f"{name} not found in {folder.resolve()}. Put the extracted '{folder_name}' folder under "
+            f"data.root (now {root!r}), e.g. data.root=/path/to/datasets, or let torchvision fetch it with "
+            f"data.download=true (needs internet).")
+    md5 = {f: check_integrity(str(folder / f), digest) for f, digest in train_files + test_files}
+    if verify_md5 and not all(md5.values()):
+        bad = [f for f, ok in md5.items() if not ok]
+        raise ConfigError(
+            f"{name} in {folder.resolve()}: {', '.join(bad)} differ from the published files (md5). Extract the "
+            f"official archive again; only for a deliberately reduced copy (e.g. test data) set "
+            f"data.verify_md5=false, which run.json records.")
+
+    def read(files: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+        parts = [_read_cifar_batch(folder / f) for f, _ in files]
+        rows = np.concatenate([d for d, _ in parts])
+        # rows are 1024 R, then G, then B values, row-major
+        return np.ascontiguousarray(rows.reshape(-1, 3, 32, 32)), np.asarray([y for _, ys in parts for y in ys])
+
+    (xtr, ytr), (xte, yte) = read(train_files), read(test_files)
+    return xtr, ytr, xte, yte, {"md5_ok": all(md5.values()), "verify_md5": bool(verify_md5),
+                                "folder": str(folder.resolve())}
 
 
 def load_dataset(cfg) -> Dataset:
@@ -102,7 +145,7 @@ def load_dataset(cfg) -> Dataset:
     if name == "digits":
         xtr, ytr, xte, yte, extra = _digits(cfg.test_size)
     elif name in CIFAR_FOLDERS:
-        xtr, ytr, xte, yte, extra = _cifar(name, cfg.root, cfg.download)
+        xtr, ytr, xte, yte, extra = _cifar(name, cfg.root, cfg.download, cfg.verify_md5)
     else:
         raise ConfigError(f"data.name={name!r} is unknown; valid: {list(DATASETS)} (choose with data=NAME).")
     if cfg.train_subset:
