@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO, cli_env, make_cfg
-from nondet_hpc import experiments
+from nondet_hpc import experiments, presets
 from nondet_hpc.run import evaluate, task
 from nondet_hpc.__main__ import conf_dir
 from nondet_hpc.config import register_configs
@@ -80,10 +80,10 @@ def planned(name: str) -> tuple:
 
 
 def test_every_preset_has_an_entry_a_quick_variant_and_a_doc():
-    assert FULL and set(FULL) == set(experiments.PRESETS), "conf/experiment/*.yaml and PRESETS differ"
+    assert FULL and set(FULL) == set(presets.PRESETS), "conf/experiment/*.yaml and PRESETS differ"
     index = (REPO / "docs" / "experiments" / "README.md").read_text()
     for name in FULL:
-        entry = experiments.PRESETS[name]
+        entry = presets.PRESETS[name]
         assert f"{name}_quick" in QUICK, f"{name} has no quick variant"
         assert entry["doc"] == f"docs/experiments/{name}.md" and (REPO / entry["doc"]).is_file()
         assert f"experiment={name}" in index and f"({name}.md)" in index
@@ -94,7 +94,7 @@ def test_every_preset_has_an_entry_a_quick_variant_and_a_doc():
 
 @pytest.mark.parametrize("name", FULL)
 def test_header_numbers_match_the_entry_and_the_sweep(name):
-    entry, head = experiments.PRESETS[name], header(name)
+    entry, head = presets.PRESETS[name], header(name)
     cfg = compose_preset(name)
     values = sweep_values(cfg)
     models = len(values["seed"])
@@ -121,7 +121,7 @@ def test_header_numbers_match_the_entry_and_the_sweep(name):
 def test_cost_model_constants_are_the_models_macs():
     from nondet_hpc.run.models import build_model
 
-    for name, (conv, fc_in) in experiments.MACS.items():
+    for name, (conv, fc_in) in presets.MACS.items():
         m = OmegaConf.load(Path(conf_dir()) / "model" / f"{name}.yaml")
         model = build_model(name, m.widths, m.blocks, 10, 3, m.shortcut).eval()
         macs = []
@@ -136,18 +136,18 @@ def test_cost_model_constants_are_the_models_macs():
             model(torch.zeros(1, 3, 32, 32))
         assert sum(macs) == conv and model.fc.in_features == fc_in
     # the anchor: one ResNet-14 / CIFAR-10 / 500-epoch model is the report's 0.7 V100 hours
-    assert experiments.gpu_hours_per_model("resnet14", 500) == pytest.approx(0.7, rel=1e-3)
-    assert experiments.transforms_per_image(["flip-crop81", "crop25", "flip"]) == 162
+    assert presets.gpu_hours_per_model("resnet14", 500) == pytest.approx(0.7, rel=1e-3)
+    assert presets.transforms_per_image(["flip-crop81", "crop25", "flip"]) == 162
 
 
 def test_describe_names_the_table_for_presets_quick_variants_and_strangers():
-    for name, entry in experiments.PRESETS.items():
-        text = experiments.describe(name)
+    for name, entry in presets.PRESETS.items():
+        text = presets.describe(name)
         assert text.startswith("This sweep reproduces ") and entry["table"] in text and entry["doc"] in text
-        assert "quick check" in experiments.describe(f"{name}_quick")
-    assert "not one of the presets" in experiments.describe("mine")
-    assert "not made from a preset" in experiments.describe(None)
-    both = experiments.describe_sweep(["sources", "bitflip", "sources"])
+        assert "quick check" in presets.describe(f"{name}_quick")
+    assert "not one of the presets" in presets.describe("mine")
+    assert "not made from a preset" in presets.describe(None)
+    both = presets.describe_sweep(["sources", "bitflip", "sources"])
     assert both.count("This sweep reproduces") == 3 and "report/ablation.md" in both  # + N-models
 
 
@@ -177,7 +177,7 @@ def test_preset_and_its_jobs_compose(name, tmp_path):
 @pytest.mark.parametrize("name", ALL)
 def test_preset_writes_to_its_own_out_dir(name):
     cfg = compose_preset(name)
-    expected = experiments.PRESETS[name.removesuffix("_quick")]["out_dir"]
+    expected = presets.PRESETS[name.removesuffix("_quick")]["out_dir"]
     if name.endswith("_quick"):
         expected = expected + "_quick"
     assert cfg.out_dir == expected and cfg.hydra.sweep.dir == expected
@@ -186,7 +186,7 @@ def test_preset_writes_to_its_own_out_dir(name):
 def test_presets_sharing_a_folder_differ_only_in_what_they_sweep():
     by_dir: dict[str, list[str]] = {}
     for name in ALL:
-        p = experiments.PRESETS[name.removesuffix("_quick")]
+        p = presets.PRESETS[name.removesuffix("_quick")]
         by_dir.setdefault(p["out_dir"] + ("_quick" if name.endswith("_quick") else ""), []).append(name)
     swept = ("seed", "source", "train.epochs", "experiment", "out_dir")
     assert sorted(by_dir["outputs/sources"]) == ["bitflip", "epochs", "nmodels", "sources"]
@@ -389,5 +389,5 @@ def test_evaluate_runs_as_a_module(tmp_path):
 def test_experiments_cli_lists_every_preset(capsys):
     assert experiments.main([]) == 0
     listing = capsys.readouterr().out
-    for name, entry in experiments.PRESETS.items():
+    for name, entry in presets.PRESETS.items():
         assert re.search(rf"^{name}\s+{entry['groups']} x {entry['models']}\s", listing, re.M)

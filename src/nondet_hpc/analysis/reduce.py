@@ -846,7 +846,7 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     exc_df = pd.DataFrame([e.__dict__ for e in excluded],
                           columns=["run_id", "group", "view", "category", "reason", "group_key"])
 
-    from ..experiments import describe_sweep
+    from ..presets import describe_sweep
 
     reproduces = describe_sweep(sorted({r.info.get("experiment") or "" for r in runs}))
     summary_lines = [reproduces, "", format_table(df), "", *claim1_lines]

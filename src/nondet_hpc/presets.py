@@ -1,0 +1,198 @@
+"""The catalogue of ready studies (conf/experiment/): which table each reproduces, its size, its cost.
+
+Torch- and Hydra-free, so the reducer and status can describe a sweep without importing the
+trainer or Hydra's composer. ``python -m nondet_hpc.experiments`` prints it.
+
+``PRESETS`` is the table the reducer reads (``describe(name)``, keyed by the ``experiment`` key that
+every run's config.yaml records) to say which table of the paper or the report a sweep reproduces.
+Every conf/experiment/<name>.yaml (not the ``_quick`` variants) has an entry, and the numbers in the
+YAML's header equal the entry's (tests/test_experiments.py checks both against the composed sweep).
+
+Cost model (``gpu_hours_per_model``), V100 GPU-hours:
+
+    0.7 h  x  epochs / 500  x  MACs(model) / MACs(ResNet-14)  x  (1 + evaluation share)
+
+0.7 h is the report's measurement for ResNet-14 on CIFAR-10, 500 epochs (490 GPU-hours for 700
+models, "about 40 min" per model). MACs are multiply-accumulates of one 32x32 forward pass, counted
+on models.build_model (ResNet-34 is 43.9x ResNet-14). The evaluation share counts every test-time
+view's forward passes (10,000 test images x distinct transforms x evaluations, one at the end plus
+one per snapshot) against training's 3 x epochs x 50,000 image passes (forward + backward ~ 3
+forwards). Scaling by FLOPs is pessimistic for big models: ResNet-14 keeps a V100 far from its peak,
+ResNet-34 much less so, so the ResNet-34 figure is an upper bound (see docs/experiments/README.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+from .run.viewspec import view_transforms
+
+__all__ = ["PRESETS", "BASE_HOURS", "MACS", "describe", "describe_sweep", "gpu_hours_per_model",
+           "transforms_per_image", "model_macs"]
+
+#: V100 GPU-hours of one ResNet-14 / CIFAR-10 / 500-epoch model (report: 490 h for 700 models).
+BASE_HOURS = 0.7
+BASE_EPOCHS = 500
+#: Multiply-accumulates of one 32x32 forward pass without the classifier: (convolutions, fc inputs).
+#: The classifier adds fc_in x classes. Counted with forward hooks on models.build_model.
+MACS: dict[str, tuple[int, int]] = {
+    "resnet14": (26_394_624, 64),
+    "resnet18": (555_417_600, 512),
+    "resnet34": (1_159_397_376, 512),
+}
+CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+
+
+def model_macs(model: str, num_classes: int = 10) -> int:
+    conv, fc_in = MACS[model]
+    return conv + fc_in * num_classes
+
+
+def transforms_per_image(views: Iterable[str], pad: int = 4) -> int:
+    """Distinct forward passes per test image that evaluating ``views`` costs (plain always included)."""
+    union: set = set()
+    for v in ["plain", *views]:
+        union.update(view_transforms(v, pad))
+    return len(union)
+
+
+def gpu_hours_per_model(model: str = "resnet14", epochs: int = BASE_EPOCHS, *, num_classes: int = 10,
+                        snapshots: int = 1, views: Sequence[str] = ("plain",), n_train: int = CIFAR_TRAIN,
+                        n_test: int = CIFAR_TEST) -> float:
+    """Estimated V100 GPU-hours of one run (module docstring: how)."""
+    train = BASE_HOURS * epochs / BASE_EPOCHS * model_macs(model, num_classes) / model_macs("resnet14", 10)
+    evaluations = 1 + (snapshots if snapshots > 1 else 0)
+    eval_share = evaluations * transforms_per_image(views) * n_test / (3 * epochs * n_train)
+    return train * (1 + eval_share)
+
+
+# --------------------------------------------------------------------------------------------
+# the presets
+
+_SOURCES_ROWS = "none,init,shuffle,augment,cudnn,shuffle+cudnn,shuffle+augment+cudnn,all"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "sources": {
+        "table": "Sources of nondeterminism, ResNet-14 on CIFAR-10 (paper Table 1, replicated by the report)",
+        "claims": [1],
+        "what": "each source alone (init, shuffle, augment, cuDNN), two combinations, all sources "
+                "together, and the determinism control",
+        "models": 100, "epochs": 500, "groups": 8,
+        "gpu_hours": 560, "gpu_hours_alone": 560, "reuses": None,
+        "data": "cifar10", "model": "resnet14", "out_dir": "outputs/sources",
+        "report": "report/metrics.md (one row per source), report/claim1.csv",
+        "doc": "docs/experiments/sources.md",
+    },
+    "bitflip": {
+        "table": "Random bit change (one float32 ulp of one initial weight), ResNet-14 on CIFAR-10 "
+                 "(the paper's instability experiment)",
+        "claims": [2],
+        "what": "one weight of the stem convolution moved by one ulp before training, everything else fixed",
+        "models": 100, "epochs": 500, "groups": 1,
+        "gpu_hours": 70, "gpu_hours_alone": 70, "reuses": None,
+        "data": "cifar10", "model": "resnet14", "out_dir": "outputs/sources",
+        "report": "report/metrics.md, row 'Random Bit Change' beside the source rows of the sources preset",
+        "doc": "docs/experiments/bitflip.md",
+    },
+    "tta": {
+        "table": "Test-time augmentation and accelerated ensembling, ResNet-14 on CIFAR-10 (the paper's "
+                 "variability-reduction table: Flip, Crop25, Crop81, Flip-Crop25, Flip-Crop81, Acc.Ens, "
+                 "Acc.Ens/Flip, Acc.Ens/Flip-Crop81)",
+        "claims": [3],
+        "what": "all sources of nondeterminism; 100 single models evaluated with every TTA view, and 100 "
+                "accelerated ensembles (5 snapshot cycles in the same 500 epochs)",
+        "models": 100, "epochs": 500, "groups": 2,
+        "gpu_hours": 151, "gpu_hours_alone": 151, "reuses": None,
+        "data": "cifar10", "model": "resnet14", "out_dir": "outputs/tta",
+        "report": "report/metrics.md (TTA and Acc.Ens rows with their reduction %)",
+        "doc": "docs/experiments/tta.md",
+    },
+    "nmodels": {
+        "table": "Number of models N = 10, 25, 50, 75, 100 (report Table 8): subsampled from the sources runs",
+        "claims": [1],
+        "what": "no new training: the sources sweep again (every run is skipped), then the reducer's "
+                "N-models ablation on random N-subsets of the 100 runs of each group",
+        "models": 100, "epochs": 500, "groups": 8,
+        "gpu_hours": 0, "gpu_hours_alone": 560, "reuses": "sources",
+        "data": "cifar10", "model": "resnet14", "out_dir": "outputs/sources",
+        "report": "report/ablation.md and report/sd_vs_n.png",
+        "doc": "docs/experiments/nmodels.md",
+    },
+    "epochs": {
+        "table": "Number of epochs, 100 to 500 (the report's ablation): the single sources and all sources "
+                 "at 100, 200, 300, 400 and 500 epochs",
+        "claims": [1],
+        "what": "init, shuffle, augment, cuDNN and all sources, 100 models each, at 5 training lengths; "
+                "the 500-epoch runs are those of the sources preset (same folder, skipped if done)",
+        "models": 100, "epochs": [100, 200, 300, 400, 500], "groups": 25,
+        "gpu_hours": 700, "gpu_hours_alone": 1050, "reuses": "sources",
+        "data": "cifar10", "model": "resnet14", "out_dir": "outputs/sources",
+        "report": "report/metrics.md (rows labelled train.epochs=...) and report/claim1.csv per length",
+        "doc": "docs/experiments/epochs.md",
+    },
+    "cifar100": {
+        "table": "Generalisation: CIFAR-100 with ResNet-34, 25 models, 200 epochs (the report's extension)",
+        "claims": [1, 2],
+        "what": "each single source, the random bit change and all sources, 25 models each",
+        "models": 25, "epochs": 200, "groups": 6,
+        "gpu_hours": 1846, "gpu_hours_alone": 1846, "reuses": None,
+        "data": "cifar100", "model": "resnet34", "out_dir": "outputs/cifar100",
+        "report": "report/metrics.md, report/claim1.csv",
+        "doc": "docs/experiments/cifar100.md",
+    },
+}
+
+QUICK_SUFFIX = "_quick"
+
+_CLAIMS = {
+    1: "every source alone gives about the same variability as all sources together",
+    2: "one ulp of one initial weight gives as much variability as any source (instability)",
+    3: "test-time augmentation and accelerated ensembling reduce variability at 1x training cost",
+}
+
+
+def _epochs_text(epochs: Any) -> str:
+    if isinstance(epochs, (list, tuple)):
+        return f"{min(epochs)}-{max(epochs)} epochs"
+    return f"{epochs} epochs"
+
+
+def describe(name: str | None) -> str:
+    """One paragraph: the table a sweep made with ``experiment=name`` reproduces, its size and cost.
+
+    Quick variants (``<name>_quick``) say that they check the pipeline and reproduce nothing;
+    an unknown or empty name says so instead of raising.
+    """
+    if not name:
+        return "This sweep was not made from a preset (no experiment= key): it reproduces no table by itself."
+    quick = name.endswith(QUICK_SUFFIX) and name[: -len(QUICK_SUFFIX)] in PRESETS
+    key = name[: -len(QUICK_SUFFIX)] if quick else name
+    p = PRESETS.get(key)
+    if p is None:
+        return (f"This sweep was made with experiment={name}, which is not one of the presets "
+                f"({', '.join(PRESETS)}): it reproduces no table of the study.")
+    claims = "; ".join(f"claim {c}: {_CLAIMS[c]}" for c in p["claims"])
+    if quick:
+        return (f"This sweep is the quick check of experiment={key} (digits, a few epochs and seeds): it "
+                f"exercises the pipeline of '{p['table']}' in minutes on a CPU; its numbers say nothing "
+                f"about the claims. The real table: python -m nondet_hpc -m experiment={key} "
+                f"hydra/launcher=slurm_v100 (see {p['doc']}).")
+    cost = (f"about {p['gpu_hours']:g} V100 GPU-hours" if not p["reuses"] else
+            f"about {p['gpu_hours']:g} V100 GPU-hours once experiment={p['reuses']} has run "
+            f"({p['gpu_hours_alone']:g} without it)")
+    return (f"This sweep reproduces {p['table']}: {p['groups']} group(s) x {p['models']} models, "
+            f"{p['model']} on {p['data']}, {_epochs_text(p['epochs'])}; {cost}. It tests {claims}. "
+            f"Read it in {p['report']}; how to judge the outcome: {p['doc']}.")
+
+
+def describe_sweep(names: Iterable[str | None]) -> str:
+    """``describe`` for every distinct experiment name found in one sweep folder, in order.
+
+    Several presets share outputs/sources (sources, bitflip, epochs, nmodels), so one folder can
+    hold runs made under several names; runs without a preset count as "not from a preset".
+    """
+    seen = list(dict.fromkeys(n or "" for n in names))
+    lines = [describe(n or None) for n in seen]
+    if "sources" in seen and "nmodels" not in seen:  # its N-models ablation is that table
+        lines.append(describe("nmodels"))
+    return "\n".join(lines)
