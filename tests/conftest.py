@@ -34,9 +34,11 @@ def cfg_factory(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # CPU results depend on the thread count; pin it so comparisons within a test are fair.
+    # CPU results depend on the thread count: every test starts on one thread (runs it trains set
+    # their own with train.threads), and whatever a test sets is undone after it.
     import torch
     old = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,9 +77,17 @@ def test_resume_from_checkpoint_is_bit_exact(cfg_factory, monkeypatch, stop_at_s
     assert np.array_equal(np.load(run_dir(cfg) / "features.npy"), np.load(os.path.join(ref["run_dir"], "features.npy")))
 
 
-def test_run_directory_contract(cfg_factory):
+def test_run_directory_contract(cfg_factory, monkeypatch):
     cfg = cfg_factory("source=init", "seed=4", "eval.views=[plain,flip]", "eval.features=true")
+    writes: list = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst, *a, **k):  # every file of a run is published by a rename
+        real_replace(src, dst, *a, **k)
+        writes.append(Path(dst))
+    monkeypatch.setattr(os, "replace", recording_replace)
     out = task.run(cfg)
+    monkeypatch.setattr(os, "replace", real_replace)
     rd = run_dir(cfg)
     names = {p.name for p in rd.iterdir()}
     assert {"config.yaml", "run.json", "logits", "labels.npy", "features.npy", "checkpoint.pt", "DONE"} <= names
@@ -99,8 +108,9 @@ def test_run_directory_contract(cfg_factory):
     assert "none at kernel level" in rec["kernels"]["effect"]
     assert "seed" not in rec["identity"] and rec["identity"]["source.name"] == "init"
     assert out["state"] == "done"
-    # DONE is written last
-    assert all((rd / "DONE").stat().st_mtime_ns >= p.stat().st_mtime_ns for p in rd.rglob("*") if p.is_file())
+    # DONE is written last: checked by the order of the renames that publish each file
+    assert writes[-1] == rd / "DONE" and writes.count(rd / "DONE") == 1
+    assert {rd / "run.json", rd / "logits" / "plain.npy", rd / "labels.npy"} <= set(writes[:-1])
 
 
 def test_runs_differing_only_by_seed_share_a_group_and_not_a_folder(cfg_factory):
@@ -149,7 +159,8 @@ def test_bad_input_is_refused_before_anything_is_written(cfg_factory, tmp_path, 
     cfg = cfg_factory(override)
     with pytest.raises(ConfigError, match=match):
         task.run(cfg)
-    assert not list((tmp_path / "sweep").glob("runs/*/DONE"))
+    # nothing of the run exists: no run folder, so no run.json, no config.yaml, no DONE
+    assert not run_dir(cfg).exists() and not list((tmp_path / "sweep").glob("runs/*"))
 
 
 def test_unwritable_output_folder(cfg_factory, tmp_path):

@@ -83,9 +83,16 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def validate(cfg) -> None:
-    """Reject bad input before anything is written (messages name the key and the fix)."""
+def validate(cfg, *, check_device: bool = True) -> None:
+    """Reject bad input before anything is written (messages name the key and the fix).
+
+    ``check_device``: also check the device here (a GPU present, and kernels for it in this torch
+    build), so a job on a wrong node fails before it creates its run folder. The SLURM launcher
+    passes False: the submitting host is not the node the job will run on.
+    """
     resolve_seeds(list(cfg.source.vary), cfg.seed, cfg.source.deterministic_kernels)
+    if check_device:
+        resolve_device(cfg.train.device)
     t = cfg.train
     if t.epochs < 1:
         raise ConfigError(f"train.epochs={t.epochs} is invalid: train for at least 1 epoch (paper: 500).")
