@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from nondet_hpc import rundir
+from nondet_hpc.analysis import cli, scan, tables
 from nondet_hpc.analysis import reduce as R
 
 N_TEST, N_CLASSES = 120, 4
@@ -219,7 +221,7 @@ def test_explicit_baseline_and_report_formula(healthy):
 
 def test_cli_prints_table_and_returns_zero(healthy, capsys):
     sweep, _ = healthy
-    assert R.main([str(sweep), "--n-boot", "50", "--formula", "report"]) == 0
+    assert cli.main([str(sweep), "--n-boot", "50", "--formula", "report"]) == 0
     out = capsys.readouterr().out
     assert "Parameter Initialization [Acc.Ens/Flip]" in out
     assert "Claim 1" in out
@@ -303,7 +305,7 @@ def test_group_of_one_model_gets_accuracy_and_explanation(tmp_path):
     assert r["acc_mean"] == pytest.approx(expected)
     assert math.isnan(r["acc_sd"]) and math.isnan(r["correlation"]) and math.isnan(r["ensemble_delta"])
     assert "only 1 usable model" in r["note"]
-    assert "only 1 usable model" in R.format_table(df)
+    assert "only 1 usable model" in tables.format_table(df)
 
 
 def test_corrupt_and_wrongly_shaped_files_are_named(tmp_path):
@@ -350,12 +352,12 @@ def test_missing_snapshot_leaves_run_out_of_acc_ens(tmp_path):
 def test_no_runs_folder_or_no_complete_run_is_an_error(tmp_path, capsys):
     with pytest.raises(R.ReduceError, match="no runs/ folder"):
         R.reduce_sweep(tmp_path)
-    assert R.main([str(tmp_path)]) == 2
+    assert cli.main([str(tmp_path)]) == 2
     assert "no runs/ folder" in capsys.readouterr().err
     write_run(tmp_path, "init", 1, done=False)
     with pytest.raises(R.ReduceError, match="no complete run"):
         R.reduce_sweep(tmp_path)
-    assert R.main([str(tmp_path)]) == 2
+    assert cli.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "init-s0001-e10" in err and "incomplete" in err
     assert not (tmp_path / "report").exists()
@@ -389,3 +391,25 @@ def test_results_kept_aside_by_force_are_not_runs_of_the_sweep(tmp_path):
     assert row(df, "Parameter Initialization")["n_models"] == 3
     assert ".replaced" not in set(excluded(tmp_path)["run_id"])
     assert "Left out: nothing" in df.attrs["summary"]
+
+
+def test_view_file_names_follow_the_run_folder_contract():
+    # the reducer parses exactly the names rundir writes: a renamed contract must fail here
+    for k in (1, 2, 12):
+        assert scan.parse_view_file(rundir.snapshot_view(k)) == (scan.ACC_ENS, k)
+        assert scan.parse_view_file(rundir.snapshot_view(k, "flip-crop25")) == (f"{scan.ACC_ENS}/flip-crop25", k)
+    assert scan.parse_view_file(rundir.logits_path(Path("r"), "crop81").stem) == ("crop81", 0)
+    assert scan.parse_view_file("weird name") is None
+    assert scan.parse_view_file("snapshot-2_bad view") is None
+
+
+def test_run_json_that_is_not_an_object_is_unreadable(tmp_path):
+    for s in (1, 2):
+        write_run(tmp_path, "init", s)
+    d = write_run(tmp_path, "init", 3)
+    (d / rundir.RUN_JSON).write_text("[1, 2]")
+    df = R.reduce_sweep(tmp_path, n_boot=20)
+    assert row(df, "Parameter Initialization")["n_models"] == 2
+    hit = excluded(tmp_path).query("run_id == 'init-s0003-e10'")
+    assert list(hit["category"]) == ["unreadable"]
+    assert hit["reason"].iloc[0] == "runs/init-s0003-e10/run.json holds a JSON list, not an object"

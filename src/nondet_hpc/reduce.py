@@ -1,8 +1,8 @@
-"""`python -m nondet_hpc.reduce`: entry point; the code is in :mod:`nondet_hpc.analysis.reduce`."""
+"""`python -m nondet_hpc.reduce`: entry point; the command line is :mod:`nondet_hpc.analysis.cli`."""
 
 import sys
 
-from .analysis.reduce import main
+from .analysis.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

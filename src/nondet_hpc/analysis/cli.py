@@ -1,0 +1,36 @@
+"""``python -m nondet_hpc.reduce SWEEP_DIR``: the reducer's command line (code in :mod:`.reduce`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .. import metrics as M
+from .reduce import ReduceError, reduce_sweep
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Reduce the sweep, print the summary; 2 (message on stderr) when there is nothing to reduce."""
+    p = argparse.ArgumentParser(prog="python -m nondet_hpc.reduce",
+                                description="Reduce a sweep's logits to metrics tables and plots in SWEEP_DIR/report/.")
+    p.add_argument("sweep_dir", help="sweep folder holding runs/<run id>/")
+    p.add_argument("--formula", choices=M.FORMULAS, default="paper",
+                   help="variability-reduction formula (docs/metrics.md); default: paper")
+    p.add_argument("--baseline", default=None,
+                   help="row name to compare every row with (default: each TTA/Acc.Ens row against its single model)")
+    p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap/subsampling seed (default 0)")
+    args = p.parse_args(argv)
+    try:
+        df = reduce_sweep(args.sweep_dir, formula=args.formula, n_boot=args.n_boot, seed=args.seed,
+                          baseline=args.baseline)
+    except ReduceError as e:
+        print(f"nondet_hpc.reduce: {e}", file=sys.stderr)
+        return 2
+    print(df.attrs["summary"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Reading and validating a sweep's run folders: which runs and logits files the reducer can use.
+
+Every run folder is checked against the run-folder contract (:mod:`nondet_hpc.rundir`): DONE,
+run.json with ``group_key`` and ``identity``, 1-D integer ``labels.npy``, and ``logits/*.npy``
+view files. What fails is not dropped silently: it becomes an :class:`Exclusion` with a category
+and a reason naming the file (report/excluded.csv).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..rundir import (
+    DONE,
+    LABELS,
+    LOGITS,
+    RUN_JSON,
+    RUNS,
+    list_runs,
+    logits_path,
+    read_run_json,
+)
+
+ACC_ENS = "acc-ens"  # view id of the accelerated ensemble (mean of a run's snapshot logits)
+_VIEW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]*$")
+# the inverse of rundir.snapshot_view: "snapshot-<k>" or "snapshot-<k>_<view>"
+_SNAPSHOT = re.compile(r"^snapshot-(\d+)(?:_(.+))?$")
+
+
+class ReduceError(RuntimeError):
+    """Nothing to reduce (no runs/ folder, no complete run) or a bad request (unknown baseline)."""
+
+
+class BadFile(ValueError):
+    """A file that cannot be used; the message names it, ``category`` says why (excluded.csv)."""
+
+    def __init__(self, message: str, category: str = "corrupt"):
+        super().__init__(message)
+        self.category = category
+
+
+class Npy:
+    """A .npy file validated once (``np.load``, ``allow_pickle=False``), then mapped afresh per read.
+
+    Reopening per read (a few times per model) keeps the number of open maps bounded, so a group
+    of hundreds of runs with several snapshot files each cannot exhaust file descriptors; the
+    header parsed at validation is reused, so a read costs one mmap, not a header parse.
+    """
+
+    def __init__(self, path: Path, rel: str):
+        self.path, self.rel = path, rel
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise BadFile(f"{rel}: file missing", "missing") from None
+        except Exception as e:  # any failure to parse means a corrupt file; say which one
+            raise BadFile(f"{rel}: {_npy_problem(path, e)}") from None
+        if not isinstance(arr, np.memmap):  # e.g. an .npz archive under a .npy name
+            kind = type(arr).__name__
+            if hasattr(arr, "close"):
+                arr.close()
+            raise BadFile(f"{rel}: expected one .npy array, found {kind}")
+        self.shape: tuple[int, ...] = tuple(int(s) for s in arr.shape)
+        self.dtype = arr.dtype
+        self._offset = int(arr.offset)
+        self._order = "F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C"
+        del arr
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            arr = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self._offset, shape=self.shape,
+                            order=self._order)
+        except (OSError, ValueError) as e:  # replaced or truncated since it was validated
+            raise BadFile(f"{self.rel}: cannot be read any more ({type(e).__name__}: {e})") from None
+        out = np.array(arr[key])
+        del arr
+        return out
+
+
+def _npy_problem(path: Path, err: Exception) -> str:
+    """Why np.load refused a file, in words (numpy calls anything without a header "pickled")."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        return f"cannot be opened ({e})"
+    if head != b"\x93NUMPY":
+        return "not a .npy file (no NUMPY header: truncated, empty or another format)"
+    if "allow_pickle" in str(err) or "Python objects" in str(err) or "object" in str(err):
+        return "holds Python objects (pickle), which the reducer never loads (allow_pickle=False)"
+    return f"corrupt .npy file ({type(err).__name__}: {err})"
+
+
+class SnapshotMean:
+    """Accelerated-ensemble logits: the mean of k snapshot logits, computed block by block on read.
+
+    Summed in float64 in snapshot order, divided by k, stored as float32 like the saved logits;
+    the same inputs therefore always give bit-identical means.
+    """
+
+    def __init__(self, parts: Sequence[Npy]):
+        self.parts = list(parts)
+        self.rel = ", ".join(p.rel for p in self.parts)
+        self.shape = self.parts[0].shape
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        total = np.array(self.parts[0][key], dtype=np.float64)
+        for p in self.parts[1:]:
+            total += np.asarray(p[key], dtype=np.float64)
+        return (total / len(self.parts)).astype(np.float32)
+
+
+Logits = Npy | SnapshotMean  # what a group's statistics read, block by block
+
+
+@dataclass
+class Run:
+    run_id: str
+    path: Path
+    info: dict
+    group_key: str
+    label: str
+    identity: dict
+    seed: Any
+    labels: np.ndarray | None = None
+    views: dict[str, list[tuple[int, Path]]] = field(default_factory=dict)  # view_id -> [(snapshot i, file)]
+
+
+@dataclass
+class Exclusion:
+    run_id: str
+    group: str
+    view: str
+    category: str  # incomplete | unreadable | corrupt | shape | diverged | labels | missing
+    reason: str
+    group_key: str = ""
+
+
+def rel(path: Path, root: Path) -> str:
+    """``path`` as the report names it: relative to the sweep folder when it lies inside it."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def parse_view_file(stem: str) -> tuple[str, int] | None:
+    """(view id, snapshot index) of a logits file name without ``.npy``; None if it is no view file.
+
+    Snapshot files (rundir.snapshot_view) map to the accelerated-ensemble view of their inner view,
+    ``acc-ens`` or ``acc-ens/<view>``; any other view file is its own view with index 0.
+    """
+    m = _SNAPSHOT.match(stem)
+    if m:
+        inner = m.group(2) or "plain"
+        if not _VIEW_NAME.match(inner):
+            return None
+        return (ACC_ENS if inner == "plain" else f"{ACC_ENS}/{inner}"), int(m.group(1))
+    return (stem, 0) if _VIEW_NAME.match(stem) else None
+
+
+def scan_sweep(sweep: Path, warnings: list[str]) -> tuple[list[Run], list[Exclusion]]:
+    """The sweep's usable runs (labels loaded, views found) and everything left out, with why."""
+    if not (sweep / RUNS).is_dir():
+        raise ReduceError(f"{sweep} has no runs/ folder: nothing to reduce (is this a sweep directory?)")
+    runs: list[Run] = []
+    excluded: list[Exclusion] = []
+    for d in list_runs(sweep):
+        run = _read_run(d, sweep, excluded)
+        if run is None:
+            continue
+        discover_views(run, sweep, excluded, warnings)
+        runs.append(run)
+    return runs, excluded
+
+
+def _read_run(d: Path, sweep: Path, excluded: list[Exclusion]) -> Run | None:
+    """One run folder as a :class:`Run` with its labels, or None with the reason in ``excluded``."""
+    rid = d.name
+    data, info_err = read_run_json(d)
+    info: dict = data or {}
+    label = str(info.get("group_label", "")) if info else ""
+    if not (d / DONE).exists():  # an incomplete run is reported as such, whatever its run.json holds
+        state = info.get("state", "unknown") if info else "unknown"
+        excluded.append(Exclusion(rid, label, "all", "incomplete", f"no DONE marker (state: {state})",
+                                  str(info.get("group_key", "")) if info else ""))
+        return None
+    if info_err:
+        excluded.append(Exclusion(rid, label, "all", "unreadable", f"{rel(d, sweep)}/{info_err}"))
+        return None
+    identity = info.get("identity")
+    gkey = info.get("group_key")
+    if not isinstance(identity, dict) or not gkey:
+        excluded.append(Exclusion(rid, label, "all", "unreadable",
+                                  f"{rel(d / RUN_JSON, sweep)} lacks 'group_key' or 'identity'"))
+        return None
+    if not label:
+        label = str(identity.get("source.label") or identity.get("source.name") or gkey)
+    run = Run(str(info.get("run_id", rid)), d, info, str(gkey), label, identity, info.get("seed"))
+    try:  # without labels nothing of the run can be scored
+        lab = Npy(d / LABELS, rel(d / LABELS, sweep))
+        if len(lab.shape) != 1 or not np.issubdtype(lab.dtype, np.integer):
+            raise BadFile(f"{lab.rel}: expected 1-D integer labels, got shape {lab.shape} dtype {lab.dtype}",
+                          "shape")
+        run.labels = lab[:].astype(np.int64, copy=False)
+    except BadFile as e:
+        excluded.append(Exclusion(run.run_id, label, "all", e.category, str(e)))
+        return None
+    return run
+
+
+def discover_views(run: Run, sweep: Path, excluded: list[Exclusion], warnings: list[str]) -> None:
+    """Fill ``run.views`` from logits/*.npy; name odd file names and files run.json promises but lacks."""
+    logits_dir = run.path / LOGITS
+    files = sorted(logits_dir.glob("*.npy")) if logits_dir.is_dir() else []
+    for f in files:
+        parsed = parse_view_file(f.name[:-4])
+        if parsed is None:
+            warnings.append(f"ignored {rel(f, sweep)}: not a view file name")
+            continue
+        vid, index = parsed
+        run.views.setdefault(vid, []).append((index, f))
+    for parts in run.views.values():
+        parts.sort()
+    if not run.views:
+        excluded.append(Exclusion(run.run_id, run.label, "all", "missing",
+                                  f"{rel(logits_dir, sweep)}/ holds no logits (*.npy)"))
+    # what run.json promises must be there; a missing file is named, not silently skipped
+    promised = [str(v) for v in run.info.get("views", []) or []] + [str(s) for s in run.info.get("snapshots", []) or []]
+    for name in promised:
+        path = logits_path(run.path, name)
+        if not path.exists():
+            excluded.append(Exclusion(run.run_id, run.label, name, "missing",
+                                      f"{RUN_JSON} lists {name} but {rel(path, sweep)} is missing"))

@@ -1,0 +1,282 @@
+"""Per-group statistics (formulas in :mod:`nondet_hpc.metrics`), baselines and variability reduction.
+
+:func:`reduce_group` turns one group's runs into its metrics, leaving out (with a reason) every
+run whose files cannot be used; :func:`apply_baselines` compares rows with their baseline rows.
+The N-models ablation and the claim-1 test are in :mod:`nondet_hpc.analysis.claims`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import metrics as M
+from ..rundir import FEATURES, LABELS
+from .groups import Group, view_display
+from .scan import (
+    ACC_ENS,
+    BadFile,
+    Exclusion,
+    Logits,
+    Npy,
+    ReduceError,
+    Run,
+    SnapshotMean,
+    rel,
+)
+
+COLUMNS: tuple[str, ...] = (
+    "group", "source", "view", "view_id", "group_key", "n_models", "n_excluded", "n_distinct",
+    "acc_mean", "acc_sd", "acc_sd_se", "testset_sd", "ce_sd", "ce_sd_se", "disagreement", "correlation",
+    "ensemble_delta", "cka", "baseline", "reduction_pct", "formula", "note")
+
+Exclude = Callable[[Run, str, str], None]  # (run, category, reason): leave a run out of one group
+Used = list[tuple[Run, Logits, M.ModelSummary]]  # a group's usable models with their one-pass summaries
+
+
+def open_member(run: Run, g: Group, sweep: Path, expected_snaps: tuple[int, ...] | None) -> Logits:
+    """A run's logits for the group's view, shape-checked against its labels (BadFile if not usable)."""
+    parts = run.views[g.view_id]
+    if expected_snaps is not None:
+        have = tuple(i for i, _ in parts)
+        if have != expected_snaps:
+            raise BadFile(f"has snapshots {list(have)}, the group's runs have {list(expected_snaps)}", "missing")
+    arrays = [Npy(f, rel(f, sweep)) for _, f in parts]
+    n = run.labels.shape[0] if run.labels is not None else -1
+    for a in arrays:
+        if len(a.shape) != 2 or a.shape[0] != n or not np.issubdtype(a.dtype, np.floating):
+            raise BadFile(f"{a.rel}: wrong shape or dtype {a.shape} {a.dtype}; expected float "
+                          f"[n_test={n}, n_classes] matching labels.npy", "shape")
+    if expected_snaps is not None:
+        if len({a.shape for a in arrays}) > 1:
+            raise BadFile(f"snapshot files differ in shape: {[a.shape for a in arrays]}", "shape")
+        return SnapshotMean(arrays)
+    return arrays[0]
+
+
+def reduce_group(g: Group, sweep: Path, excluded: list[Exclusion], warnings: list[str], *,
+                 n_boot: int, seed: int, block_bytes: int) -> None:
+    """Fill ``g.stats``, ``g.summary``, the SEs and notes; runs left out go to ``excluded``."""
+    disp = view_display(g.view_id) or "single model"
+    members = [r for r in g.members if r.labels is not None]
+
+    def exclude(r: Run, category: str, reason: str) -> None:
+        excluded.append(Exclusion(r.run_id, g.name, disp, category, reason))
+        g.n_excluded += 1
+
+    if not _same_test_set(g, members, sweep, exclude):
+        return
+    used = _usable_models(g, members, sweep, exclude)
+    g.used = [r for r, _, _ in used]
+    if g.n_excluded:
+        g.notes.append(f"{g.n_excluded} run(s) left out (see excluded.csv)")
+    if not used:
+        g.notes.append("no usable model")
+        return
+    if g.view_id == "plain":
+        _check_recorded_accuracy(used, warnings)
+    features = _features(g, used, sweep, warnings) if g.view_id == "plain" else None
+    labels = used[0][0].labels
+    try:
+        g.stats = M.pairwise_stats([a for _, a, _ in used], labels, summaries=[s for _, _, s in used],
+                                   features=features, block_bytes=block_bytes)
+    except BadFile as e:  # a file replaced or truncated while we read it (a job still writing?)
+        g.used = []
+        g.notes.append(f"stopped: {e}")
+        warnings.append(f"{g.row_name}: stopped: {e}")
+        return
+    g.summary = M.group_summary(g.stats)
+    if len(used) < 2:
+        g.notes.append("only 1 usable model: SDs and pairwise metrics need at least 2")
+        return
+    _spread_and_control(g, len(used), warnings, n_boot=n_boot, seed=seed)
+
+
+def _same_test_set(g: Group, members: list[Run], sweep: Path, exclude: Exclude) -> bool:
+    """One test set per group: models scored on different labels cannot be compared (stop the group)."""
+    digests = [M.array_digest(r.labels) for r in members]
+    if len(set(digests)) <= 1:
+        return True
+    common = Counter(digests).most_common()
+    top = common[0][0] if common[0][1] > (common[1][1] if len(common) > 1 else 0) else digests[0]
+    odd = [r for r, d in zip(members, digests) if d != top]
+    for r in odd:
+        exclude(r, "labels", f"{rel(r.path / LABELS, sweep)} differs from the test labels of "
+                             f"the group's other runs")
+    g.stopped = True
+    g.notes.append(f"stopped: test labels of {', '.join(r.run_id for r in odd)} differ from the other "
+                   f"run(s) of the group (labels.npy); remove or rerun them, then reduce again")
+    return False
+
+
+def _usable_models(g: Group, members: list[Run], sweep: Path, exclude: Exclude) -> Used:
+    """Open every member's files, keep the majority shape, then one pass per model (finite? acc, CE)."""
+    expected: tuple[int, ...] | None = None
+    if g.view_id.startswith(ACC_ENS):  # accelerated ensembles need the same snapshots in every run
+        sets = Counter(tuple(i for i, _ in r.views[g.view_id]) for r in members)
+        expected = max(sets.items(), key=lambda kv: (kv[1], len(kv[0])))[0]
+    opened: list[tuple[Run, Logits]] = []
+    for r in members:
+        try:
+            opened.append((r, open_member(r, g, sweep, expected)))
+        except BadFile as e:
+            exclude(r, e.category, str(e))
+    shapes = Counter(a.shape for _, a in opened)
+    if len(shapes) > 1:
+        top_shape = shapes.most_common(1)[0][0]
+        for r, a in [(r, a) for r, a in opened if a.shape != top_shape]:
+            exclude(r, "shape", f"{a.rel}: logits of shape {list(a.shape)}, the group's other runs have "
+                                f"{list(top_shape)}")
+        opened = [(r, a) for r, a in opened if a.shape == top_shape]
+    used: Used = []
+    for r, a in opened:
+        try:
+            used.append((r, a, M.summarize_model(a, r.labels)))
+        except M.NonFiniteLogits as e:
+            files = ", ".join(rel(f, sweep) for _, f in r.views[g.view_id])
+            exclude(r, "diverged", f"non-finite logits in {files}: {e}")
+        except BadFile as e:
+            exclude(r, e.category, str(e))
+        except ValueError as e:  # e.g. a label outside the logits' classes
+            exclude(r, "shape", f"{', '.join(rel(f, sweep) for _, f in r.views[g.view_id])}: {e}")
+    return used
+
+
+def _check_recorded_accuracy(used: Used, warnings: list[str]) -> None:
+    """Warn where run.json's test_acc and the saved plain logits disagree by more than half an example."""
+    for r, _, s in used:
+        res = r.info.get("result") or {}
+        if isinstance(res, dict) and isinstance(res.get("test_acc"), (int, float)):
+            n = r.labels.shape[0]
+            mine = 100.0 * s.n_correct / n
+            if abs(100.0 * float(res["test_acc"]) - mine) > 50.0 / n:
+                warnings.append(f"{r.run_id}: run.json test_acc={res['test_acc']} but logits/plain.npy "
+                                f"gives {mine:.4f}%")
+
+
+def _spread_and_control(g: Group, n_used: int, warnings: list[str], *, n_boot: int, seed: int) -> None:
+    """Bootstrap SEs of the SDs; a determinism control with distinct logits is flagged."""
+    rng_seed = [int(seed), g.seed_key]
+    g.acc_sd_se = M.bootstrap_sd_se(g.stats.accuracies, n_boot=n_boot, seed=rng_seed)
+    g.ce_sd_se = M.bootstrap_sd_se(g.stats.ce, n_boot=n_boot, seed=rng_seed + [1])
+    if g.source_name == "none" and g.stats.n_distinct() > 1:
+        msg = (f"NOT bit-identical: {g.stats.n_distinct()} distinct logits among {n_used} runs of the "
+               f"determinism control; some randomness is not controlled")
+        g.notes.append(msg)
+        warnings.append(f"{g.row_name}: {msg}")
+
+
+def _features(g: Group, used: Used, sweep: Path, warnings: list[str]) -> list[Npy] | None:
+    """Penultimate features of every used run, or None (with a note) if any is missing or bad."""
+    feats = []
+    missing = [r.run_id for r, _, _ in used if not (r.path / FEATURES).exists()]
+    if missing:
+        if len(missing) < len(used):
+            g.notes.append(f"CKA: features.npy missing for {len(missing)} of {len(used)} runs")
+        return None
+    for r, _, _ in used:
+        f = r.path / FEATURES
+        try:
+            arr = Npy(f, rel(f, sweep))
+            if len(arr.shape) != 2 or arr.shape[0] != r.labels.shape[0] or not np.issubdtype(arr.dtype, np.floating):
+                raise BadFile(f"{arr.rel}: wrong shape or dtype {arr.shape} {arr.dtype}; expected float [n_test, d]",
+                              "shape")
+            if not np.isfinite(arr[:]).all():
+                raise BadFile(f"{arr.rel}: non-finite features")
+        except BadFile as e:
+            g.notes.append(f"CKA not computed: {e}")
+            warnings.append(f"{g.row_name}: CKA not computed: {e}")
+            return None
+        feats.append(arr)
+    return feats
+
+
+def group_row(g: Group) -> dict[str, Any]:
+    """The group's row of metrics.csv (COLUMNS); baseline and reduction are filled in later."""
+    s = g.summary
+    return {
+        "group": g.row_name, "source": g.name, "view": view_display(g.view_id), "view_id": g.view_id,
+        "group_key": g.group_key, "n_models": len(g.used), "n_excluded": g.n_excluded,
+        "n_distinct": g.stats.n_distinct() if g.stats is not None else 0,
+        "acc_mean": s.get("acc_mean", math.nan), "acc_sd": s.get("acc_sd", math.nan), "acc_sd_se": g.acc_sd_se,
+        "testset_sd": s.get("testset_sd", math.nan), "ce_sd": s.get("ce_sd", math.nan), "ce_sd_se": g.ce_sd_se,
+        "disagreement": s.get("disagreement", math.nan), "correlation": s.get("correlation", math.nan),
+        "ensemble_delta": s.get("ensemble_delta", math.nan), "cka": s.get("cka", math.nan),
+        "baseline": "", "reduction_pct": math.nan, "formula": "", "note": "; ".join(g.notes),
+    }
+
+
+def apply_baselines(df: pd.DataFrame, groups: list[Group], formula: str, baseline: str | None) -> None:
+    """Fill ``baseline``, ``formula`` and ``reduction_pct`` of every row compared with a baseline row.
+
+    Default: a row of a snapshot-trained group (train.snapshots > 1) against the single-model row
+    of the snapshots=1 group of the same config, when the sweep has it; otherwise a TTA / Acc.Ens
+    row against the single-model row of its own group. ``baseline`` names one row for all.
+    """
+    names = list(df["group"])
+
+    def reduce_against(i: int, b: int) -> None:
+        base = {k: float(df.at[b, k]) for k in M.REDUCTION_KEYS}
+        new = {k: float(df.at[i, k]) for k in M.REDUCTION_KEYS}
+        df.at[i, "baseline"] = names[b]
+        df.at[i, "formula"] = formula
+        df.at[i, "reduction_pct"] = M.variability_reduction(base, new, formula)
+
+    if baseline is None:
+        plain = {g.group_key: i for i, g in enumerate(groups) if g.view_id == "plain"}
+        # Snapshot-trained runs (train.snapshots > 1) are compared, as in the paper, with normally
+        # trained single models of the same config when the sweep has them, not with the final
+        # model of their own cyclic schedule.
+        single = {_without_snapshots(g.identity): i for i, g in enumerate(groups)
+                  if g.view_id == "plain" and _snapshots(g.identity) == 1}
+        for i, g in enumerate(groups):
+            b = single.get(_without_snapshots(g.identity)) if _snapshots(g.identity) > 1 else None
+            if b is None and g.view_id != "plain":
+                b = plain.get(g.group_key)
+            if b is not None and b != i:
+                reduce_against(i, b)
+        return
+    b = find_baseline(df, groups, baseline)
+    for i in range(len(groups)):
+        reduce_against(i, b)
+
+
+def _snapshots(identity: dict) -> int:
+    return int(identity.get("train.snapshots", 1) or 1)
+
+
+def _without_snapshots(identity: dict) -> str:
+    return json.dumps({k: v for k, v in identity.items() if k != "train.snapshots"}, sort_keys=True, default=str)
+
+
+def find_baseline(df: pd.DataFrame, groups: list[Group], name: str) -> int:
+    """Row index of ``--baseline NAME``: a row name (any case), or a source label's single-model row."""
+    exact = [i for i, n in enumerate(df["group"]) if n == name]
+    if not exact:
+        exact = [i for i, n in enumerate(df["group"]) if n.casefold() == name.casefold()]
+    if not exact:  # a source label alone means its single-model row
+        exact = [i for i, g in enumerate(groups) if g.view_id == "plain" and name.casefold() in
+                 (g.name.casefold(), g.label.casefold(), g.source_name.casefold())]
+    if len(exact) != 1:
+        what = "matches several rows" if exact else "matches no row"
+        raise ReduceError(f"--baseline {name!r} {what}; choose one of: " + "; ".join(df["group"]))
+    return exact[0]
+
+
+def per_model(groups: list[Group]) -> pd.DataFrame:
+    """per_model.csv: accuracy and CE of every used model of every group."""
+    recs = []
+    for g in groups:
+        if g.stats is None:
+            continue
+        for r, acc, ce in zip(g.used, g.stats.accuracies, g.stats.ce):
+            recs.append({"group": g.row_name, "source": g.name, "view_id": g.view_id, "run_id": r.run_id,
+                         "seed": r.seed, "acc": float(acc), "ce": float(ce)})
+    return pd.DataFrame(recs, columns=["group", "source", "view_id", "run_id", "seed", "acc", "ce"])

@@ -1,0 +1,183 @@
+"""Table output of the reducer: the terminal table, Markdown, LaTeX and report.md, from its DataFrames.
+
+Numbers are formatted once (:func:`display_frame`) and every output prints those strings, so the
+terminal, Markdown and LaTeX tables always show the same digits.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .claims import ABLATION_SUBSETS
+from .scan import Exclusion
+
+
+def _f(v: Any, nd: int) -> str:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return "-" if not math.isfinite(x) else f"{x:.{nd}f}"
+
+
+def _pm(v: Any, se: Any, nd: int) -> str:
+    s = _f(v, nd)
+    return s if s == "-" or not math.isfinite(float(se)) else f"{s} ± {_f(se, nd)}"
+
+
+def display_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The metrics table as printed: formatted strings, CKA / Reduction columns only when present."""
+    out = pd.DataFrame({
+        "Group": df["group"],
+        "N": df["n_models"].astype(int).astype(str),
+        "Acc %": [_f(v, 2) for v in df["acc_mean"]],
+        "Acc SD": [_pm(v, s, 3) for v, s in zip(df["acc_sd"], df["acc_sd_se"])],
+        "Test-set SD": [_f(v, 3) for v in df["testset_sd"]],
+        "CE SD": [_pm(v, s, 4) for v, s in zip(df["ce_sd"], df["ce_sd_se"])],
+        "Disagr. %": [_f(v, 2) for v in df["disagreement"]],
+        "Corr.": [_f(v, 4) for v in df["correlation"]],
+        "Ens. Δ": [_f(v, 3) for v in df["ensemble_delta"]],
+    })
+    if np.isfinite(df["cka"].to_numpy(dtype=float)).any():
+        out["CKA"] = [_f(v, 4) for v in df["cka"]]
+    if np.isfinite(df["reduction_pct"].to_numpy(dtype=float)).any():
+        out["Reduction %"] = [_f(v, 1) for v in df["reduction_pct"]]
+    return out
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """Markdown of already formatted strings (no re-parsing of "1.0000" into "1"), numbers right."""
+    return table.to_markdown(index=False, disable_numparse=True,
+                             colalign=("left",) + ("right",) * (table.shape[1] - 1))
+
+
+def notes(df: pd.DataFrame) -> list[str]:
+    return [f"{g}: {n}" for g, n in zip(df["group"], df["note"]) if isinstance(n, str) and n]
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """The compact terminal table of :func:`reduce_sweep`'s result, notes underneath."""
+    from tabulate import tabulate
+
+    if df.empty:
+        return "(no groups)"
+    disp = display_frame(df)
+    text = tabulate(disp.values.tolist(), headers=list(disp.columns), tablefmt="simple", disable_numparse=True)
+    lines = notes(df)
+    if lines:
+        text += "\n\nNotes:\n" + "\n".join(f"  {n}" for n in lines)
+    return text
+
+
+def units_line(formula: str) -> str:
+    return ("Acc % = mean test accuracy; SDs are population SDs across models with bootstrap SE (pp; CE in nats); "
+            "Test-set SD = SD from test-set sampling alone; Disagr. = mean pairwise % of test examples predicted "
+            "differently; Corr. = mean pairwise Pearson r of logits; Ens. Δ = 2-model ensemble gain (pp); "
+            f"Reduction = variability reduction vs the baseline row ({formula} formula, docs/metrics.md).")
+
+
+def metrics_md(md_table: str, df: pd.DataFrame, formula: str) -> str:
+    """metrics.md: the Markdown table, the units line and the rows' notes."""
+    lines = notes(df)
+    return (md_table + "\n\n" + units_line(formula) + "\n"
+            + ("\nNotes:\n" + "\n".join(f"- {n}" for n in lines) + "\n" if lines else ""))
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "{": r"\{",
+                  "}": r"\}", "$": r"\$", "~": r"\textasciitilde{}", "^": r"\^{}", "Δ": r"$\Delta$",
+                  "±": r"$\pm$"}
+
+
+def _tex(s: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in s)
+
+
+def latex(df: pd.DataFrame, caption: str) -> str:
+    """metrics.tex: the printed table as a booktabs LaTeX table with ``caption``."""
+    disp = display_frame(df)
+    cols = list(disp.columns)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             r"\begin{tabular}{l" + "r" * (len(cols) - 1) + "}", r"\toprule",
+             " & ".join(_tex(c) for c in cols) + r" \\", r"\midrule"]
+    for row in disp.itertuples(index=False):
+        lines.append(" & ".join(_tex(str(v)) for v in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex(caption) + "}", r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+def excluded_summary(excluded: list[Exclusion], limit: int = 15) -> list[str]:
+    """What was left out, by category, at most ``limit`` entries each (the rest: excluded.csv)."""
+    if not excluded:
+        return ["Left out: nothing; every run found was used."]
+    lines = [f"Left out ({len(excluded)} entries, full list in report/excluded.csv):"]
+    by_cat: dict[str, list[Exclusion]] = {}
+    for e in excluded:
+        by_cat.setdefault(e.category, []).append(e)
+    for cat, es in by_cat.items():
+        lines.append(f"  {cat} ({len(es)}):")
+        for e in es[:limit]:
+            where = f" [{e.group}{'' if e.view in ('all', '') else ' / ' + e.view}]" if e.group else ""
+            lines.append(f"    {e.run_id}{where}: {e.reason}")
+        if len(es) > limit:
+            lines.append(f"    ... and {len(es) - limit} more")
+    return lines
+
+
+def ablation_md(ablation: pd.DataFrame) -> str:
+    """ablation.md: each cell the mean ± SD of a metric over the N-subsets."""
+    if ablation.empty:
+        return "No group has 2 or more models; no N-models ablation.\n"
+    cols = {"group": "Group", "n": "N", "n_subsets": "subsets"}
+    out = ablation[list(cols)].rename(columns=cols).astype(str)
+    for k, nd, title in (("acc_sd", 3, "Acc SD"), ("ce_sd", 4, "CE SD"), ("disagreement", 2, "Disagr. %"),
+                         ("correlation", 4, "Corr."), ("ensemble_delta", 3, "Ens. Δ")):
+        out[title] = [_pm(m, s, nd) for m, s in zip(ablation[f"{k}_mean"], ablation[f"{k}_spread"])]
+    return (markdown(out) + "\n\nEach cell: mean ± SD of the metric over random N-subsets of the "
+            f"group's runs (up to {ABLATION_SUBSETS} subsets; the last row of a group uses all runs).\n")
+
+
+def _claim1_section(claim1_lines: list[str], claim1: pd.DataFrame, figures: list[str]) -> list[str]:
+    parts = ["## Claim 1: every source alone vs all sources together", ""]
+    parts += [f"- {ln}" for ln in claim1_lines] or ["No single-model source groups with 2 or more models."]
+    parts += [""]
+    if not claim1.empty:
+        c = claim1.copy()
+        c["acc SD"] = [_f(v, 3) for v in c["acc_sd"]]
+        c["SD / all"] = [_f(v, 3) for v in c["sd_ratio"]]
+        c["95% CI"] = [f"[{_f(a, 3)}, {_f(b, 3)}]" for a, b in zip(c["ci_low"], c["ci_high"])]
+        parts += [markdown(c[["group", "n_models", "acc SD", "SD / all", "95% CI"]].astype(str)), ""]
+    if "claim1.png" in figures:
+        parts += ["![claim 1](claim1.png)", ""]
+    if "accuracy_spread.png" in figures:
+        parts += ["![accuracy of every model](accuracy_spread.png)", ""]
+    return parts
+
+
+def report_md(sweep: Path, df: pd.DataFrame, md_table: str, formula: str, claim1_lines: list[str],
+              claim1: pd.DataFrame, abl_md: str, excluded: list[Exclusion], warnings: list[str],
+              figures: list[str], n_boot: int, seed: int) -> str:
+    """report.md: every table of the report on one page, with the figures that were drawn."""
+    parts = [f"# Variability report: {sweep.name}", "",
+             (f"Bootstrap: {n_boot} resamples, seed {seed}. Reduction formula: {formula}. "
+              "Formulas and how to read this page: docs/metrics.md."), "", "## Metrics", "", md_table, "",
+             units_line(formula), ""]
+    lines = notes(df)
+    if lines:
+        parts += ["Notes:", "", *[f"- {n}" for n in lines], ""]
+    if "metrics.png" in figures:
+        parts += ["![metrics](metrics.png)", ""]
+    if "reduction.png" in figures:
+        parts += ["![reduction](reduction.png)", ""]
+    parts += _claim1_section(claim1_lines, claim1, figures)
+    parts += ["## N-models ablation", "", abl_md, ""]
+    if "sd_vs_n.png" in figures:
+        parts += ["![SD vs N](sd_vs_n.png)", ""]
+    parts += ["## Left out", "", *[f"    {ln}" for ln in excluded_summary(excluded)], ""]
+    if warnings:
+        parts += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
+    return "\n".join(parts)
