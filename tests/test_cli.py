@@ -62,3 +62,19 @@ def test_help_lists_the_config_groups(tmp_path):
     assert r.returncode == 0
     for group in ("data:", "model:", "source:", "cifar10", "resnet34", "bitflip", "shuffle+cudnn"):
         assert group in r.stdout
+
+
+@pytest.mark.parametrize("full_error", [False, True])
+def test_bad_input_of_a_single_run_is_one_message_and_exit_2(tmp_path, full_error):
+    env = cli_env()
+    env.pop("HYDRA_FULL_ERROR", None)
+    if full_error:
+        env["HYDRA_FULL_ERROR"] = "1"
+    r = subprocess.run([sys.executable, "-m", "nondet_hpc", "seed=0", *FAST, f"out_dir={tmp_path / 'sweep'}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if full_error:  # debugging: the traceback is there
+        assert r.returncode != 0 and "Traceback" in r.stderr and "ConfigError" in r.stderr
+    else:
+        assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
+        assert r.stderr.startswith("nondet_hpc: error: seed=0 is invalid")
+    assert not list((tmp_path / "sweep").glob("runs/*"))

@@ -153,6 +153,12 @@ def test_snapshot_ensembling_writes_one_logits_file_per_cycle(cfg_factory):
     ("train.epochs=0", "train.epochs=0 is invalid"),
     ("train.snapshots=3", "must be >= 1 and divide train.epochs"),
     ("eval.views=[plain,crop99]", r"unknown view\(s\) \['crop99'\]"),
+    ("eval.batch_size=0", "eval.batch_size=0 is invalid"),
+    ("train.threads=-1", "train.threads=-1 is invalid"),
+    ("data.test_subset=0", "data.test_subset=0 is invalid"),
+    ("data.train_subset=-5", "data.train_subset=-5 is invalid"),
+    ("data.test_size=5", "data.test_size=5 is out of range for digits.*10..1787"),
+    ("data.test_size=1790", "data.test_size=1790 is out of range"),
     ("train.device=cuda" if not torch.cuda.is_available() else "train.device=tpu", "train.device"),
 ])
 def test_bad_input_is_refused_before_anything_is_written(cfg_factory, tmp_path, override, match):
@@ -193,3 +199,15 @@ def test_gpu_deterministic_kernels_give_bit_identical_replicates(cfg_factory):
     assert np.array_equal(_logits(a), _logits(b))
     rec = json.load(open(os.path.join(a["run_dir"], "run.json")))
     assert rec["kernels"]["use_deterministic_algorithms"] and rec["channels_last"] is True
+
+
+def test_a_done_run_asked_for_more_views_names_them_and_the_evaluate_command(cfg_factory, capsys):
+    cfg = cfg_factory("source=init", "seed=2")
+    task.run(cfg)
+    more = cfg_factory("source=init", "seed=2", "eval.views=[plain,flip,crop25]")
+    assert run_dir(more) == run_dir(cfg)  # views are not part of the identity: same run
+    out = task.run(more)
+    assert out["state"] == "skipped (DONE)" and out["missing_views"] == ["flip", "crop25"]
+    said = capsys.readouterr().out
+    assert f"python -m nondet_hpc.evaluate {run_dir(cfg)} --views flip crop25" in said
+    assert not (run_dir(cfg) / "logits" / "flip.npy").exists()  # nothing retrained or written

@@ -5,11 +5,13 @@
     python -m nondet_hpc -m experiment=sources hydra/launcher=slurm_v100 # SLURM arrays, returns at once
     python -m nondet_hpc --help                                   # every group and key
 
-Results: out_dir/runs/<run id>/ (see docs/ and ../shared/DESIGN.md). Finished runs are skipped.
+Results: out_dir/runs/<run id>/ (docs/contracts.md). Finished runs are skipped.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -38,7 +40,14 @@ def main(cfg: DictConfig) -> dict:
     from .config import ConfigError
 
     if HydraConfig.get().mode != RunMode.MULTIRUN:
-        out = task.run(cfg)
+        try:
+            out = task.run(cfg)
+        except ConfigError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":  # debugging: the whole traceback
+                raise
+            # bad input is the user's to fix: one message, exit 2 (argparse's code), no traceback
+            print(f"nondet_hpc: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         print(f"[nondet_hpc] {out['run_id']}: {out['state']} -> {out['run_dir']}", flush=True)
         return out
     # In a sweep one failing job must not stop the others: record it, go on, and let the

@@ -24,11 +24,14 @@ from .. import __version__
 from ..config import ConfigError, identity_items
 from .data import load_dataset
 from .models import init_weights, model_from_config
-from ..rundir import (DONE, RunRecord, group_key, is_done, run_dir, run_id, run_lock, write_json, write_npy,
+from ..rundir import (DONE, RunRecord, group_key, is_done, logits_path, run_dir, run_id, run_lock, write_json, write_npy,
                      write_text)
 from .sources import Streams, apply_bitflip, configure_kernels, resolve_seeds
 from .train import Preempted, Trainer, clear_stop
 from .views import VIEWS, evaluate_test_set
+
+#: digits has 1,797 images of 10 classes; a stratified split needs each class on both sides.
+DIGITS_TEST_SIZES = (10, 1787)
 
 SLURM_ENV = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
              "SLURM_JOB_NODELIST", "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT")
@@ -101,6 +104,20 @@ def validate(cfg, *, check_device: bool = True) -> None:
                           f"(each snapshot cycle has the same length; paper: 5 cycles of 100 epochs).")
     if t.batch_size < 1 or t.checkpoint_every < 1:
         raise ConfigError("train.batch_size and train.checkpoint_every must be >= 1.")
+    if cfg.eval.batch_size < 1:
+        raise ConfigError(f"eval.batch_size={cfg.eval.batch_size} is invalid: images per forward pass must be "
+                          f">= 1 (default 500).")
+    if t.threads < 0:
+        raise ConfigError(f"train.threads={t.threads} is invalid: 0 keeps torch's default, N >= 1 sets N threads.")
+    d = cfg.data
+    for key in ("train_subset", "test_subset"):
+        value = d.get(key)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{key}={value} is invalid: keep the first k >= 1 images, or null for all.")
+    if d.name == "digits" and not DIGITS_TEST_SIZES[0] <= d.test_size <= DIGITS_TEST_SIZES[1]:
+        raise ConfigError(f"data.test_size={d.test_size} is out of range for digits (1,797 images, 10 classes): "
+                          f"choose {DIGITS_TEST_SIZES[0]}..{DIGITS_TEST_SIZES[1]} so both splits hold every class "
+                          f"(default 497).")
     if t.channels_last not in ("auto", True, False, "true", "false"):
         raise ConfigError(f"train.channels_last={t.channels_last!r}: valid values are auto, true, false.")
     bad = [v for v in cfg.eval.views if v not in VIEWS]
@@ -162,6 +179,18 @@ def _save_views(dest: Path, logits: dict[str, np.ndarray], prefix: str = "") -> 
         write_npy(dest / "logits" / f"{name}.npy", arr)
 
 
+def _skipped(cfg: DictConfig, rd: Path, rid: str) -> dict:
+    """A DONE run is never retrained; say which configured views it lacks and how to add them."""
+    missing = [v for v in cfg.eval.views if not logits_path(rd, v).is_file()]
+    out = {"run_id": rid, "run_dir": str(rd), "state": "skipped (DONE)"}
+    if missing:
+        out["missing_views"] = missing
+        print(f"[nondet_hpc] {rid} is DONE without the view(s) {', '.join(missing)}; it is not retrained. Add "
+              f"them from its checkpoint with: python -m nondet_hpc.evaluate {rd} --views {' '.join(missing)}",
+              flush=True)
+    return out
+
+
 def run(cfg: DictConfig) -> dict:
     """Train (or skip, or resume) the run that ``cfg`` describes; return its id, folder and state."""
     clear_stop()  # a stop request from an earlier run of this process must not stop this one
@@ -170,7 +199,7 @@ def run(cfg: DictConfig) -> dict:
     rid = run_id(cfg)
     if is_done(rd):
         if not cfg.force:
-            return {"run_id": rid, "run_dir": str(rd), "state": "skipped (DONE)"}
+            return _skipped(cfg, rd, rid)
         moved = _move_aside(rd)
         print(f"[nondet_hpc] force=true: previous result of {rid} kept at {moved}", flush=True)
     rd.mkdir(parents=True, exist_ok=True)
@@ -178,7 +207,7 @@ def run(cfg: DictConfig) -> dict:
                                f"(python -m nondet_hpc.status {rd.parent.parent}).")
     with run_lock(rd, busy):
         if is_done(rd):  # finished by another process while we waited for the lock
-            return {"run_id": rid, "run_dir": str(rd), "state": "skipped (DONE)"}
+            return _skipped(cfg, rd, rid)
         return _train(cfg, rd, rid)
 
 
