@@ -97,8 +97,10 @@ def test_last_batch_keeps_the_remainder():
 def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(0, 500, 1, 3) == 0
     assert lr_factor(1.5, 500, 1, 3) == pytest.approx(0.5)
+    # the warm-up includes its last step (the authors' `epoch <= warmup`): exactly the peak there
+    assert lr_factor(3, 500, 1, 3) == 1.0
     # right after warm-up the cosine is evaluated at the absolute epoch (not offset by warm-up)
-    assert lr_factor(3, 500, 1, 3) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 500)))
+    assert lr_factor(3.01, 500, 1, 3) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3.01 / 500)))
     assert lr_factor(250, 500, 1, 3) == pytest.approx(0.5)
     assert lr_factor(499.999, 500, 1, 3) == pytest.approx(0, abs=1e-9)
 
@@ -107,14 +109,15 @@ def test_snapshot_cycles_restart_warmup_and_decay_to_zero():
     for c in range(5):
         start = 100 * c
         assert lr_factor(start, 500, 5, 3) == 0  # each cycle starts from 0
-        assert lr_factor(start + 3, 500, 5, 3) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 100)))
+        assert lr_factor(start + 3, 500, 5, 3) == 1.0  # inclusive warm-up in every cycle
+        assert lr_factor(start + 3.01, 500, 5, 3) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3.01 / 100)))
         assert lr_factor(start + 99.9999, 500, 5, 3) == pytest.approx(0, abs=1e-8)
         assert lr_factor(start + 50, 500, 5, 3) == pytest.approx(0.5)
 
 
-def test_param_groups_weights_at_peak_bias_and_bn_at_a_tenth():
+def test_param_groups_by_type_weights_at_peak_bias_and_bn_at_a_tenth():
     m = _resnet("resnet14", [16, 32, 64], [2, 2, 2], "A")
-    g = param_groups(m, 0.4, 0.1, 5e-4)
+    g = param_groups(m, 0.4, 0.1, 5e-4, "by_type")
     main = {id(p) for p in g[0]["params"]}
     names = {n for n, p in m.named_parameters() if id(p) in main}
     assert all(n.endswith("weight") and ("conv" in n or "fc" in n or "shortcut.0" in n) for n in names)

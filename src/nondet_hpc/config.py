@@ -32,6 +32,10 @@ class DataConfig:
     image_size: int = 32  # height = width of the stored images (digits: 8)
     pad: int = 4  # training crop: zero-pad by this many pixels, crop back to image_size
     flip: bool = True  # training augmentation: random horizontal flip with p = 0.5
+    # Which image gets the k-th crop/flip draw of an epoch (docs/sources.md, "Shuffle and augmentation"):
+    # by_position = the k-th sample visited (the authors' pipeline: a new shuffle seed also re-assigns
+    # every image's augmentation); by_image = image k (a new shuffle seed changes the order only).
+    augment_draw: str = "by_position"
     mean: List[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])  # per channel, 0..1 scale
     std: List[float] = field(default_factory=lambda: [0.2023, 0.1994, 0.2010])  # per channel, 0..1 scale
     train_subset: Optional[int] = None  # keep only the first k training images (quick checks); null = all
@@ -60,7 +64,11 @@ class TrainConfig:
     epochs: int = 500  # total epochs (PROTOCOL: 500; the report also uses 100..400)
     batch_size: int = 512  # SGD batch; the last batch of an epoch may be smaller
     lr: float = 0.4  # peak LR of conv and linear weights
-    lr_scale_bias_bn: float = 0.1  # biases and BN parameters use lr * this (peak 0.04)
+    lr_scale_bias_bn: float = 0.1  # the small group (see param_groups) uses lr * this (peak 0.04)
+    # Which parameters train at lr * lr_scale_bias_bn: authors = the authors' name rule (every bias,
+    # every BN scale except the shortcut BN's, which trains at the full peak); by_type = every
+    # parameter that is not a conv/linear weight (all BN scales and biases). train.py, param_groups.
+    param_groups: str = "authors"
     momentum: float = 0.9  # SGD momentum (PyTorch's, no Nesterov)
     weight_decay: float = 5e-4  # on all parameters, as in the study's code
     warmup_epochs: float = 3.0  # linear warm-up from 0 to the peak, per cycle
@@ -69,6 +77,11 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = leave torch's default. Results differ with thread count
     channels_last: str = "auto"  # auto (on for CUDA, where it is faster; off on CPU) | true | false
+    # fp32 convolutions/matmuls on GPU: ieee = true float32 (the study's "fp32", as on a V100);
+    # tf32 = TensorFloat-32 on Ampere and newer (A100/H100/H200), faster, 10-bit mantissa inputs.
+    # Set explicitly because torch's defaults differ between cuDNN (tf32) and matmul (ieee). No
+    # effect on CPU. sources.configure_precision.
+    fp32_precision: str = "ieee"
 
 
 @dataclass

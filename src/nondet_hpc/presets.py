@@ -83,6 +83,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "report": "report/metrics.md (one row per source), report/claim1.csv",
         "doc": "docs/experiments/sources.md",
     },
+    "sources_clean": {  # the same sweep with conf/variant/clean.yaml: ours, not the authors' experiment
+        "table": "Sources of nondeterminism, ResNet-14 on CIFAR-10, with our cleaner variant (parameter "
+                 "groups by type, augmentation drawn per image: 'Data Shuffling' is the order only)",
+        "claims": [1],
+        "what": "the sources preset's 8 groups with train.param_groups=by_type and data.augment_draw=by_image",
+        "models": 100, "epochs": 500, "groups": 8,
+        "gpu_hours": 560, "gpu_hours_alone": 560, "reuses": None,
+        "data": "cifar10", "model": "resnet14", "out_dir": "outputs/sources_clean",
+        "report": "report/metrics.md (one row per source), report/claim1.csv",
+        "doc": "docs/experiments/sources_clean.md",
+    },
     "bitflip": {
         "table": "Random bit change (one float32 ulp of one initial weight), ResNet-14 on CIFAR-10 "
                  "(the paper's instability experiment)",

@@ -1,10 +1,18 @@
 """Datasets as uint8 tensors on the training device, and the batched shuffle/augment pipeline.
 
 No PIL per image and no DataLoader workers (each with seeds of its own): the whole training set
-is one uint8 tensor [N, C, H, W]; each epoch's order comes from the shuffle stream and each
-image's crop offset and flip from the augment stream (PROTOCOL "Sources and seeds"). Augmentation
-parameters are drawn per image index, not per batch position, so changing the shuffle seed moves
-an image to another batch but leaves its crop and flip in every epoch unchanged.
+is one uint8 tensor [N, C, H, W]; each epoch's order comes from the shuffle stream and N crop
+offsets and flips from the augment stream (PROTOCOL "Sources and seeds"). ``data.augment_draw``
+says which image gets the k-th of those N draws (``epoch_augment``):
+
+- ``by_position`` (default, the authors' pipeline): the k-th sample visited. Their per-sample
+  transforms consume random numbers in visiting order, so a new shuffle seed also hands every
+  image another crop and flip: the "Data Shuffling" source includes augmentation assignment.
+- ``by_image``: image k. A new shuffle seed moves an image to another batch but leaves its crop
+  and flip in every epoch unchanged: shuffling is order only.
+
+Either way the draws come from the augment stream alone and their number (N per epoch) does not
+depend on the order, so no source consumes another's stream.
 """
 
 from __future__ import annotations
@@ -176,7 +184,7 @@ def epoch_order(n: int, g_shuffle: torch.Generator) -> torch.Tensor:
 
 @dataclass
 class EpochAugment:
-    """One epoch's augmentation draws, indexed by training-image index."""
+    """One epoch's augmentation draws: [N] tensors (indexed by image or by position, see epoch_augment)."""
     dy: torch.Tensor  # int64 [N] in 0..2*pad
     dx: torch.Tensor  # int64 [N] in 0..2*pad
     flip: torch.Tensor  # bool [N]
@@ -191,6 +199,25 @@ def draw_augment(n: int, pad: int, flip: bool, g_augment: torch.Generator) -> Ep
     off = torch.randint(0, 2 * pad + 1, (2, n), generator=g_augment)
     f = torch.rand(n, generator=g_augment) < 0.5
     return EpochAugment(dy=off[0], dx=off[1], flip=f if flip else torch.zeros_like(f))
+
+
+AUGMENT_DRAWS = ("by_position", "by_image")
+
+
+def epoch_augment(order: torch.Tensor, pad: int, flip: bool, augment_draw: str,
+                  g_augment: torch.Generator) -> EpochAugment:
+    """One epoch's crop/flip of each training position: entry k is applied to sample ``order[k]``.
+
+    The N draws are the same for both rules (``draw_augment``, from the augment stream); the rule
+    only decides who gets draw k. by_position: the k-th sample visited (the authors' coupling of
+    shuffle and augmentation). by_image: image ``order[k]`` gets draw ``order[k]``, i.e. its own.
+    """
+    draws = draw_augment(len(order), pad, flip, g_augment)
+    if augment_draw == "by_position":
+        return draws
+    if augment_draw == "by_image":
+        return EpochAugment(dy=draws.dy[order], dx=draws.dx[order], flip=draws.flip[order])
+    raise ConfigError(f"data.augment_draw={augment_draw!r}: valid values are {list(AUGMENT_DRAWS)}.")
 
 
 def augment_batch(x_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,

@@ -10,6 +10,9 @@ other seed is 1.
 - augment: each epoch's crops and flips (data.Augmenter) draw from ``Streams.augment``.
 - bitflip: one float32 ulp of one stem weight (apply_bitflip), chosen by its own generator.
 - cudnn:   not a stream but a switch (configure_kernels).
+
+``configure_precision`` is not a source: it pins what "fp32" means on the GPU (IEEE or TF32), so
+runs on a V100 and on an H100 compute the same kind of float32 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -131,4 +134,45 @@ def configure_kernels(deterministic: bool, device: torch.device) -> dict:
                             "(recorded as 'threads'), not on these switches")
     else:
         record["effect"] = "cuDNN/cuBLAS kernel selection"
+    return record
+
+
+FP32_PRECISIONS = ("ieee", "tf32")
+
+
+def configure_precision(precision: str, device: torch.device) -> dict:
+    """Set the fp32 precision of cuDNN convolutions and CUDA matmuls; return the record for run.json.
+
+    torch's defaults differ (cuDNN convolutions may use TF32, matmuls may not) and only matter on
+    Ampere and newer GPUs, so a study mixing GPU generations would mix numerics silently: we set
+    both from ``train.fp32_precision``. torch >= 2.9 has per-backend ``fp32_precision`` flags; we
+    use only those, since mixing them with the legacy ``allow_tf32`` flags makes torch raise on
+    reading. cudnn.rnn is set too so every cuDNN flag agrees (no RNN here). Older torch: the legacy
+    flags. The record holds the values read back, and the GPU name.
+    """
+    if precision not in FP32_PRECISIONS:
+        raise ConfigError(f"train.fp32_precision={precision!r}: valid values are {list(FP32_PRECISIONS)}.")
+    flags = {}
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+        torch.backends.cudnn.rnn.fp32_precision = precision
+        flags = {"cuda.matmul.fp32_precision": torch.backends.cuda.matmul.fp32_precision,
+                 "cudnn.conv.fp32_precision": torch.backends.cudnn.conv.fp32_precision,
+                 "cudnn.rnn.fp32_precision": torch.backends.cudnn.rnn.fp32_precision}
+    else:  # pragma: no cover - torch < 2.9
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        flags = {"cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                 "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32}
+    record = {"fp32_precision": precision, **flags}
+    if device.type == "cuda":
+        i = device.index if device.index is not None else torch.cuda.current_device()
+        major, _ = torch.cuda.get_device_capability(i)
+        record["gpu"] = torch.cuda.get_device_name(i)
+        # TF32 exists from compute capability 8.0 (Ampere); older GPUs compute IEEE fp32 either way.
+        record["effective"] = precision if major >= 8 else "ieee (no TF32 before compute capability 8.0)"
+    else:
+        record["gpu"] = None
+        record["effective"] = "not applicable: CPU run (these flags only act on CUDA kernels)"
     return record

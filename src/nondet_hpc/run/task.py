@@ -22,12 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__
 from ..config import ConfigError, identity_items
-from .data import load_dataset
+from .data import AUGMENT_DRAWS, load_dataset
 from .models import init_weights, model_from_config
 from ..rundir import (DONE, RunRecord, group_key, is_done, logits_path, run_dir, run_id, run_lock, write_json, write_npy,
                      write_text)
-from .sources import Streams, apply_bitflip, configure_kernels, resolve_seeds
-from .train import Preempted, Trainer, clear_stop
+from .sources import (FP32_PRECISIONS, Streams, apply_bitflip, configure_kernels, configure_precision,
+                      resolve_seeds)
+from .train import PARAM_GROUP_RULES, Preempted, Trainer, clear_stop
 from .views import VIEWS, evaluate_test_set
 
 #: digits has 1,797 images of 10 classes; a stratified split needs each class on both sides.
@@ -118,6 +119,11 @@ def validate(cfg, *, check_device: bool = True) -> None:
         raise ConfigError(f"data.test_size={d.test_size} is out of range for digits (1,797 images, 10 classes): "
                           f"choose {DIGITS_TEST_SIZES[0]}..{DIGITS_TEST_SIZES[1]} so both splits hold every class "
                           f"(default 497).")
+    for key, value, valid in (("train.param_groups", t.param_groups, PARAM_GROUP_RULES),
+                              ("data.augment_draw", cfg.data.augment_draw, AUGMENT_DRAWS),
+                              ("train.fp32_precision", t.fp32_precision, FP32_PRECISIONS)):
+        if value not in valid:
+            raise ConfigError(f"{key}={value!r}: valid values are {list(valid)} (docs/configuration.md).")
     if t.channels_last not in ("auto", True, False, "true", "false"):
         raise ConfigError(f"train.channels_last={t.channels_last!r}: valid values are auto, true, false.")
     bad = [v for v in cfg.eval.views if v not in VIEWS]
@@ -220,6 +226,7 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         kernels = configure_kernels(cfg.source.deterministic_kernels, device)
+        precision = configure_precision(cfg.train.fp32_precision, device)
         seeds = resolve_seeds(list(cfg.source.vary), cfg.seed, cfg.source.deterministic_kernels)
         channels_last = (device.type == "cuda") if cfg.train.channels_last == "auto" else \
             cfg.train.channels_last in (True, "true")
@@ -228,6 +235,7 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
                       group_key=group_key(cfg), group_label=cfg.source.label,
                       identity={k: v for k, v in identity_items(cfg).items() if k != "seed"},
                       source=OmegaConf.to_container(cfg.source), seeds=seeds.as_dict(), kernels=kernels,
+                      fp32=precision, augment_draw=cfg.data.augment_draw,
                       channels_last=channels_last, started=record.data.get("started", t0),
                       **provenance(device))
         data = load_dataset(cfg.data)
@@ -257,6 +265,7 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
 
         trainer = Trainer(model, data, streams, cfg.train, cfg.data, device, rd / "checkpoint.pt",
                           channels_last, on_epoch=lambda hb: record.update(heartbeat=hb), on_snapshot=on_snapshot)
+        record.update(param_groups=trainer.groups_record)
         resumed = trainer.load_checkpoint()
         if resumed:
             record.update(resumed_from={"epoch": trainer.progress.epoch, "batch": trainer.progress.batch,

@@ -1,9 +1,10 @@
 """The training loop (PROTOCOL.md, "Training" and "Accelerated ensembling").
 
-SGD (momentum 0.9, weight decay 5e-4 on every parameter) with two parameter groups: conv and
-linear weights peak at ``lr`` (0.4); biases and BN parameters at ``lr * lr_scale_bias_bn``
-(0.04). The learning rate is set every iteration: a linear warm-up from 0 over the first
-``warmup_epochs``, then ``0.5 * peak * (1 + cos(pi * e / E))`` with ``e`` the epoch as a fraction.
+SGD (momentum 0.9, weight decay 5e-4 on every parameter) with two parameter groups, one at the
+peak ``lr`` (0.4) and one at ``lr * lr_scale_bias_bn`` (0.04); ``train.param_groups`` says which
+parameter goes where (``param_groups``). The learning rate is set every iteration: a linear
+warm-up from 0 while the epoch (a fraction) is <= ``warmup_epochs`` (inclusive, as the authors'
+code), then ``0.5 * peak * (1 + cos(pi * e / E))`` with ``e`` the epoch as a fraction.
 With ``snapshots = k > 1`` the same budget is split into k cycles of E/k epochs, each with its
 own warm-up and cosine decay to 0, and every cycle ends with an evaluation (a snapshot).
 
@@ -27,7 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import Dataset, augment_batch, draw_augment, epoch_order, normalize, training_batches
+from .data import Dataset, augment_batch, epoch_augment, epoch_order, normalize, training_batches
+from ..config import ConfigError
+from .models import BasicBlock
 from ..rundir import atomic_write
 from .sources import Streams
 
@@ -54,20 +57,49 @@ def lr_factor(epoch: float, epochs: int, snapshots: int, warmup: float) -> float
     """Fraction of the peak LR at fractional epoch ``epoch`` (per-iteration schedule)."""
     cycle = epochs / snapshots
     e = epoch - cycle * min(int(epoch // cycle), snapshots - 1)  # position within its cycle
-    if e < warmup:
+    # Inclusive, as the authors' `epoch <= warmup_epochs`: the step that lands exactly on the end of
+    # the warm-up takes the full peak, not the (slightly lower) cosine value.
+    if warmup > 0 and e <= warmup:
         return e / warmup
     return 0.5 * (1.0 + math.cos(math.pi * e / cycle))
 
 
-def param_groups(model: nn.Module, lr: float, scale: float, weight_decay: float) -> list[dict]:
-    """Conv/linear weights at the peak LR; biases and BN weights/biases at peak * scale."""
-    main, small = [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            is_weight = name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear))
-            (main if is_weight else small).append(p)
+PARAM_GROUP_RULES = ("authors", "by_type")
+
+
+def small_lr_names(model: nn.Module, rule: str) -> set[str]:
+    """Names of the parameters that train at peak * lr_scale_bias_bn under ``rule``.
+
+    authors: the authors' code picks by NAME: "bias" in the name, or "bn" and "weight" in it. Every
+    BN of theirs is called bn1/bn2 except the shortcut's, ``downsample.1``, so its scale misses the
+    rule and trains at the full peak while its bias does not. We reproduce that by what the modules
+    are, not by our names (ours call the shortcut BN ``shortcut.bn`` / ``shortcut.1``, and a
+    rename must not silently move a tensor): every bias, and every BN scale outside a shortcut.
+    by_type: every parameter that is not a conv or linear weight (all BN scales and biases).
+    """
+    if rule not in PARAM_GROUP_RULES:
+        raise ConfigError(f"train.param_groups={rule!r}: valid values are {list(PARAM_GROUP_RULES)}.")
+    shortcut_bn = {id(m) for b in model.modules() if isinstance(b, BasicBlock)
+                   for m in b.shortcut.modules() if isinstance(m, nn.BatchNorm2d)}
+    small = set()
+    for mname, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            if rule == "authors":
+                is_small = pname == "bias" or (isinstance(module, nn.BatchNorm2d) and id(module) not in shortcut_bn)
+            else:
+                is_small = not (pname == "weight" and isinstance(module, (nn.Conv2d, nn.Linear)))
+            if is_small:
+                small.add(f"{mname}.{pname}" if mname else pname)
+    return small
+
+
+def param_groups(model: nn.Module, lr: float, scale: float, weight_decay: float, rule: str) -> list[dict]:
+    """The two SGD groups: [peak ``lr``, peak ``lr * scale``], split by ``small_lr_names(rule)``."""
+    small = small_lr_names(model, rule)
+    main = [p for n, p in model.named_parameters() if n not in small]
+    rest = [p for n, p in model.named_parameters() if n in small]
     return [{"params": main, "peak_lr": lr, "lr": 0.0, "weight_decay": weight_decay},
-            {"params": small, "peak_lr": lr * scale, "lr": 0.0, "weight_decay": weight_decay}]
+            {"params": rest, "peak_lr": lr * scale, "lr": 0.0, "weight_decay": weight_decay}]
 
 
 @dataclass
@@ -89,8 +121,12 @@ class Trainer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.on_epoch, self.on_snapshot = on_epoch, on_snapshot
         self.model.to(device=device, memory_format=self.memory_format)
-        self.opt = torch.optim.SGD(param_groups(model, tcfg.lr, tcfg.lr_scale_bias_bn, tcfg.weight_decay),
-                                   lr=0.0, momentum=tcfg.momentum)
+        groups = param_groups(model, tcfg.lr, tcfg.lr_scale_bias_bn, tcfg.weight_decay, tcfg.param_groups)
+        # What each group holds, for run.json: the rule, and tensors/values per peak LR.
+        self.groups_record = {"rule": tcfg.param_groups, "groups": [
+            {"peak_lr": g["peak_lr"], "tensors": len(g["params"]), "values": sum(p.numel() for p in g["params"])}
+            for g in groups]}
+        self.opt = torch.optim.SGD(groups, lr=0.0, momentum=tcfg.momentum)
         self.mean, self.std = list(dcfg.mean), list(dcfg.std)
         self.n = len(data.train_x)
         self.batches = training_batches(self.n, tcfg.batch_size)
@@ -142,15 +178,17 @@ class Trainer:
             start = time.perf_counter()
             # Replaying from the epoch's saved stream states makes a mid-epoch resume exact.
             self.streams.load_state(self.epoch_streams)
-            order = epoch_order(self.n, self.streams.shuffle).to(self.device)
-            aug = draw_augment(self.n, d.pad, d.flip, self.streams.augment)
+            order = epoch_order(self.n, self.streams.shuffle)
+            # Indexed by position in this epoch's order (batch b uses entries lo:hi), whichever rule.
+            aug = epoch_augment(order, d.pad, d.flip, d.augment_draw, self.streams.augment)
+            order = order.to(self.device)
             dy, dx, flip = (a.to(self.device) for a in (aug.dy, aug.dx, aug.flip))
             loss_sum = torch.zeros((), device=self.device)
             lr = self.set_lr(p.step)
             for b in range(p.batch, len(self.batches)):
                 lo, hi = self.batches[b]
                 idx = order[lo:hi]
-                x = augment_batch(x_all[idx], dy[idx], dx[idx], flip[idx], d.pad)
+                x = augment_batch(x_all[idx], dy[lo:hi], dx[lo:hi], flip[lo:hi], d.pad)
                 x = normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
                 lr = self.set_lr(p.step)
                 loss = F.cross_entropy(self.model(x), y_all[idx])
