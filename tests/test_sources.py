@@ -145,3 +145,16 @@ def test_cublas_workspace_is_fixed_on_import_before_any_cuda_work():
     out = subprocess.run([sys.executable, "-c", "import os, nondet_hpc; print(os.environ['CUBLAS_WORKSPACE_CONFIG'])"],
                          env=env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
     assert out == ":4096:8"
+
+
+def test_every_valid_seed_gives_each_stream_its_own_generator_seeds():
+    from nondet_hpc.run.sources import _STREAM_OFFSET, MAX_SEED
+    ranges = sorted((off + 1, off + MAX_SEED) for off in _STREAM_OFFSET.values())
+    assert all(hi < lo_next for (_, hi), (lo_next, _) in zip(ranges, ranges[1:])), ranges
+    with pytest.raises(ConfigError, match=r"seed=1000001 is too large.*1\.\.1000000"):
+        resolve_seeds(["init"], MAX_SEED + 1, True)
+    # the collision that motivated the bound: init seed 1_000_004 would equal shuffle seed 1
+    assert _STREAM_OFFSET["init"] + 1_000_004 == _STREAM_OFFSET["shuffle"] + 1
+    with pytest.raises(ConfigError):
+        resolve_seeds(["init"], 1_000_004, True)
+    assert resolve_seeds(["init"], MAX_SEED, True).init == MAX_SEED

@@ -7,7 +7,7 @@ other seed is 1.
 
 - init:    model weights (models.init_weights) draw from ``Streams.init``.
 - shuffle: each epoch's permutation (data.epoch_order) draws from ``Streams.shuffle``.
-- augment: each epoch's crops and flips (data.Augmenter) draw from ``Streams.augment``.
+- augment: each epoch's crops and flips (data.epoch_augment) draw from ``Streams.augment``.
 - bitflip: one float32 ulp of one stem weight (apply_bitflip), chosen by its own generator.
 - cudnn:   not a stream but a switch (configure_kernels).
 
@@ -24,6 +24,10 @@ from typing import Optional
 import torch
 
 from ..config import SEEDED_SOURCES, ConfigError
+
+
+#: Largest replicate index: below every gap between the stream offsets (see _STREAM_OFFSET).
+MAX_SEED = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ def resolve_seeds(vary: list[str], seed: int, deterministic_kernels: bool) -> Se
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 1:
         raise ConfigError(f"seed={seed!r} is invalid: the replicate index must be an integer >= 1 "
                           f"(e.g. seed=7, or sweep with seed='range(1,101)').")
+    if seed > MAX_SEED:
+        raise ConfigError(f"seed={seed} is too large: replicate indices go up to {MAX_SEED:,}, the range in which "
+                          f"every source's random stream is distinct from every other's (a larger init seed would "
+                          f"reproduce a shuffle seed's numbers). Use seed=1..{MAX_SEED}.")
     unknown = sorted(set(vary) - set(SEEDED_SOURCES))
     if unknown:
         raise ConfigError(f"source.vary has unknown stream(s) {unknown}; valid: {list(SEEDED_SOURCES)} "
@@ -55,7 +63,9 @@ def resolve_seeds(vary: list[str], seed: int, deterministic_kernels: bool) -> Se
 
 
 # Offsets keep streams apart even if two sources get the same integer seed: generator(init=1) and
-# generator(shuffle=1) must not produce the same numbers.
+# generator(shuffle=1) must not produce the same numbers. With seeds limited to 1..MAX_SEED the
+# generator seeds of different streams lie in disjoint ranges, so no seed of one source can ever
+# equal a seed of another (tests/test_sources.py checks the ranges).
 _STREAM_OFFSET = {"init": 0, "shuffle": 1_000_003, "augment": 2_000_003, "bitflip": 3_000_017}
 
 
