@@ -167,6 +167,7 @@ def _evaluate_locked(rd, rid, cfg, record, dev, channels_last, bs, todo, want_fe
 
     from .data import load_dataset
     from .models import model_from_config
+    from .train import load_checkpoint_file
     from .views import evaluate_test_set
 
     with _locked(rd):
@@ -185,7 +186,7 @@ def _evaluate_locked(rd, rid, cfg, record, dev, channels_last, bs, todo, want_fe
         ckpt_path = rd / "checkpoint.pt"
         if not ckpt_path.exists():
             raise EvaluateError(f"{rd} has no checkpoint.pt (deleted to save space?): the model cannot be rebuilt.")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        state = load_checkpoint_file(ckpt_path, rid)
         epoch = (state.get("progress") or {}).get("epoch")
         if epoch != cfg.train.epochs:
             raise EvaluateError(f"{ckpt_path} is from epoch {epoch}, not the final epoch {cfg.train.epochs}: it is "

@@ -264,7 +264,8 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
                     last_snapshot.update(logits)
 
         trainer = Trainer(model, data, streams, cfg.train, cfg.data, device, rd / "checkpoint.pt",
-                          channels_last, on_epoch=lambda hb: record.update(heartbeat=hb), on_snapshot=on_snapshot)
+                          channels_last, on_epoch=lambda hb: record.update(heartbeat=hb), on_snapshot=on_snapshot,
+                          run_id=rid)
         record.update(param_groups=trainer.groups_record)
         resumed = trainer.load_checkpoint()
         if resumed:

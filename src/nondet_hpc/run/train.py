@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -102,6 +102,29 @@ def param_groups(model: nn.Module, lr: float, scale: float, weight_decay: float,
             {"params": rest, "peak_lr": lr * scale, "lr": 0.0, "weight_decay": weight_decay}]
 
 
+def load_checkpoint_file(path: Path, run_id: str, map_location: Any = "cpu") -> dict:
+    """A checkpoint of run ``run_id``, loaded without executing anything from the file.
+
+    ``weights_only=True`` admits tensors, numbers, strings and containers only, which is all this
+    package writes (run folders are shared: a planted pickle must not run). The stored run id must
+    be this run's: a checkpoint copied from another folder would make this run finish with the other
+    run's model. Either refusal leaves every file as it is and says what to do.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise ConfigError(f"{path} was refused: it is not a checkpoint this package wrote ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}). Nothing was loaded or overwritten. If the run should "
+                          f"start over, move the file away; otherwise restore the run's own checkpoint.") from None
+    stored = state.get("run_id") if isinstance(state, dict) else None
+    if stored != run_id:
+        raise ConfigError(f"{path} belongs to run {stored or '(no run id recorded)'}, not to {run_id}: it was copied "
+                          f"or written by another version. Nothing was loaded or overwritten; move it away to "
+                          f"train {run_id} from scratch.")
+    return state
+
+
 @dataclass
 class Progress:
     epoch: int = 0  # epochs fully done
@@ -115,9 +138,10 @@ class Trainer:
     def __init__(self, model: nn.Module, data: Dataset, streams: Streams, tcfg, dcfg,
                  device: torch.device, checkpoint_path: Path, channels_last: bool,
                  on_epoch: Optional[Callable[[dict], None]] = None,
-                 on_snapshot: Optional[Callable[[int], None]] = None):
+                 on_snapshot: Optional[Callable[[int], None]] = None, run_id: str = ""):
         self.model, self.data, self.streams, self.t, self.d = model, data, streams, tcfg, dcfg
         self.device, self.checkpoint_path = device, Path(checkpoint_path)
+        self.run_id = run_id  # stored in every checkpoint: a checkpoint of another run is refused
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.on_epoch, self.on_snapshot = on_epoch, on_snapshot
         self.model.to(device=device, memory_format=self.memory_format)
@@ -138,7 +162,7 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+        return {"run_id": self.run_id, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "progress": vars(self.progress).copy(), "epoch_streams": self.epoch_streams,
                 "snapshots_done": self.snapshots_done, "elapsed": self.elapsed}
 
@@ -153,7 +177,7 @@ class Trainer:
     def load_checkpoint(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        state = load_checkpoint_file(self.checkpoint_path, self.run_id, map_location=self.device)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.progress = Progress(**state["progress"])
