@@ -24,8 +24,8 @@ class RunJob:
     """What one array task executes (pickled by submitit): train one run, resumable.
 
     Signals: SLURM sends USR2 ``signal_delay_s`` before the time limit (``#SBATCH --signal``).
-    The handler only calls ``nondet_hpc.train.request_stop()``; the training loop finishes its
-    iteration, writes checkpoint.pt and raises ``Preempted``; then this job requeues itself
+    The handler only sets a flag (``nondet_hpc.run.train.request_stop()``); the training loop
+    finishes its iteration, writes checkpoint.pt and raises ``Preempted``; then this job requeues itself
     (``scontrol requeue``) and the next start resumes bit-exactly from the checkpoint. SIGTERM
     (scancel, preemption by SLURM) also checkpoints, but the job does not requeue itself: a
     cancelled job stays cancelled, and SLURM requeues preempted jobs on its own.
