@@ -17,7 +17,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nondet_hpc.cluster import slurm
+from nondet_hpc.cluster import cancel, client, jobs, manifest, script, state, submit
 from nondet_hpc.__main__ import conf_dir
 from nondet_hpc.config import register_configs
 from slurm_fixtures import FakeSlurm, cli_env, run_cli
@@ -47,7 +47,7 @@ def job_cfgs(out_dir: Path, sources=("init", "shuffle"), seeds=(1, 2, 3), *extra
 
 
 def plan(out_dir: Path, *extra: str, sources=("init", "shuffle"), seeds=(1, 2, 3)):
-    return [slurm.plan_run(c, [f"source={c.source.name}", f"seed={c.seed}"])
+    return [manifest.plan_run(c, [f"source={c.source.name}", f"seed={c.seed}"])
             for c in job_cfgs(out_dir, sources, seeds, *extra)]
 
 
@@ -65,6 +65,11 @@ def params_for(sweep: Path, **kw) -> dict:
 
 
 # ============================================================================ presets: sbatch scripts
+def sbatch_flags(text: str) -> list[str]:
+    """The #SBATCH lines of a script as command-line flags (what sbatch will apply)."""
+    return [line[len("#SBATCH "):].strip() for line in text.splitlines() if line.startswith("#SBATCH ")]
+
+
 EXPECTED_SLURM_ARRAY = f"""\
 #!/bin/bash
 
@@ -146,7 +151,7 @@ srun --unbuffered --output /sweep/slurm/%j_%t_log.out --error /sweep/slurm/%j_%t
 def test_generic_preset_sbatch_script():
     p = launcher_params("slurm")
     assert p["submitit_folder"] == "/sweep/slurm"
-    assert slurm.sbatch_script(p, Path(p["submitit_folder"]), array_size=6) == EXPECTED_SLURM_ARRAY
+    assert script.sbatch_script(p, Path(p["submitit_folder"]), array_size=6) == EXPECTED_SLURM_ARRAY
     # no GPU unless asked
     assert "gres" not in EXPECTED_SLURM_ARRAY and "gpus" not in EXPECTED_SLURM_ARRAY
 
@@ -155,17 +160,17 @@ def test_v100_preset_sbatch_scripts_and_command_lines():
     p = launcher_params("slurm_v100", "hydra.launcher.account=proj42", "hydra.launcher.qos=normal",
                         "hydra.launcher.array_parallelism=16", "hydra.launcher.reducer.partition=cpu")
     folder = Path(p["submitit_folder"])
-    array = slurm.sbatch_script(p, folder, array_size=100, parallelism=p["array_parallelism"])
+    array = script.sbatch_script(p, folder, array_size=100, parallelism=p["array_parallelism"])
     assert array == EXPECTED_V100_ARRAY
-    reducer = slurm.sbatch_script(p, folder, reducer=True, dependency="afterany:700:701")
+    reducer = script.sbatch_script(p, folder, reducer=True, dependency="afterany:700:701")
     assert reducer == EXPECTED_V100_REDUCER
     # the same as sbatch command-line flags, written by hand
-    assert slurm.sbatch_flags(array) == [
+    assert sbatch_flags(array) == [
         "--account=proj42", "--array=0-99%16", "--cpus-per-task=4", "--error=/sweep/slurm/%A_%a_0_log.err",
         "--gres=gpu:v100:1", "--job-name=nondet-v100", "--mem=32GB", "--nodes=1", "--open-mode=append",
         "--output=/sweep/slurm/%A_%a_0_log.out", "--partition=gpu", "--qos=normal", "--requeue",
         "--signal=USR2@120", "--time=60"]
-    assert slurm.sbatch_flags(reducer) == [
+    assert sbatch_flags(reducer) == [
         "--account=proj42", "--cpus-per-task=1", "--dependency=afterany:700:701",
         "--error=/sweep/slurm/%j_0_log.err", "--job-name=nondet-v100-reduce", "--mem=16GB", "--nodes=1",
         "--open-mode=append", "--output=/sweep/slurm/%j_0_log.out", "--partition=cpu", "--qos=normal",
@@ -177,14 +182,14 @@ def test_preset_extras_hold_constraint_setup():
                         "hydra.launcher.hold=true", "hydra.launcher.mem_gb=1.5",
                         "+hydra.launcher.additional_parameters.mail-type=FAIL",
                         "hydra.launcher.setup=[module load cuda/12.6,source /venv/bin/activate]")
-    flags = slurm.sbatch_flags(slurm.sbatch_script(p, Path("/sweep/slurm"), array_size=2))
+    flags = sbatch_flags(script.sbatch_script(p, Path("/sweep/slurm"), array_size=2))
     for f in ["--constraint=v100", "--gpus-per-node=1", "--hold", "--mem=1536MB", "--mail-type=FAIL"]:
         assert f in flags
-    text = slurm.sbatch_script(p, Path("/sweep/slurm"), array_size=2)
+    text = script.sbatch_script(p, Path("/sweep/slurm"), array_size=2)
     assert "# setup\nmodule load cuda/12.6\nsource /venv/bin/activate\n" in text
     # without srun the batch shell gets the signal and execs python, so the run still receives it
     p["use_srun"] = False
-    text = slurm.sbatch_script(p, Path("/sweep/slurm"), array_size=2)
+    text = script.sbatch_script(p, Path("/sweep/slurm"), array_size=2)
     assert "#SBATCH --signal=B:USR2@120" in text and "srun" not in text
     assert f"\nexec {PY} -u -m submitit.core._submit /sweep/slurm\n" in text
 
@@ -200,17 +205,17 @@ def test_misspelt_launcher_field_fails():
 def test_parse_scontrol_config():
     text = "Configuration data as of 2026-01-01T00:00:00\nAccountingStorageType   = accounting_storage/slurmdbd\n" \
            "MaxArraySize            = 1001\nMaxJobCount             = 10000\nSchedulerParameters     = sched_interval=5\n"
-    c = slurm.parse_scontrol_config(text)
+    c = client.parse_scontrol_config(text)
     assert c["MaxArraySize"] == "1001" and c["SchedulerParameters"] == "sched_interval=5"
 
 
 def test_parse_squeue():
-    assert slurm.squeue_command("me") == [
+    assert client.squeue_command("me") == [
         "squeue", "-h", "-r", "-O",
         "JobArrayID:|,JobID:|,ArrayJobID:|,State:|,Reason:|,RestartCnt:|,TimeUsed:|,NodeList:|,STDOUT:|", "-u", "me"]
     text = ("6_2|6|6|PENDING|Resources|0|0:00||/s/slurm/%A_%a_0_log.out|\n6_0|7|6|RUNNING|None|0|0:02|vm||\n"
             "6_1|8|6|PENDING|BeginTime|1|0:00||/s/slurm/%A_%a_0_log.out|\n12|12|N/A|PENDING|Dependency|0|0:00||\n")
-    q = slurm.parse_squeue(text)
+    q = client.parse_squeue(text)
     assert q["6_2"].stdout == "/s/slurm/%A_%a_0_log.out" and q["6_2"].belongs_to("/s/slurm")
     assert not q["6_2"].belongs_to("/t/slurm") and q["6_0"].belongs_to("/t/slurm")
     assert q["6_0"].state == "RUNNING" and q["6_0"].raw_id == "7"
@@ -223,25 +228,25 @@ def test_parse_sacct_duplicates_and_ranges():
     text = ("6_0|7|REQUEUED|0:0|00:00:02|2026|2026|vm\n6_0|7|REQUEUED|0:0|00:00:02|2026|2026|vm\n"
             "6_0|7|COMPLETED|0:0|00:00:05|2026|2026|vm\n6_1|8|CANCELLED by 0|0:15|00:00:01|||vm\n"
             "6_[2-4%2]|6|PENDING|0:0|00:00:00|Unknown|Unknown|\n9|9|FAILED|1:0|00:00:01|||vm\n")
-    a = slurm.parse_sacct(text)
+    a = client.parse_sacct(text)
     assert a["6_0"].state == "COMPLETED" and a["6_0"].restarts == 2
     assert a["6_1"].state == "CANCELLED" and a["6_1"].exit_code == "0:15"
     assert {k for k in a if k.startswith("6_")} >= {"6_2", "6_3", "6_4"}
     assert a["9"].state == "FAILED"
-    assert slurm.sacct_command(["6_1", "6_0", "9"])[-1] == "6,9"
+    assert client.sacct_command(["6_1", "6_0", "9"])[-1] == "6,9"
 
 
 def test_heartbeat_progress():
-    assert slurm.heartbeat_progress({"epoch": 3, "epochs": 10, "step": 33, "steps": 110}) == pytest.approx(0.3)
-    assert slurm.heartbeat_progress({"epoch": 5, "epochs": 10}) == 0.5
-    assert slurm.heartbeat_progress({}) is None
+    assert state.heartbeat_progress({"epoch": 3, "epochs": 10, "step": 33, "steps": 110}) == pytest.approx(0.3)
+    assert state.heartbeat_progress({"epoch": 5, "epochs": 10}) == 0.5
+    assert state.heartbeat_progress({}) is None
 
 
 # ============================================================================ submission (fake SLURM)
 def test_submit_writes_manifest_and_reducer(fake, tmp_path):
     sweep = tmp_path / "sw"
     runs = plan(sweep)
-    res = slurm.submit_sweep(sweep, runs, params_for(sweep), argv=["x"])
+    res = submit.submit_sweep(sweep, runs, params_for(sweep), argv=["x"])
     assert len(res.submitted) == 6 and len(res.arrays) == 1
     m = json.loads((sweep / "sweep.json").read_text())
     sub = m["submissions"][0]
@@ -265,28 +270,28 @@ def test_chunking_to_max_array_size(fake, tmp_path):
     sweep = tmp_path / "sw"
     fake.update(max_array_size=2)  # read from `scontrol show config`
     runs = plan(sweep, seeds=(1, 2), sources=("init", "shuffle", "augment"))[:5]
-    res = slurm.submit_sweep(sweep, runs, params_for(sweep), argv=["x"])
+    res = submit.submit_sweep(sweep, runs, params_for(sweep), argv=["x"])
     assert [(a["offset"], a["size"]) for a in res.arrays] == [(0, 2), (2, 2), (4, 1)]
     sub = json.loads((sweep / "sweep.json").read_text())["submissions"][0]
     for a in sub["arrays"]:
         for i in range(a["size"]):
             with open(sweep / "slurm" / f"{a['job_id']}_{i}_submitted.pkl", "rb") as f:
                 assert pickle.load(f).function.run_id == sub["runs"][a["offset"] + i]
-    jobs = fake.state["jobs"]
-    assert [j["array"] for j in jobs[:3]] == [2, 2, 1] and all(j["dependency"] is None for j in jobs[:3])
-    assert jobs[3]["dependency"] == "afterany:" + ":".join(a["job_id"] for a in res.arrays)
+    queued = fake.state["jobs"]
+    assert [j["array"] for j in queued[:3]] == [2, 2, 1] and all(j["dependency"] is None for j in queued[:3])
+    assert queued[3]["dependency"] == "afterany:" + ":".join(a["job_id"] for a in res.arrays)
     # override beats scontrol; a parallelism limit below the sweep size chains the chunks
     sweep2 = tmp_path / "sw2"
-    res = slurm.submit_sweep(sweep2, plan(sweep2), params_for(sweep2, max_array_size=4, array_parallelism=3))
-    jobs = fake.state["jobs"][-3:]
-    assert [(j["array"], j["parallelism"]) for j in jobs[:2]] == [(4, 3), (2, 2)]
-    assert jobs[1]["dependency"] == f"afterany:{res.arrays[0]['job_id']}"
+    res = submit.submit_sweep(sweep2, plan(sweep2), params_for(sweep2, max_array_size=4, array_parallelism=3))
+    queued = fake.state["jobs"][-3:]
+    assert [(j["array"], j["parallelism"]) for j in queued[:2]] == [(4, 3), (2, 2)]
+    assert queued[1]["dependency"] == f"afterany:{res.arrays[0]['job_id']}"
 
 
 def test_rerun_submits_only_missing_and_keeps_history(fake, tmp_path):
     sweep = tmp_path / "sw"
     runs = plan(sweep)
-    first = slurm.submit_sweep(sweep, runs, params_for(sweep))
+    first = submit.submit_sweep(sweep, runs, params_for(sweep))
     a = first.arrays[0]["job_id"]
     # run 0 runs, run 1 was cancelled, run 2 is done (DONE decides, whatever SLURM says),
     # run 3 finished COMPLETED without DONE (= failed), 4 and 5 still pending
@@ -296,7 +301,7 @@ def test_rerun_submits_only_missing_and_keeps_history(fake, tmp_path):
     runs[2].run_dir.mkdir(parents=True)
     (runs[2].run_dir / "DONE").write_text("{}")
     fake.set_task(f"{a}_3", "COMPLETED", queue=False)
-    again = slurm.submit_sweep(sweep, plan(sweep), params_for(sweep))
+    again = submit.submit_sweep(sweep, plan(sweep), params_for(sweep))
     assert sorted(again.submitted) == sorted([runs[1].run_id, runs[3].run_id])
     assert again.done == [runs[2].run_id] and len(again.active) == 3
     m = json.loads((sweep / "sweep.json").read_text())
@@ -309,35 +314,35 @@ def test_rerun_submits_only_missing_and_keeps_history(fake, tmp_path):
     assert ["scancel", first.reducer["job_id"]] in [["scancel", *c] for c in fake.calls("scancel")]
     # a third identical command while everything is queued submits nothing
     n_jobs = len(fake.state["jobs"])
-    third = slurm.submit_sweep(sweep, plan(sweep), params_for(sweep))
+    third = submit.submit_sweep(sweep, plan(sweep), params_for(sweep))
     assert third.submitted == [] and third.arrays == [] and len(fake.state["jobs"]) == n_jobs
     assert len(json.loads((sweep / "sweep.json").read_text())["submissions"]) == 2
 
 
 def test_reusing_folder_with_other_config_is_refused(fake, tmp_path):
     sweep = tmp_path / "sw"
-    slurm.submit_sweep(sweep, plan(sweep), params_for(sweep))
+    submit.submit_sweep(sweep, plan(sweep), params_for(sweep))
     # another base configuration (different lr): refused, nothing submitted
     n = len(fake.state["jobs"])
-    with pytest.raises(slurm.SweepConfigMismatch, match=r"train.lr: 0.4 \(recorded\) != 0.1 \(now\)"):
-        slurm.submit_sweep(sweep, plan(sweep, "train.lr=0.1", seeds=(7,)), params_for(sweep))
-    with pytest.raises(slurm.SweepConfigMismatch, match="model.name"):
-        slurm.submit_sweep(sweep, plan(sweep, "model=resnet18", seeds=(7,)), params_for(sweep))
+    with pytest.raises(manifest.SweepConfigMismatch, match=r"train.lr: 0.4 \(recorded\) != 0.1 \(now\)"):
+        submit.submit_sweep(sweep, plan(sweep, "train.lr=0.1", seeds=(7,)), params_for(sweep))
+    with pytest.raises(manifest.SweepConfigMismatch, match="model.name"):
+        submit.submit_sweep(sweep, plan(sweep, "model=resnet18", seeds=(7,)), params_for(sweep))
     assert len(fake.state["jobs"]) == n
     # a recorded run id must come with its recorded configuration
     m = json.loads((sweep / "sweep.json").read_text())
     rid = next(iter(m["runs"]))
     m["runs"][rid]["config_hash"] = "0" * 16
     (sweep / "sweep.json").write_text(json.dumps(m))
-    with pytest.raises(slurm.SweepConfigMismatch, match=f"already has run {rid}"):
-        slurm.submit_sweep(sweep, plan(sweep), params_for(sweep))
+    with pytest.raises(manifest.SweepConfigMismatch, match=f"already has run {rid}"):
+        submit.submit_sweep(sweep, plan(sweep), params_for(sweep))
     m["runs"][rid]["config_hash"] = plan(sweep)[0].config_hash
     (sweep / "sweep.json").write_text(json.dumps(m))
     # new seeds, another source, or more epochs: the keys a study varies; allowed
-    res = slurm.submit_sweep(sweep, plan(sweep, seeds=(4,), sources=("augment",)), params_for(sweep))
+    res = submit.submit_sweep(sweep, plan(sweep, seeds=(4,), sources=("augment",)), params_for(sweep))
     assert len(res.submitted) == 1
     # what does not decide a run's result (evaluation views, checkpoint interval) may change
-    res = slurm.submit_sweep(sweep, plan(sweep, "train.checkpoint_every=5", "eval.views=[plain,flip]",
+    res = submit.submit_sweep(sweep, plan(sweep, "train.checkpoint_every=5", "eval.views=[plain,flip]",
                                          seeds=(5,)), params_for(sweep))
     assert len(res.submitted) == 2
 
@@ -346,8 +351,8 @@ def test_sbatch_rejection_shows_slurm_message_and_command(fake, tmp_path):
     sweep = tmp_path / "sw"
     fake.update(behave={"sbatch": {"fail": "sbatch: error: invalid partition specified: nope\n"
                                            "sbatch: error: Batch job submission failed: Invalid partition name specified"}})
-    with pytest.raises(slurm.SubmissionError) as e:
-        slurm.submit_sweep(sweep, plan(sweep), params_for(sweep, partition="nope"))
+    with pytest.raises(client.SubmissionError) as e:
+        submit.submit_sweep(sweep, plan(sweep), params_for(sweep, partition="nope"))
     msg = str(e.value)
     assert "invalid partition specified: nope" in msg and "Invalid partition name" in msg
     assert f"command: sbatch --parsable {sweep / 'slurm' / 'sub000_array00.sh'}" in msg
@@ -361,36 +366,71 @@ def test_reducer_partition_checked_before_arrays(fake, tmp_path):
     fake.update(behave={"sbatch": {"fail": "sbatch: error: invalid partition specified: cpux"}})
     p = params_for(sweep)
     p["reducer"]["partition"] = "cpux"
-    with pytest.raises(slurm.SubmissionError, match="(?s)reducer job.*cpux"):
-        slurm.submit_sweep(sweep, plan(sweep), p)
+    with pytest.raises(client.SubmissionError, match="(?s)reducer job.*cpux"):
+        submit.submit_sweep(sweep, plan(sweep), p)
     assert fake.calls("sbatch")[0][0] == "--test-only" and len(fake.calls("sbatch")) == 1
 
 
 def test_no_sbatch_points_to_local_launcher(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing there
-    with pytest.raises(slurm.SlurmUnavailable, match="hydra/launcher=local"):
-        slurm.submit_sweep(tmp_path / "sw", [], {})
+    with pytest.raises(client.SlurmUnavailable, match="hydra/launcher=local"):
+        submit.submit_sweep(tmp_path / "sw", [], {})
 
 
 def test_submit_limit(fake, tmp_path):
     sweep = tmp_path / "sw"
     fake.update(max_submit=4)  # MaxSubmitJobs from sacctmgr; the reducer takes one slot
-    res = slurm.submit_sweep(sweep, plan(sweep), params_for(sweep))
+    res = submit.submit_sweep(sweep, plan(sweep), params_for(sweep))
     assert len(res.submitted) == 3 and len(res.over_limit) == 3
-    assert "NOT submitted: 3 runs over your submit limit" in slurm.describe_submission(res, params_for(sweep))
-    with pytest.raises(slurm.SubmissionError, match="submit limit is 4 jobs"):
-        slurm.submit_sweep(tmp_path / "other", plan(tmp_path / "other"), params_for(tmp_path / "other"))
+    assert "NOT submitted: 3 runs over your submit limit" in submit.describe_submission(res, params_for(sweep))
+    with pytest.raises(client.SubmissionError, match="submit limit is 4 jobs"):
+        submit.submit_sweep(tmp_path / "other", plan(tmp_path / "other"), params_for(tmp_path / "other"))
     # explicit override: 0 = no limit
-    res = slurm.submit_sweep(tmp_path / "o2", plan(tmp_path / "o2"), params_for(tmp_path / "o2", max_submit=0))
+    res = submit.submit_sweep(tmp_path / "o2", plan(tmp_path / "o2"), params_for(tmp_path / "o2", max_submit=0))
     assert len(res.submitted) == 6
 
 
-def test_manifest_write_is_atomic(tmp_path):
-    data = slurm.new_manifest(tmp_path)
+def test_manifest_write_is_atomic(tmp_path, monkeypatch):
+    data = manifest.new_manifest(tmp_path)
     data["runs"]["x"] = {"jobs": []}
-    slurm.write_manifest(tmp_path, data)
-    assert slurm.load_manifest(tmp_path)["runs"] == {"x": {"jobs": []}}
+    manifest.write_manifest(tmp_path, data)
+    assert manifest.load_manifest(tmp_path)["runs"] == {"x": {"jobs": []}}
+    # the new content reaches sweep.json only by a rename of a complete temp file in the same
+    # folder: a writer killed mid-write leaves the old manifest (a plain write would truncate it)
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renames.append((Path(src), Path(dst), json.loads(Path(src).read_text())))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    data["runs"]["y"] = {"jobs": []}
+    manifest.write_manifest(tmp_path, data)
+    assert len(renames) == 1
+    src, dst, content = renames[0]
+    assert dst == tmp_path / "sweep.json" and src.parent == tmp_path and src != dst
+    assert content == json.loads(dst.read_text()) and set(content["runs"]) == {"x", "y"}
+    # a write that dies half-way leaves the previous manifest whole, and no temp file behind
+    def dies(f):
+        f.write(b'{"runs": {"half')
+        raise KeyboardInterrupt
+
+    from nondet_hpc import rundir
+    with pytest.raises(KeyboardInterrupt):
+        rundir.atomic_write(tmp_path / "sweep.json", dies)
+    assert set(manifest.load_manifest(tmp_path)["runs"]) == {"x", "y"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".sweep.json")] == []
+
+
+def test_sweep_lock_excludes_a_second_submission(tmp_path):
+    with manifest.sweep_lock(tmp_path):
+        assert (tmp_path / manifest.LOCK).exists()
+        with pytest.raises(client.SlurmError, match=r"\.sweep\.lock is locked by another submission"):
+            with manifest.sweep_lock(tmp_path, timeout=0):
+                pass
+    with manifest.sweep_lock(tmp_path, timeout=0):  # released on exit
+        pass
 
 
 # ============================================================================ status / cancel
@@ -402,7 +442,7 @@ def _write_run_json(run_dir: Path, **data):
 def test_status_states(fake, tmp_path):
     sweep = tmp_path / "sw"
     runs = plan(sweep)
-    res = slurm.submit_sweep(sweep, runs, params_for(sweep))
+    res = submit.submit_sweep(sweep, runs, params_for(sweep))
     a = res.arrays[0]["job_id"]
     fake.set_task(f"{a}_0", "RUNNING")
     _write_run_json(runs[0].run_dir, state="running",
@@ -418,7 +458,7 @@ def test_status_states(fake, tmp_path):
     st = fake.state
     st["acct"].pop(f"{a}_5")
     fake.update(acct=st["acct"])
-    s = slurm.sweep_status(sweep)
+    s = state.sweep_status(sweep)
     by = {r["run_id"]: r for r in s["runs"]}
     r0 = by[runs[0].run_id]
     assert r0["state"] == "running" and r0["epoch"] == 4 and r0["progress"] == pytest.approx(0.4)
@@ -443,40 +483,40 @@ def test_status_states(fake, tmp_path):
     st = fake.state
     st["queue"][f"{a}_4"]["stdout"] = str(sweep / "slurm" / "%A_%a_0_log.out")
     fake.update(queue=st["queue"])
-    assert slurm.sweep_status(sweep)["counts"]["requeued"] == 1
+    assert state.sweep_status(sweep)["counts"]["requeued"] == 1
 
 
 def test_status_without_accounting_and_with_hanging_sacct(fake, tmp_path):
     sweep = tmp_path / "sw"
     runs = plan(sweep, seeds=(1,))
-    res = slurm.submit_sweep(sweep, runs, params_for(sweep))
+    res = submit.submit_sweep(sweep, runs, params_for(sweep))
     a = res.arrays[0]["job_id"]
     fake.set_task(f"{a}_0", "RUNNING")
     fake.set_task(f"{a}_1", "X", queue=False)
     fake.update(behave={"sacct": {"fail": "sacct: error: Slurm accounting storage is disabled"}}, acct={})
-    s = slurm.sweep_status(sweep)
+    s = state.sweep_status(sweep)
     assert s["accounting"] == "squeue+run folder" and "sacct" in s["errors"]
     assert [r["state"] for r in s["runs"]] == ["running", "failed"]
     # a hanging sacct is given up after the timeout
     fake.update(behave={"sacct": {"sleep": 30}})
     t = time.monotonic()
-    s = slurm.sweep_status(sweep, timeout=1.5)
+    s = state.sweep_status(sweep, timeout=1.5)
     assert time.monotonic() - t < 10 and "within 1.5 s" in s["errors"]["sacct"]
     assert [r["state"] for r in s["runs"]] == ["running", "failed"]
 
 
 def test_cancel_only_this_sweeps_jobs(fake, tmp_path):
     sweep = tmp_path / "sw"
-    res = slurm.submit_sweep(sweep, plan(sweep), params_for(sweep))
+    res = submit.submit_sweep(sweep, plan(sweep), params_for(sweep))
     st = fake.state
     st["queue"]["999"] = {"state": "RUNNING", "reason": "None", "raw": "999", "restarts": 0}  # someone else's
     fake.update(queue=st["queue"])
-    assert slurm.cancel_sweep(sweep, dry_run=True) == res.job_ids()
+    assert cancel.cancel_sweep(sweep, dry_run=True) == res.job_ids()
     assert fake.calls("scancel") == []
-    ids = slurm.cancel_sweep(sweep)
+    ids = cancel.cancel_sweep(sweep)
     assert ids == res.job_ids() and fake.calls("scancel") == [res.job_ids()]
     assert "999" in fake.state["queue"]
-    assert slurm.cancel_sweep(sweep) == []  # nothing left
+    assert cancel.cancel_sweep(sweep) == []  # nothing left
     m = json.loads((sweep / "sweep.json").read_text())
     assert m["cancellations"][0]["job_ids"] == ids
     # after a cluster reset SLURM may hand our old ids to other jobs: those write elsewhere, and
@@ -485,8 +525,8 @@ def test_cancel_only_this_sweeps_jobs(fake, tmp_path):
     st["queue"][res.reducer["job_id"]] = {"state": "PENDING", "reason": "None", "raw": res.reducer["job_id"],
                                           "restarts": 0, "stdout": "/elsewhere/slurm-%j.out"}
     fake.update(queue=st["queue"])
-    assert slurm.cancel_sweep(sweep) == []
-    assert slurm.sweep_status(sweep)["reducer"]["state"] != "PENDING"
+    assert cancel.cancel_sweep(sweep) == []
+    assert state.sweep_status(sweep)["reducer"]["state"] != "PENDING"
 
 
 # ============================================================================ the Hydra launcher (CLI)
@@ -523,7 +563,7 @@ def _pickled_cfgs(folder: Path):
     for pk in sorted(folder.glob("*_submitted.pkl"), key=lambda p: [int(x) for x in p.name.split("_")[:2] if x.isdigit()]):
         with open(pk, "rb") as fh:
             fn = pickle.load(fh).function
-        if isinstance(fn, slurm.RunJob):
+        if isinstance(fn, jobs.RunJob):
             out.append(fn.cfg)
     return out
 
@@ -542,7 +582,7 @@ def test_cli_without_sbatch(tmp_path):
 # ============================================================================ in-job signal handling
 JOB_SCRIPT = textwrap.dedent("""
     import os, signal, sys, threading, time
-    from nondet_hpc.cluster import slurm
+    from nondet_hpc.cluster import cancel, client, jobs, manifest, script, state, submit
     from nondet_hpc.run import task, train
 
     def fake_run(cfg):
@@ -556,7 +596,7 @@ JOB_SCRIPT = textwrap.dedent("""
 
     task.run = fake_run
     threading.Timer(0.2, os.kill, (os.getpid(), signal.{sig})).start()
-    slurm.RunJob({{}}, "r1", "/nowhere", max_requeue={max_requeue})()
+    jobs.RunJob({{}}, "r1", "/nowhere", max_requeue={max_requeue})()
 """)
 
 
@@ -568,11 +608,11 @@ JOB_SCRIPT = textwrap.dedent("""
 ])
 def test_run_job_signals(tmp_path, sig, early, max_requeue, requeued):
     f = FakeSlurm(tmp_path)
-    script = tmp_path / "job.py"
-    script.write_text(JOB_SCRIPT.format(sig=sig, early=early, max_requeue=max_requeue))
+    job_py = tmp_path / "job.py"
+    job_py.write_text(JOB_SCRIPT.format(sig=sig, early=early, max_requeue=max_requeue))
     env = cli_env({"PATH": f"{f.bin}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "555",
                    "SLURM_RESTART_COUNT": "0"})
-    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    p = subprocess.run([sys.executable, str(job_py)], capture_output=True, text=True, timeout=60, env=env)
     calls = f.calls("scontrol")
     if requeued:
         assert p.returncode == 0, p.stderr
@@ -580,3 +620,34 @@ def test_run_job_signals(tmp_path, sig, early, max_requeue, requeued):
     else:
         assert p.returncode != 0 and "Preempted" in p.stderr
         assert calls == []
+
+
+# ============================================================================ layout contracts
+def test_job_pickles_of_the_old_import_path_still_load():
+    # a job pickled before the cluster code moved names nondet_hpc.slurm.RunJob / ReduceJob
+    assert pickle.loads(b"cnondet_hpc.slurm\nRunJob\n.") is jobs.RunJob
+    assert pickle.loads(b"cnondet_hpc.slurm\nReduceJob\n.") is jobs.ReduceJob
+
+
+def test_no_private_hydra_or_submitit_imports_outside_compose():
+    """Private names of Hydra and submitit (``_internal``, a leading underscore) are imported in
+    nondet_hpc/compose.py only, so a release that renames them breaks one module with a fallback."""
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    offenders = []
+    for path in sorted(src.rglob("*.py")):
+        if path == src / "nondet_hpc" / "compose.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] in ("hydra", "submitit") and any(p.startswith("_") for p in parts[1:]):
+                    offenders.append(f"{path.relative_to(src)}:{node.lineno}: {name}")
+    assert offenders == []

@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra_plugins.nondet_hpc_launcher.config import NondetSlurmLauncherConf
 from omegaconf import DictConfig
 
-LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",)
+# the launcher whose sweeps return before their jobs ran (it queues a reducer job instead); after
+# any other launcher (the local preset: Hydra's basic launcher) the jobs are over at sweep end
+SLURM_LAUNCHER = NondetSlurmLauncherConf._target_
 
 
 class ReduceAtSweepEnd(Callback):
@@ -20,13 +24,17 @@ class ReduceAtSweepEnd(Callback):
     def __init__(self) -> None:
         self.failures: list[tuple[int, str]] = []
 
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        value = getattr(job_return, "_return_value", None)
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        # a job that raised is Hydra's to report (return_value re-raises it); a run that failed
+        # returns its state, as task.run does for every failure it catches
+        if job_return.status != JobStatus.COMPLETED:
+            return
+        value = job_return.return_value
         if isinstance(value, dict) and value.get("state") == "failed":
             self.failures.append((config.hydra.job.num, value.get("error", "")))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.hydra.launcher.get("_target_") not in LOCAL_LAUNCHERS:
+        if config.hydra.launcher.get("_target_") == SLURM_LAUNCHER:
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         from .analysis import reduce

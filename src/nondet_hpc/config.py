@@ -112,26 +112,43 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
 
 
+#: Top-level config nodes that can decide what a run computes; every other top-level key
+#: (out_dir, force, eval, experiment) is bookkeeping.
+IDENTITY_ROOTS = ("data", "model", "source", "train", "seed")
+
+#: Config keys that never change the trained model, so they are never part of a run's identity:
+#: moving a sweep, adding an evaluation view or changing the checkpoint interval keeps run ids,
+#: and the SLURM launcher never compares them between submissions of one sweep folder. The ONE
+#: list: identity_items and the launcher both use it.
+BOOKKEEPING_KEYS = ("force", "out_dir", "experiment", "eval", "train.checkpoint_every", "data.root",
+                    "data.download", "data.verify_md5")
+
+
+def key_matches(key: str, patterns: Any) -> bool:
+    """True when dotted ``key`` is one of ``patterns`` or lies below one (``eval`` covers ``eval.views``)."""
+    return any(key == p or key.startswith(p + ".") for p in patterns)
+
+
 def identity_items(cfg: Any) -> dict:
     """The config keys that decide what a run computes, flattened to dotted names.
 
-    Excludes the bookkeeping keys that do not change the trained model (output folder, force,
-    evaluation views, checkpoint interval), so adding a view or moving a sweep keeps run ids.
+    Only the IDENTITY_ROOTS nodes, without BOOKKEEPING_KEYS.
     """
     from omegaconf import OmegaConf
 
     c = OmegaConf.to_container(cfg, resolve=True)
-    c = {k: v for k, v in c.items() if k in ("data", "model", "source", "train", "seed")}
-    c["train"] = {k: v for k, v in c["train"].items() if k not in ("checkpoint_every",)}
-    c["data"] = {k: v for k, v in c["data"].items() if k not in ("root", "download", "verify_md5")}
     flat: dict = {}
 
     def walk(prefix: str, node: Any) -> None:
+        if key_matches(prefix, BOOKKEEPING_KEYS):
+            return
         if isinstance(node, dict):
             for k in sorted(node):
                 walk(f"{prefix}.{k}" if prefix else k, node[k])
         else:
             flat[prefix] = node
 
-    walk("", c)
+    for root in sorted(IDENTITY_ROOTS):  # the order identity_items always had
+        if root in c:
+            walk(root, c[root])
     return flat

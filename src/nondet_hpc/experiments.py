@@ -47,6 +47,7 @@ def plan(name: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     from omegaconf import OmegaConf
 
     from .__main__ import conf_dir
+    from .compose import GroupedComposer
     from .config import register_configs
     from .rundir import is_done, run_dir, run_id
 
@@ -64,14 +65,14 @@ def plan(name: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
         keys = list(params)
         values = [_sweep_values(k, str(params[k])) for k in keys]
         group_keys = [k for k in keys if k in groups]
-        cache: dict[tuple, Any] = {}
+        # one composition per combination of group choices; the value keys are set on a copy
+        bases = GroupedComposer(lambda gk: compose("config", overrides=[f"experiment={name}",
+                                                                        *(f"{k}={v}" for k, v in gk)]),
+                                copy_config=lambda c: c.copy())
         jobs = []
         for combo in itertools.product(*values):
             job = dict(zip(keys, combo))
-            gk = tuple((k, job[k]) for k in group_keys)
-            if gk not in cache:
-                cache[gk] = compose("config", overrides=[f"experiment={name}", *(f"{k}={v}" for k, v in gk)])
-            cfg = cache[gk].copy()
+            cfg = bases.get(tuple((k, job[k]) for k in group_keys))
             for k, v in job.items():
                 if k not in groups:
                     OmegaConf.update(cfg, k, v, merge=False)

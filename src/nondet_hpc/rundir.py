@@ -151,11 +151,29 @@ class RunRecord:
 
 
 @contextlib.contextmanager
-def run_lock(path: Path, busy: Callable[[], Exception]) -> Iterator[None]:
-    """Hold the run folder's lock (training and evaluate take it); raise ``busy()`` if it is held."""
-    with open(Path(path) / ".lock", "a") as f:
+def file_lock(path: Path, busy: Callable[[], Exception], timeout: float = 0.0,
+              poll: float = 0.2) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing; its folder must exist).
+
+    Waits up to ``timeout`` seconds for a holder to let go (0: do not wait), then raises
+    ``busy()``. flock, not a lock file's existence: a holder killed with SIGKILL releases it.
+    """
+    deadline = time.monotonic() + timeout
+    with open(path, "a") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise busy() from None
+                time.sleep(poll)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise busy() from None
-        yield
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_lock(path: Path, busy: Callable[[], Exception]) -> contextlib.AbstractContextManager[None]:
+    """Hold the run folder's lock (training and evaluate take it); raise ``busy()`` if it is held."""
+    return file_lock(Path(path) / ".lock", busy)

@@ -70,10 +70,10 @@ class NondetSlurmLauncherConf:
 
     # --- sweep folder consistency: the identity keys of a run (nondet_hpc.config.identity_items)
     # must match earlier submissions of the folder, except those a sweep varies, run_keys and
-    # ignore_keys
+    # ignore_keys. Bookkeeping keys (nondet_hpc.config.BOOKKEEPING_KEYS: out_dir, force, eval,
+    # checkpoint interval, data.root, ...) are never part of the identity, so never compared.
     run_keys: List[str] = field(default_factory=lambda: ["seed", "source", "train.epochs"])
-    ignore_keys: List[str] = field(
-        default_factory=lambda: ["force", "out_dir", "train.checkpoint_every", "data.root", "data.download"])
+    ignore_keys: List[str] = field(default_factory=list)  # more keys never compared
 
     # --- compose a sweep's job configs once per group choice + value overrides (checked
     # against Hydra's own composition); false = Hydra's composition for every job (slower)

@@ -12,9 +12,45 @@ keep their last checkpoint, so rerunning the sweep command later resumes them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
-from . import slurm
+from .client import ACTIVE_STATES, SlurmError, current_user, query_squeue, run_command
+from .manifest import load_manifest, manifest_path, now_iso, sweep_lock, write_manifest
+
+
+def cancel_sweep(sweep_dir: str | os.PathLike, *, dry_run: bool = False, keep_reducer: bool = False,
+                 timeout: float | None = None) -> list[str]:
+    """scancel the sweep's queued/running jobs (recorded in sweep.json), nothing else."""
+    sweep_dir = Path(sweep_dir).absolute()
+    manifest = load_manifest(sweep_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{manifest_path(sweep_dir)} does not exist: nothing to cancel")
+    ours: dict[str, str | None] = {}  # job id -> the submission's submitit folder
+    for s in manifest["submissions"]:
+        for a in s.get("arrays", []):
+            ours[a["job_id"]] = s.get("folder")
+        if s.get("reducer") and not keep_reducer:
+            ours[s["reducer"]["job_id"]] = s.get("folder")
+    if not ours:
+        return []
+    queue = query_squeue(current_user(), timeout)
+    # alive and really ours: a job id SLURM reused for another job (after a cluster reset) writes
+    # its output elsewhere and is left alone. An array task's raw id can equal its array id, so a
+    # plain id counts only when it is not an array.
+    alive_arrays = {k.split("_")[0] for k, j in queue.items()
+                    if "_" in k and j.state in ACTIVE_STATES and j.belongs_to(ours.get(k.split("_")[0]))}
+    alive_single = {k for k, j in queue.items()
+                    if "_" not in k and not j.array_job_id and j.state in ACTIVE_STATES and j.belongs_to(ours.get(k))}
+    targets = [j for j in ours if j in alive_arrays or j in alive_single]
+    if targets and not dry_run:
+        run_command(["scancel", *targets], timeout).check()
+        with sweep_lock(sweep_dir):
+            manifest = load_manifest(sweep_dir) or manifest
+            manifest.setdefault("cancellations", []).append({"time": now_iso(), "job_ids": targets})
+            write_manifest(sweep_dir, manifest)
+    return targets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=None, help="seconds before a SLURM command is given up")
     args = ap.parse_args(argv)
     try:
-        ids = slurm.cancel_sweep(args.sweep_dir, dry_run=args.dry_run, keep_reducer=args.keep_reducer,
-                                 timeout=args.timeout)
+        ids = cancel_sweep(args.sweep_dir, dry_run=args.dry_run, keep_reducer=args.keep_reducer,
+                           timeout=args.timeout)
     except (FileNotFoundError, ValueError) as e:
         print(f"nondet_hpc.cancel: {e}", file=sys.stderr)
         return 2
-    except slurm.SlurmError as e:
+    except SlurmError as e:
         print(f"nondet_hpc.cancel: {e}", file=sys.stderr)
         return 1
     if not ids:

@@ -19,7 +19,8 @@ import shutil
 import sys
 import time
 
-from . import slurm
+from .client import ACTIVE_STATES, DEFAULT_TIMEOUT_S
+from .state import STATES, format_duration, sweep_status
 
 ORDER = {"failed": 0, "running": 1, "requeued": 2, "pending": 3, "unknown": 4, "unsubmitted": 5, "done": 6}
 
@@ -46,7 +47,7 @@ def format_status(st: dict, *, show_done: bool = True, tail: bool = True) -> str
     c = st["counts"]
     head = (f"sweep {st['sweep_dir']}   ({st['submissions']} submission(s); state from {st['accounting']}; "
             f"{st['time']})")
-    counts = "  ".join(f"{k} {c[k]}" for k in slurm.STATES if c.get(k) or k in ("pending", "running", "done", "failed"))
+    counts = "  ".join(f"{k} {c[k]}" for k in STATES if c.get(k) or k in ("pending", "running", "done", "failed"))
     lines = [head, f"  {sum(c.values())} runs:  {counts}"]
     for cmd, err in st.get("errors", {}).items():
         lines.append(f"  note: {cmd} unavailable: {err}")
@@ -59,7 +60,7 @@ def format_status(st: dict, *, show_done: bool = True, tail: bool = True) -> str
         lines.append(f"  {'RUN':<{w}}  {'STATE':<11} {'JOB':<12} {'SLURM':<28} {'PROGRESS':<18} {'ETA':<8} NOTE")
         for r in runs:
             restarts = f" x{r['restarts']}" if r.get("restarts") else ""
-            eta = slurm.format_duration(r["eta_s"]) if r.get("eta_s") is not None else ""
+            eta = format_duration(r["eta_s"]) if r.get("eta_s") is not None else ""
             lines.append(f"  {r['run_id']:<{w}}  {r['state'] + restarts:<11} {r['job_id'] or '-':<12} "
                          f"{_slurm_col(r):<28} {_progress(r):<18} {eta:<8} {r.get('note') or ''}".rstrip())
     failed = [r for r in runs if r["state"] == "failed"]
@@ -81,7 +82,7 @@ def format_status(st: dict, *, show_done: bool = True, tail: bool = True) -> str
     if red:
         report = "written" if red["report_exists"] else "not written yet"
         lines.append("")
-        code = red.get("exit_code") if red["state"] not in slurm.ACTIVE_STATES else ""
+        code = red.get("exit_code") if red["state"] not in ACTIVE_STATES else ""
         lines.append(f"  reducer: job {red['job_id']} {red['state']}"
                      f"{' exit ' + code if code else ''}; report {red['report']} "
                      f"({report}); log {red['log_out']}")
@@ -92,7 +93,7 @@ def finished(st: dict) -> bool:
     c = st["counts"]
     busy = c.get("pending", 0) + c.get("running", 0) + c.get("requeued", 0) + c.get("unknown", 0)
     red = st.get("reducer")
-    red_busy = bool(red) and red["state"] in slurm.ACTIVE_STATES
+    red_busy = bool(red) and red["state"] in ACTIVE_STATES
     return busy == 0 and not red_busy
 
 
@@ -105,12 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hide-done", action="store_true", help="leave finished runs out of the table")
     ap.add_argument("--tail", type=int, default=8, help="log lines shown per failed run (default 8)")
     ap.add_argument("--timeout", type=float, default=None,
-                    help=f"seconds before a SLURM command is given up (default {slurm.DEFAULT_TIMEOUT_S:g})")
+                    help=f"seconds before a SLURM command is given up (default {DEFAULT_TIMEOUT_S:g})")
     args = ap.parse_args(argv)
     try:
         while True:
             try:
-                st = slurm.sweep_status(args.sweep_dir, timeout=args.timeout, tail=args.tail)
+                st = sweep_status(args.sweep_dir, timeout=args.timeout, tail=args.tail)
             except (FileNotFoundError, ValueError) as e:
                 print(f"nondet_hpc.status: {e}", file=sys.stderr)
                 return 2

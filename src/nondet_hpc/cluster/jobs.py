@@ -1,0 +1,115 @@
+"""What runs on the compute nodes: the callables submitit pickles into each job.
+
+``RunJob`` trains one run (one array task), ``ReduceJob`` runs the reducer. The only cluster
+module that imports the trainer (:mod:`nondet_hpc.run`), and only inside the job, so submitting
+and status never import torch. ``nondet_hpc.slurm`` re-exports both under their old import path
+for job pickles written before the cluster code moved.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from .client import run_command
+
+
+class RunJob:
+    """What one array task executes (pickled by submitit): train one run, resumable.
+
+    Signals: SLURM sends USR2 ``signal_delay_s`` before the time limit (``#SBATCH --signal``).
+    The handler only sets a flag (``nondet_hpc.run.train.request_stop()``); the training loop
+    finishes its iteration, writes checkpoint.pt and raises ``Preempted``; then this job requeues itself
+    (``scontrol requeue``) and the next start resumes bit-exactly from the checkpoint. SIGTERM
+    (scancel, preemption by SLURM) also checkpoints, but the job does not requeue itself: a
+    cancelled job stays cancelled, and SLURM requeues preempted jobs on its own.
+    """
+
+    def __init__(self, cfg: Any, run_id: str, run_dir: str, max_requeue: int = 20) -> None:
+        self.cfg = cfg
+        self.run_id = run_id
+        self.run_dir = str(run_dir)
+        self.max_requeue = max_requeue
+
+    def __call__(self) -> dict:
+        received: list[int] = []
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal API
+            # only flags: the training loop checkpoints at its next iteration boundary
+            received.append(signum)
+            stop.set()
+
+        # replace submitit's handlers (which would checkpoint inside the handler) first thing
+        usr = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+        signal.signal(usr, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+        from ..run import task, train
+
+        def keep_stopping() -> None:
+            # a signal that arrives while torch is imported or before the loop starts must not be
+            # lost (task.run clears the stop flag before training): re-assert it until the end
+            stop.wait()
+            while True:
+                train.request_stop()
+                time.sleep(0.2)
+
+        threading.Thread(target=keep_stopping, name="nondet-stop", daemon=True).start()
+        _log(f"run {self.run_id} -> {self.run_dir} (job {_job_label()}, "
+             f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')})")
+        try:
+            out = task.run(self.cfg)
+        except train.Preempted:
+            if signal.SIGTERM in received or usr not in received:
+                _log("stopped by SIGTERM (cancelled or preempted): checkpoint saved, not requeueing")
+                raise
+            restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+            if restarts >= self.max_requeue:
+                _log(f"time limit again after {restarts} requeues (max_requeue={self.max_requeue}): "
+                     "checkpoint saved; rerun the sweep command to resume")
+                raise
+            job = os.environ.get("SLURM_JOB_ID", "")
+            res = run_command(["scontrol", "requeue", job], timeout=60)
+            if not res.ok:
+                _log(f"`scontrol requeue {job}` failed: {res.message()}")
+                raise
+            _log(f"time limit near: checkpoint saved, job {job} requeued (restart {restarts + 1})")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # no result file: the job is not over; SLURM starts it again and it resumes
+            os._exit(0)
+        _log(f"run {self.run_id}: {out.get('state') if isinstance(out, dict) else out}")
+        return out
+
+
+class ReduceJob:
+    """The reducer job: ``python -m nondet_hpc.reduce SWEEP_DIR``; fails when that fails."""
+
+    def __init__(self, sweep_dir: str) -> None:
+        self.sweep_dir = str(sweep_dir)
+
+    def __call__(self) -> int:
+        cmd = [sys.executable, "-m", "nondet_hpc.reduce", self.sweep_dir]
+        _log(f"running {shlex.join(cmd)}")
+        sys.stdout.flush()
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            raise RuntimeError(f"{shlex.join(cmd)} exited with {rc}")
+        return rc
+
+
+def _job_label() -> str:
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '?')}"
+    return os.environ.get("SLURM_JOB_ID", "?")
+
+
+def _log(msg: str) -> None:
+    print(f"[nondet_hpc.slurm {time.strftime('%H:%M:%S')}] {msg}", flush=True)

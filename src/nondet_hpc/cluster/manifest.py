@@ -1,0 +1,216 @@
+"""SWEEP_DIR/sweep.json, the sweep manifest: the ONE module that reads and writes it.
+
+Written atomically (rundir.write_text: temp file + fsync + rename) under the sweep's lock
+(SWEEP_DIR/.sweep.lock), so two launches of one sweep never interleave and a killed launcher
+leaves the old or the new manifest, never half of one. Earlier submissions are never dropped;
+every launch that submits appends one submission record::
+
+    {"format": 1, "sweep_dir": ..., "created": ...,
+     "runs": {RUN_ID: {"run_dir", "overrides", "config_hash",
+                       "jobs": [{"submission", "job_id": "A_i", "array_job_id": "A", "index": i}]}},
+     "submissions": [{"n", "time", "user", "host", "cwd", "argv", "status", "launcher", "folder",
+                      "base_config", "varying_keys", "run_values", "runs": [RUN_ID...],
+                      "skipped": {"done", "active", "over_limit", "duplicates"},
+                      "arrays": [{"job_id", "offset", "size", "parallelism", "dependency",
+                                  "script", "command"}],
+                      "reducer": {"job_id", "dependency", "script", "command"} | null,
+                      "error": str (when sbatch refused)}],
+     "cancellations": [{"time", "job_ids"}]}
+
+Array task ``i`` of an array with ``offset o`` runs ``submission["runs"][o + i]``.
+
+Also here: a run's configuration as the manifest compares it (``PlannedRun``, its config hash)
+and the check that a sweep folder never mixes runs of two configurations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from .. import rundir
+from ..config import identity_items, key_matches
+from .client import SlurmError
+
+MANIFEST = "sweep.json"
+LOCK = ".sweep.lock"
+FORMAT = 1
+
+
+class SweepConfigMismatch(ValueError):
+    """The sweep folder holds runs of another configuration."""
+
+
+def now_iso() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+# =============================================================================== the file
+def manifest_path(sweep_dir: str | os.PathLike) -> Path:
+    return Path(sweep_dir) / MANIFEST
+
+
+def load_manifest(sweep_dir: str | os.PathLike) -> dict | None:
+    path = manifest_path(sweep_dir)
+    if not path.exists():
+        return None
+    with path.open() as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or "runs" not in data or "submissions" not in data:
+        raise ValueError(f"{path} is not a nondet_hpc sweep manifest")
+    return data
+
+
+def new_manifest(sweep_dir: str | os.PathLike) -> dict:
+    return {"format": FORMAT, "sweep_dir": str(Path(sweep_dir).resolve()), "created": now_iso(),
+            "runs": {}, "submissions": [], "cancellations": []}
+
+
+def write_manifest(sweep_dir: str | os.PathLike, data: Mapping) -> Path:
+    """Atomic write (rundir's temp file + rename); indent 1 keeps 1000s of runs compact."""
+    path = manifest_path(sweep_dir)
+    rundir.write_text(path, json.dumps(data, indent=1, sort_keys=False, default=str) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def sweep_lock(sweep_dir: str | os.PathLike, timeout: float = 120.0) -> Iterator[None]:
+    """Exclusive lock of a sweep folder (two launches of one sweep never interleave)."""
+    path = Path(sweep_dir) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rundir.file_lock(path, lambda: SlurmError(f"{path} is locked by another submission for {timeout:g} s"),
+                          timeout=timeout):
+        yield
+
+
+def latest_job(run_rec: Mapping | None) -> dict | None:
+    """The newest job recorded for a run (its manifest entry), or None."""
+    if not run_rec or not run_rec.get("jobs"):
+        return None
+    return run_rec["jobs"][-1]
+
+
+def submission_folders(manifest: Mapping) -> dict[int, str | None]:
+    """Submission number -> the submitit folder its jobs write logs and pickles to."""
+    return {s["n"]: s.get("folder") for s in manifest["submissions"]}
+
+
+# =============================================================================== config identity
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def config_hash(flat: Mapping[str, Any], ignore: Iterable[str] = ()) -> str:
+    ignore = list(ignore)
+    items = {k: v for k, v in flat.items() if not key_matches(k, ignore)}
+    return hashlib.sha256(_canonical(items).encode()).hexdigest()[:16]
+
+
+def varying_keys(flats: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Leaf keys whose value differs between runs (or that only some runs have)."""
+    if not flats:
+        return []
+    keys = set().union(*[set(f) for f in flats])
+    out = []
+    for k in sorted(keys):
+        vals = {_canonical(f.get(k, "<absent>")) for f in flats}
+        if len(vals) > 1:
+            out.append(k)
+    return out
+
+
+def _explain_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 12) -> str:
+    lines = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if _canonical(a) != _canonical(b):
+            lines.append(f"    {k}: {_canonical(a)} (recorded) != {_canonical(b)} (now)")
+    more = f"\n    ... and {len(lines) - limit} more" if len(lines) > limit else ""
+    return "\n".join(lines[:limit]) + more
+
+
+@dataclasses.dataclass
+class PlannedRun:
+    """One composed job of a sweep: what the launcher hands to ``submit.submit_sweep``.
+
+    ``flat`` is the run's configuration as compared between submissions of one sweep folder: the
+    trainer's identity items (``nondet_hpc.config.identity_items``), flattened to dotted keys.
+    """
+
+    run_id: str
+    run_dir: Path
+    overrides: list[str]
+    cfg: Any  # resolved job config (DictConfig or dict) without the hydra node
+    flat: dict[str, Any]  # flattened plain config (for identity checks)
+    config_hash: str = ""
+    force: bool = False
+
+
+def plan_run(cfg: Any, overrides: Sequence[str], ignore_keys: Sequence[str] = ()) -> PlannedRun:
+    """Build a PlannedRun from a resolved job config (DictConfig or dict).
+
+    ``ignore_keys``: more keys left out of the config hash; the bookkeeping keys
+    (config.BOOKKEEPING_KEYS) are never in a run's identity to begin with.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    dcfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    flat = dict(identity_items(dcfg))
+    return PlannedRun(run_id=rundir.run_id(dcfg), run_dir=Path(rundir.run_dir(dcfg)).absolute(),
+                      overrides=list(overrides), cfg=dcfg, flat=flat,
+                      config_hash=config_hash(flat, ignore_keys), force=bool(dcfg.get("force", False)))
+
+
+_HINT = ("  Use another out_dir for a different configuration (e.g. out_dir=outputs/<name>), or "
+         "delete the folder to start afresh.")
+
+
+def _check_run_hashes(manifest: Mapping, planned: Sequence[PlannedRun]) -> None:
+    """A run id already recorded (with jobs) must come with the same config hash."""
+    for run in planned:
+        rec = manifest["runs"].get(run.run_id)
+        if not (rec and rec.get("jobs") and rec.get("config_hash")) or rec["config_hash"] == run.config_hash:
+            continue
+        old: dict = {}
+        for sub in reversed(manifest["submissions"]):
+            if run.run_id in sub.get("run_values", {}):
+                old = {**sub.get("base_config", {}), **sub["run_values"][run.run_id]}
+                break
+        detail = _explain_diff(old, run.flat) if old else "    (the recorded config hash differs)"
+        raise SweepConfigMismatch(
+            f"sweep folder {manifest.get('sweep_dir', '')} already has run {run.run_id} with another "
+            f"configuration:\n{detail}\n{_HINT}")
+
+
+def check_compatible(manifest: Mapping, planned: Sequence[PlannedRun], run_keys: Sequence[str],
+                     ignore_keys: Sequence[str]) -> None:
+    """Refuse to mix runs of two configurations in one sweep folder.
+
+    Two checks: (1) a run id already recorded must come with the same config hash; (2) the
+    base config (everything but the keys this sweep or an earlier one varied, ``run_keys`` and
+    ``ignore_keys``) must equal the one recorded by earlier submissions.
+    """
+    _check_run_hashes(manifest, planned)
+    # only submissions that queued something constrain later ones (a refused sbatch ran nothing)
+    earlier = [s for s in manifest["submissions"] if s.get("base_config") is not None and s.get("arrays")]
+    if not earlier or not planned:
+        return
+    skip = set(varying_keys([r.flat for r in planned])) | set(ignore_keys) | set(run_keys)
+    for s in earlier:
+        skip |= set(s.get("varying_keys", []))
+    skip_list = sorted(skip)
+    new_base = {k: v for k, v in planned[0].flat.items() if not key_matches(k, skip_list)}
+    for s in earlier:
+        old_base = {k: v for k, v in s["base_config"].items() if not key_matches(k, skip_list)}
+        if _canonical(old_base) != _canonical(new_base):
+            raise SweepConfigMismatch(
+                f"sweep folder {manifest.get('sweep_dir', '')} holds runs of another configuration "
+                f"(submission {s.get('n')} of {s.get('time')}):\n{_explain_diff(old_base, new_base)}\n"
+                f"  Keys allowed to differ between runs of one sweep folder: {', '.join(run_keys)} "
+                f"(hydra.launcher.run_keys) and the keys a sweep varies.\n{_HINT}")

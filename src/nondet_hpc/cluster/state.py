@@ -1,0 +1,273 @@
+"""The state of every run of a sweep: DONE files, squeue, sacct and run.json heartbeats.
+
+``python -m nondet_hpc.status`` (:mod:`.status`) prints what :func:`sweep_status` returns. DONE
+decides success; then squeue (queued / running / requeued), then sacct (final state, exit code,
+the requeue history), then run.json (epoch k of N, ETA). When accounting is unavailable (or
+slow) squeue and the run folders are used instead; every SLURM command has a timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..rundir import is_done, list_runs, read_run_json
+from .client import (ACTIVE_STATES, REQUEUE_STATES, RUNNING_STATES, JobInfo, SlurmError, current_user,
+                     query_sacct, query_squeue)
+from .manifest import latest_job, load_manifest, now_iso
+
+# what python -m nondet_hpc.status counts
+STATES = ("pending", "running", "requeued", "done", "failed", "unsubmitted", "unknown")
+
+
+@dataclasses.dataclass
+class RunStatus:
+    run_id: str
+    run_dir: str
+    state: str  # one of STATES
+    job_id: str = ""
+    slurm_state: str = ""
+    exit_code: str = ""
+    reason: str = ""
+    restarts: int = 0
+    epoch: int | None = None
+    epochs: int | None = None
+    progress: float | None = None
+    eta_s: float | None = None
+    heartbeat_age_s: float | None = None
+    run_state: str = ""  # run.json "state"
+    error: str = ""
+    log_out: str = ""
+    log_err: str = ""
+    log_tail: list[str] = dataclasses.field(default_factory=list)
+    note: str = ""
+
+
+def heartbeat_progress(hb: Mapping[str, Any]) -> float | None:
+    """Fraction of training done from run.json's heartbeat: optimizer steps done / total steps
+    (``step``/``steps``), else epochs done / epochs."""
+    try:
+        if hb.get("step") is not None and hb.get("steps"):
+            return max(0.0, min(1.0, float(hb["step"]) / float(hb["steps"])))
+        if hb.get("epoch") is not None and hb.get("epochs"):
+            return max(0.0, min(1.0, float(hb["epoch"]) / float(hb["epochs"])))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def apply_heartbeat(st: RunStatus, hb: Mapping[str, Any], now: float, stale_s: float | None = None) -> None:
+    """Epoch k/N, progress, heartbeat age and ETA of a running run from its heartbeat.
+
+    The ETA extrapolates the elapsed training time by the fraction done, minus the time since
+    the heartbeat was written. ``stale_s``: note a heartbeat older than this.
+    """
+    st.epoch, st.epochs = hb.get("epoch"), hb.get("epochs")
+    st.progress = heartbeat_progress(hb)
+    if hb.get("time"):
+        st.heartbeat_age_s = max(0.0, now - float(hb["time"]))
+        if stale_s is not None and st.heartbeat_age_s > stale_s:
+            st.note = f"no heartbeat for {st.heartbeat_age_s / 60:.0f} min"
+    el = hb.get("elapsed_s")
+    if st.progress and el:
+        st.eta_s = max(0.0, float(el) * (1 - st.progress) / st.progress - (st.heartbeat_age_s or 0.0))
+
+
+def _log_tail(path: Path, n: int) -> list[str]:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode(errors="replace")
+        return data.splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def task_logs(folder: str | os.PathLike, job_id: str) -> tuple[Path, Path]:
+    """submitit's log files of a job ("A_i" for array tasks)."""
+    from submitit.core.utils import JobPaths
+
+    paths = JobPaths(folder, job_id=job_id, task_id=0)
+    return paths.stdout, paths.stderr
+
+
+def _counts(runs: list[RunStatus]) -> dict[str, int]:
+    counts = {s: 0 for s in STATES}
+    for r in runs:
+        counts[r.state] += 1
+    return counts
+
+
+@dataclasses.dataclass
+class _Slurm:
+    """What SLURM said about a sweep's jobs; None where the command failed."""
+
+    queue: dict[str, JobInfo] | None
+    acct: dict[str, JobInfo] | None
+    errors: dict[str, str]
+
+
+def _ask_slurm(job_ids: list[str], timeout: float | None) -> _Slurm:
+    seen = _Slurm(None, None, {})
+    if not job_ids:
+        return seen
+    try:
+        seen.queue = query_squeue(current_user(), timeout)
+    except SlurmError as e:
+        seen.errors["squeue"] = str(e)
+    try:
+        seen.acct = query_sacct(job_ids, timeout)
+    except SlurmError as e:
+        seen.errors["sacct"] = str(e)
+    return seen
+
+
+def _classify(st: RunStatus, has_job: bool, q: JobInfo | None, a: JobInfo | None, squeue_answered: bool) -> None:
+    """Set ``st.state`` (and a note) from DONE, squeue ``q`` and sacct ``a``."""
+    if is_done(Path(st.run_dir)):
+        st.state = "done"
+    elif not has_job:
+        st.state = "unsubmitted"
+    elif q and q.state in ACTIVE_STATES:
+        if q.state in RUNNING_STATES:
+            st.state = "running"
+        elif q.state in REQUEUE_STATES or st.restarts > 0 or st.run_state == "preempted":
+            st.state = "requeued"
+        else:
+            st.state = "pending"
+    elif a and a.state in ACTIVE_STATES and not squeue_answered:
+        # squeue failed, accounting says the job is alive
+        st.state = ("running" if a.state in RUNNING_STATES else
+                    "requeued" if a.state in REQUEUE_STATES or a.restarts else "pending")
+    elif a:
+        st.state = "failed"
+        if a.state == "COMPLETED":
+            st.note = "SLURM says COMPLETED but the run has no DONE file"
+    elif squeue_answered:
+        # in neither squeue nor sacct (accounting off or purged): the job is over
+        st.state = "failed"
+        st.slurm_state = st.slurm_state or "GONE"
+        st.note = "job left the queue without DONE" + (f" (run.json: {st.run_state})" if st.run_state else "")
+    else:
+        st.state = "unknown"
+        st.note = "SLURM did not answer; run.json state: " + (st.run_state or "none")
+
+
+def _run_status(run_id: str, rec: Mapping, folders: Mapping[Any, Any], default_folder: Path, seen: _Slurm,
+                now: float, tail: int, stale_s: float) -> RunStatus:
+    st = RunStatus(run_id=run_id, run_dir=rec.get("run_dir", ""), state="unknown")
+    info = read_run_json(Path(st.run_dir))[0] or {}
+    st.run_state = str(info.get("state", ""))
+    job = latest_job(rec)
+    q = a = None
+    if job:
+        st.job_id = job["job_id"]
+        out, err = task_logs(folders.get(job.get("submission"), default_folder), job["job_id"])
+        st.log_out, st.log_err = str(out), str(err)
+        q = (seen.queue or {}).get(st.job_id)
+        if q and not q.belongs_to(folders.get(job.get("submission"))):
+            q = None  # the id now belongs to someone else's job (cluster reset)
+        a = (seen.acct or {}).get(st.job_id)
+    if a:
+        st.exit_code, st.restarts = a.exit_code, a.restarts
+    if q:
+        st.slurm_state, st.reason = q.state, q.reason
+        st.restarts = max(st.restarts, q.restarts)
+    elif a:
+        st.slurm_state = a.state
+    _classify(st, bool(job), q, a, seen.queue is not None)
+    if st.state == "running" or (st.state == "unknown" and st.run_state == "running"):
+        apply_heartbeat(st, info.get("heartbeat") or {}, now, stale_s)
+    if st.state == "failed":
+        st.error = str(info.get("error", ""))[:2000]
+        if st.log_err:
+            st.log_tail = _log_tail(Path(st.log_err), tail)
+    return st
+
+
+def _reducer_status(manifest: Mapping, sweep_dir: Path, seen: _Slurm) -> dict | None:
+    """The newest reducer job: its SLURM state, logs and whether the report exists."""
+    subs = [s for s in manifest["submissions"] if s.get("reducer")]
+    if not subs:
+        return None
+    sub = subs[-1]
+    rid = sub["reducer"]["job_id"]
+    q = (seen.queue or {}).get(rid)
+    if q and not q.belongs_to(sub.get("folder")):
+        q = None
+    a = (seen.acct or {}).get(rid)
+    out, err = task_logs(sub.get("folder", sweep_dir / "slurm"), rid)
+    state = q.state if q else a.state if a else "GONE" if seen.queue is not None else "UNKNOWN"
+    return {"job_id": rid, "state": state, "exit_code": a.exit_code if a else "", "log_out": str(out),
+            "log_err": str(err), "report": str(sweep_dir / "report"),
+            "report_exists": (sweep_dir / "report").is_dir()}
+
+
+def sweep_status(sweep_dir: str | os.PathLike, *, timeout: float | None = None, tail: int = 8,
+                 stale_s: float = 900.0) -> dict:
+    """State of every run of a sweep, from DONE files, squeue, sacct and run.json.
+
+    sacct gives the final state of finished jobs; when accounting is unavailable (or slow), squeue
+    and the run folder are used instead. Every SLURM command has a timeout.
+    """
+    sweep_dir = Path(sweep_dir).absolute()
+    manifest = load_manifest(sweep_dir)
+    if manifest is None:
+        if (sweep_dir / "runs").is_dir():
+            return _local_status(sweep_dir, stale_s)
+        raise FileNotFoundError(f"{sweep_dir} holds neither sweep.json (written by hydra/launcher=slurm) "
+                                "nor runs/: not a sweep folder")
+    folders = {s["n"]: s.get("folder", str(sweep_dir / "slurm")) for s in manifest["submissions"]}
+    job_ids = [j["job_id"] for r in manifest["runs"].values() for j in r.get("jobs", [])]
+    job_ids += [s["reducer"]["job_id"] for s in manifest["submissions"] if s.get("reducer")]
+    seen = _ask_slurm(job_ids, timeout)
+    now = time.time()
+    runs = [_run_status(run_id, rec, folders, sweep_dir / "slurm", seen, now, tail, stale_s)
+            for run_id, rec in manifest["runs"].items()]
+    accounting = ("sacct" if seen.acct is not None else
+                  "squeue+run folder" if seen.queue is not None else "run folder")
+    return {"sweep_dir": str(sweep_dir), "time": now_iso(), "counts": _counts(runs),
+            "runs": [dataclasses.asdict(r) for r in runs], "reducer": _reducer_status(manifest, sweep_dir, seen),
+            "submissions": len(manifest["submissions"]), "errors": seen.errors, "accounting": accounting}
+
+
+def _local_status(sweep_dir: Path, stale_s: float) -> dict:
+    """Status of a sweep folder without sweep.json (local launcher): from the run folders only."""
+    now = time.time()
+    runs = []
+    for run_dir in list_runs(sweep_dir):
+        info = read_run_json(run_dir)[0] or {}
+        st = RunStatus(run_id=run_dir.name, run_dir=str(run_dir), state="unknown", run_state=str(info.get("state", "")))
+        hb = info.get("heartbeat") or {}
+        if is_done(run_dir):
+            st.state = "done"
+        elif st.run_state == "running":
+            age = now - float(hb.get("time") or info.get("updated") or 0)
+            st.state = "running" if age < stale_s else "failed"
+            if st.state == "failed":
+                st.note = f"run.json says running but nothing was written for {age / 60:.0f} min"
+        elif st.run_state in ("failed", "preempted"):
+            st.state = "failed"
+            st.note = "preempted: rerunning the sweep resumes it" if st.run_state == "preempted" else ""
+            st.error = str(info.get("error", ""))[:2000]
+        if st.state == "running":
+            apply_heartbeat(st, hb, now)  # staleness was judged above: a stale run is failed here
+        runs.append(st)
+    return {"sweep_dir": str(sweep_dir), "time": now_iso(), "counts": _counts(runs),
+            "runs": [dataclasses.asdict(r) for r in runs], "reducer": None, "submissions": 0,
+            "errors": {}, "accounting": "run folders (no sweep.json: not a SLURM sweep)"}
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "-"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
