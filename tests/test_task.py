@@ -211,3 +211,53 @@ def test_a_done_run_asked_for_more_views_names_them_and_the_evaluate_command(cfg
     said = capsys.readouterr().out
     assert f"python -m nondet_hpc.evaluate {run_dir(cfg)} --views flip crop25" in said
     assert not (run_dir(cfg) / "logits" / "flip.npy").exists()  # nothing retrained or written
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a planted checkpoint.pt would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _interrupted(cfg, monkeypatch, at_step=3):
+    real = train.Trainer.set_lr
+
+    def set_lr(self, step):
+        if step == at_step:
+            train.request_stop()
+        return real(self, step)
+    monkeypatch.setattr(train.Trainer, "set_lr", set_lr)
+    with pytest.raises(train.Preempted):
+        task.run(cfg)
+    monkeypatch.setattr(train.Trainer, "set_lr", real)
+
+
+def test_a_planted_checkpoint_does_not_run_its_payload(cfg_factory, monkeypatch, tmp_path):
+    import pickle
+    cfg = cfg_factory("source=init", "seed=5")
+    _interrupted(cfg, monkeypatch)
+    ckpt = run_dir(cfg) / "checkpoint.pt"
+    marker = tmp_path / "payload-ran"
+    ckpt.write_bytes(pickle.dumps({"run_id": run_dir(cfg).name, "model": _Payload(marker)}))
+    planted = ckpt.read_bytes()
+    with pytest.raises(ConfigError, match=r"checkpoint.pt was refused: it is not a checkpoint this package wrote"):
+        task.run(cfg)
+    assert not marker.exists() and ckpt.read_bytes() == planted  # nothing ran, nothing overwritten
+    assert not (run_dir(cfg) / "DONE").exists()
+
+
+def test_a_checkpoint_of_another_run_is_refused(cfg_factory, monkeypatch):
+    a, b = cfg_factory("source=init", "seed=1"), cfg_factory("source=init", "seed=2")
+    _interrupted(a, monkeypatch)
+    _interrupted(b, monkeypatch)
+    foreign = (run_dir(a) / "checkpoint.pt").read_bytes()
+    (run_dir(b) / "checkpoint.pt").write_bytes(foreign)
+    with pytest.raises(ConfigError, match=rf"belongs to run {run_dir(a).name}, not to {run_dir(b).name}"):
+        task.run(b)
+    assert (run_dir(b) / "checkpoint.pt").read_bytes() == foreign and not (run_dir(b) / "DONE").exists()
+    # its own checkpoint resumes as before
+    assert task.run(a)["state"] == "done"
