@@ -38,11 +38,12 @@ register_configs()
 def main(cfg: DictConfig) -> dict:
     from .run import task
     from .config import ConfigError
+    from .rundir import DiskFullError
 
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         try:
             out = task.run(cfg)
-        except ConfigError as e:
+        except (ConfigError, DiskFullError) as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":  # debugging: the whole traceback
                 raise
             # bad input is the user's to fix: one message, exit 2 (argparse's code), no traceback

@@ -9,11 +9,14 @@ old file or the new one, never half a file under the real name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -99,10 +102,61 @@ def list_runs(sweep_dir: Path) -> list[Path]:
     return sorted(p for p in (Path(sweep_dir) / RUNS).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+class DiskFullError(OSError):
+    """A write ran out of space (ENOSPC / EDQUOT); the message names the folder and what is free."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _out_of_space(exc: BaseException, folder: Path) -> bool:
+    """Whether ``exc`` (or what it wraps: torch.save turns OSError into RuntimeError) is a full disk."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _NO_SPACE:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return isinstance(exc, (OSError, RuntimeError)) and shutil.disk_usage(folder).free == 0
+    except OSError:
+        return False
+
+
+def _free_text(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB free"
+    except OSError:
+        return "free space unknown"
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files of ``path`` left by a writer that was killed (kill -9, node failure) before its
+    rename. Every writer of one file holds that file's lock (run lock, sweep lock), so a temp of
+    the same name found now belongs to a dead writer."""
+    pattern = re.compile(r"\." + re.escape(path.name) + r"\.[A-Za-z0-9_]{8}\.tmp\Z")
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if pattern.match(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], Any]) -> None:
-    """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename."""
+    """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename.
+
+    A killed writer leaves the old file (or none), never half a file; its temp file is removed by
+    the next write of the same file. A full disk raises :class:`DiskFullError` naming the folder
+    and the free space; the previous file stays as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any file
@@ -111,11 +165,14 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if _out_of_space(e, path.parent):
+            raise DiskFullError(errno.ENOSPC, f"no space left to write {path} ({_free_text(path.parent)} in "
+                                f"{path.parent}); the previous version of the file is intact. Free space or "
+                                f"choose another out_dir=PATH, then rerun the same command: finished runs are "
+                                f"skipped and this one resumes from its last checkpoint.") from e
         raise
 
 

@@ -31,6 +31,9 @@ from .sources import (FP32_PRECISIONS, Streams, apply_bitflip, configure_kernels
 from .train import PARAM_GROUP_RULES, Preempted, Trainer, clear_stop
 from .views import VIEWS, evaluate_test_set
 
+#: bytes the out_dir probe writes and syncs before training (a checkpoint of ResNet-14 is ~1 MiB)
+PROBE_BYTES = 1 << 20
+
 #: digits has 1,797 images of 10 classes; a stratified split needs each class on both sides.
 DIGITS_TEST_SIZES = (10, 1787)
 
@@ -133,8 +136,13 @@ def validate(cfg, *, check_device: bool = True) -> None:
     try:
         (out / "runs").mkdir(parents=True, exist_ok=True)
         probe = out / "runs" / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        try:  # real bytes, synced: an empty file can be created on a full disk
+            with open(probe, "wb") as f:
+                f.write(b"\0" * PROBE_BYTES)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as e:
         raise ConfigError(f"out_dir={cfg.out_dir!r} is not writable ({e.strerror}: {e.filename}). "
                           f"Choose a folder you can write with out_dir=PATH.") from e
