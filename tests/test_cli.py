@@ -78,3 +78,37 @@ def test_bad_input_of_a_single_run_is_one_message_and_exit_2(tmp_path, full_erro
         assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
         assert r.stderr.startswith("nondet_hpc: error: seed=0 is invalid")
     assert not list((tmp_path / "sweep").glob("runs/*"))
+
+
+def _run(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "nondet_hpc", *args, *FAST], cwd=tmp_path, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_hydra_sweep_and_run_dir_set_the_sweep_folder(tmp_path):
+    r = _run(tmp_path, "-m", "source=init", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'hs'}")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "hs" / "runs").iterdir())) == 2 and (tmp_path / "hs" / "report" / "metrics.csv").exists()
+    assert f"runs: {tmp_path / 'hs' / 'runs'}" in r.stdout
+    r = _run(tmp_path, "source=init", "seed=3", f"hydra.run.dir={tmp_path / 'hr'}")
+    assert r.returncode == 0, r.stderr
+    assert [p.name[:8] for p in (tmp_path / "hr" / "runs").iterdir()] == ["init-s00"]
+
+
+def test_contradicting_sweep_folders_are_refused(tmp_path):
+    r = _run(tmp_path, "-m", "seed=1", f"out_dir={tmp_path / 'a'}", f"hydra.sweep.dir={tmp_path / 'b'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "name different folders" in r.stderr and "Give only out_dir=PATH" in r.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("where,why", [("afile/sub", "exists and is not a folder"),
+                                       ("/proc/nondet", "virtual file system")])
+def test_a_bad_out_dir_is_refused_before_hydra_creates_folders(tmp_path, where, why):
+    (tmp_path / "afile").write_text("")
+    out = where if where.startswith("/") else str(tmp_path / where)
+    for mode in (["-m"], []):
+        r = _run(tmp_path, *mode, "seed=1", f"out_dir={out}")
+        assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr
+        assert r.stderr.startswith(f"nondet_hpc: error: out_dir='{out}' is not writable") and why in r.stderr
+        assert "out_dir=PATH" in r.stderr

@@ -34,8 +34,20 @@ def conf_dir() -> str:
 register_configs()
 
 
+def main() -> None:
+    """The command line: Hydra's, after hydra.sweep.dir / hydra.run.dir became out_dir (guards.py)."""
+    from .guards import honour_hydra_dirs
+
+    sys.argv[1:] = honour_hydra_dirs(sys.argv[1:])
+    try:
+        _hydra_main()
+    except BrokenPipeError:  # `--help | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
+
+
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
-def main(cfg: DictConfig) -> dict:
+def _hydra_main(cfg: DictConfig) -> dict:
     from .run import task
     from .config import ConfigError
     from .rundir import DiskFullError

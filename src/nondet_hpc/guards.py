@@ -1,0 +1,98 @@
+"""Checks of where results go, before Hydra creates any folder.
+
+Hydra creates the run or sweep folder before the first job starts, so a bad ``out_dir`` (a file,
+a read-only place, /proc) would end in Hydra's traceback. ``CheckOutDir`` runs as a Hydra
+callback at the start of a run or multirun, which Hydra calls before it creates them.
+
+Hydra users also type ``hydra.sweep.dir=X`` / ``hydra.run.dir=X``. Here the sweep folder IS
+``out_dir`` (conf/config.yaml points both Hydra folders at it, and the runs, sweep.json and the
+report live under it), so ``honour_hydra_dirs`` turns those overrides into ``out_dir=X`` before
+Hydra parses the command line; contradicting values are refused.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+HYDRA_DIR_KEYS = ("hydra.sweep.dir", "hydra.run.dir")
+#: virtual file systems: writable-looking, but results written there are gone or refused
+VIRTUAL_ROOTS = ("/proc", "/sys", "/dev")
+
+
+def _fail(msg: str) -> None:
+    print(f"nondet_hpc: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def honour_hydra_dirs(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``hydra.sweep.dir=X`` / ``hydra.run.dir=X`` turned into ``out_dir=X``."""
+    values: dict[str, str] = {}
+    rest: list[str] = []
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key in ("out_dir", *HYDRA_DIR_KEYS):
+            values.setdefault(key, value)
+            if values[key] != value:
+                _fail(f"{key} is given twice ({values[key]!r} and {value!r}); give it once.")
+            if key == "out_dir":
+                rest.append(arg)
+            continue
+        rest.append(arg)
+    folders = {k: v for k, v in values.items() if k in HYDRA_DIR_KEYS}
+    if not folders:
+        return list(argv)
+    wanted = set(folders.values()) | ({values["out_dir"]} if "out_dir" in values else set())
+    if len(wanted) > 1:
+        given = ", ".join(f"{k}={v}" for k, v in values.items())
+        _fail(f"{given} name different folders, but the runs, sweep.json and the report all go to one sweep "
+              f"folder: out_dir (hydra.sweep.dir and hydra.run.dir follow it). Give only out_dir=PATH.")
+    if "out_dir" not in values:
+        rest.append(f"out_dir={wanted.pop()}")
+    return rest
+
+
+def out_dir_problem(out_dir: str) -> str | None:
+    """Why results cannot be written under ``out_dir`` (None when they can)."""
+    path = Path(out_dir).expanduser().absolute()
+    if any(str(path) == r or str(path).startswith(r + "/") for r in VIRTUAL_ROOTS):
+        return f"it lies in {path.parts[1] and '/' + path.parts[1]}, a virtual file system, not storage"
+    probe = path
+    while not probe.exists():  # the nearest existing folder decides whether we may create the rest
+        if probe.parent == probe:
+            break
+        if probe.is_symlink():  # a dangling link
+            return f"{probe} is a broken symbolic link"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} exists and is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    try:
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:
+            return f"{probe} is on a read-only file system"
+    except OSError:
+        pass
+    return None
+
+
+class CheckOutDir(Callback):
+    """Refuse a bad out_dir before Hydra creates folders (run and multirun alike)."""
+
+    def _check(self, config: DictConfig) -> None:
+        out_dir = str(config.get("out_dir"))
+        problem = out_dir_problem(out_dir)
+        if problem:
+            _fail(f"out_dir={out_dir!r} is not writable ({problem}). Choose a folder you can write with "
+                  f"out_dir=PATH.")
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
