@@ -718,8 +718,13 @@ def _subset_metrics(stats: PairwiseStats, subsets: Any) -> dict[str, np.ndarray]
         raise ValueError("a subset repeats a model index")
     n_pairs = k * (k - 1) / 2
 
+    rows = max(1, 2**22 // max(N, 1))  # float64 row chunks of ~32 MiB: no N x N float64 copy
+
     def pair_sum(A: np.ndarray) -> np.ndarray:
-        return np.einsum("rn,rn->r", M @ A.astype(np.float64), M) / 2.0
+        AM = np.empty((N, R))
+        for a in range(0, N, rows):
+            AM[a:a + rows] = A[a:a + rows].astype(np.float64) @ M.T  # integer counts stay exact
+        return np.einsum("nr,rn->r", AM, M) / 2.0
 
     C = stats.n_correct[S].astype(np.float64)  # [R, k]
     acc = 100.0 * C / n
@@ -734,7 +739,10 @@ def _subset_metrics(stats: PairwiseStats, subsets: Any) -> dict[str, np.ndarray]
     # sum over pairs of (acc_i + acc_j) = (k - 1) * sum_i acc_i, each model being in k-1 pairs
     out["ensemble_delta"] = 100.0 * (2.0 * pair_sum(stats.ens_correct) - (k - 1) * C.sum(axis=1)) / (2.0 * total)
     out["cka"] = pair_sum(stats.cka) / n_pairs if stats.cka is not None else np.full(R, math.nan)
-    counts = M @ stats.correct.astype(np.float64)  # [R, n] models right on each example
+    counts = np.empty((R, n))  # [R, n] models right on each example, by column chunks of n
+    cols = max(1, 2**22 // max(N, 1))
+    for a in range(0, n, cols):
+        counts[:, a:a + cols] = M @ stats.correct[:, a:a + cols].astype(np.float64)
     p = counts / k
     out["testset_sd"] = 100.0 * np.sqrt(np.sum(p * (1.0 - p), axis=1)) / n
     return out
