@@ -405,3 +405,22 @@ def test_long_test_set_flushes_float32_counts(monkeypatch):
     got = M.pairwise_stats(models, y)
     assert np.array_equal(got.agree, want.agree)
     assert np.array_equal(got.ens_correct, want.ens_correct)
+
+
+def test_bootstrap_chunking_changes_no_value():
+    # the chunked draws (bounded memory for 10,000 models) must reproduce one big draw exactly;
+    # the one-draw reference uses the module's SD helper so that equality can be exact (np.std
+    # rounds differently, and a quantile of near-equal ratios could then pick another resample)
+    v = np.random.default_rng(2).normal(size=3001)
+    rng = np.random.default_rng([4, 5])
+    sds = M._sd_rows(v[rng.integers(0, v.size, size=(3000, v.size))])
+    want_se = float(M._sd_rows(sds[None])[0] * math.sqrt(3000 / 2999))
+    assert M.bootstrap_sd_se(v, n_boot=3000, seed=[4, 5], chunk=7) == want_se
+    w = np.random.default_rng(3).normal(size=2999)
+    rng = np.random.default_rng(9)
+    ra = M._sd_rows(v[rng.integers(0, v.size, size=(2000, v.size))])
+    rb = M._sd_rows(w[rng.integers(0, w.size, size=(2000, w.size))])
+    alpha = (1 - 0.95) / 2  # as the function computes it (0.025000000000000022: another order statistic)
+    want = np.quantile(ra / rb, [alpha, 1 - alpha], method="inverted_cdf")
+    _, lo, hi = M.bootstrap_sd_ratio_ci(v, w, n_boot=2000, seed=9)
+    assert (lo, hi) == tuple(want)

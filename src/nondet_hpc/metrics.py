@@ -229,6 +229,9 @@ def bootstrap_sd_se(values: Any, n_boot: int = 10_000, seed: Any = 0, chunk: int
         return math.nan
     rng = np.random.default_rng(seed)
     sds = np.empty(n_boot)
+    # at most ~2^22 resampled values at once (a few 32 MiB temporaries, 10,000 models or not);
+    # consecutive draws give the same stream as one big draw, so the chunk changes no value
+    chunk = max(1, min(chunk, 2**22 // v.size))
     for a in range(0, n_boot, chunk):
         b = min(n_boot, a + chunk)
         idx = rng.integers(0, v.size, size=(b - a, v.size))
@@ -251,8 +254,7 @@ def bootstrap_sd_ratio_ci(num: Any, den: Any, n_boot: int = 10_000, seed: Any = 
     sd_b = population_sd(b)
     ratio = population_sd(a) / sd_b if sd_b > 0 else math.inf
     rng = np.random.default_rng(seed)
-    ra = _sd_rows(a[rng.integers(0, a.size, size=(n_boot, a.size))])
-    rb = _sd_rows(b[rng.integers(0, b.size, size=(n_boot, b.size))])
+    ra, rb = _resampled_sds(a, n_boot, rng), _resampled_sds(b, n_boot, rng)  # all of a's draws, then b's
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.where(rb > 0, ra / np.where(rb > 0, rb, 1.0), np.where(ra > 0, np.inf, np.nan))
     r = r[~np.isnan(r)]
@@ -262,6 +264,16 @@ def bootstrap_sd_ratio_ci(num: Any, den: Any, n_boot: int = 10_000, seed: Any = 
     # order statistics (no interpolation), so infinite resamples cannot produce inf - inf = NaN
     lo, hi = np.quantile(r, [alpha, 1.0 - alpha], method="inverted_cdf")
     return ratio, float(lo), float(hi)
+
+
+def _resampled_sds(v: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Population SD of n_boot resamples of v, drawn in row chunks of ~2^22 values (same stream)."""
+    out = np.empty(n_boot)
+    rows = max(1, 2**22 // v.size)
+    for a in range(0, n_boot, rows):
+        b = min(n_boot, a + rows)
+        out[a:b] = _sd_rows(v[rng.integers(0, v.size, size=(b - a, v.size))])
+    return out
 
 
 def equal_variance_test(samples: Sequence[Any]) -> tuple[float, float]:
