@@ -276,3 +276,151 @@ def test_variability_reduction_undefined_and_invalid():
         M.variability_reduction(BASE, NEW, "mean")
     with pytest.raises(KeyError):
         M.variability_reduction({"acc_sd": 1.0}, NEW)
+
+
+# ----------------------------------------------------------------------------------- fast path
+
+
+def per_pair_reference(models: list[np.ndarray], y: np.ndarray) -> dict[str, np.ndarray]:
+    """The plain definitions, one pair at a time (what the Gram/torch fast path must reproduce)."""
+    N = len(models)
+    agree = np.zeros((N, N), np.int64)
+    ens = np.zeros((N, N), np.int64)
+    corr = np.zeros((N, N))
+    for i in range(N):
+        for j in range(i + 1, N):
+            a, b = models[i], models[j]
+            agree[i, j] = agree[j, i] = np.count_nonzero(a.argmax(1) == b.argmax(1))
+            # the sum in the logits' dtype; numpy's argmax breaks ties towards the lowest class
+            ens[i, j] = ens[j, i] = np.count_nonzero((a + b).argmax(1) == y)
+            if np.array_equal(a, b):
+                corr[i, j] = corr[j, i] = 1.0
+            else:
+                with np.errstate(invalid="ignore", divide="ignore"):  # constant model: r undefined
+                    corr[i, j] = corr[j, i] = np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1]
+    return {"agree": agree, "ens": ens, "corr": corr}
+
+
+def adversarial_group(seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Models built to hit every branch: ties, identical copies, constants, near-ties, huge values."""
+    rng = np.random.default_rng(seed)
+    n, c = 240, 4
+    y = rng.integers(0, c, n)
+    models = []
+    for _ in range(5):  # small integers: many exact ties inside a model and in pair sums
+        models.append(rng.integers(-2, 3, size=(n, c)).astype(np.float32))
+    models.append(models[0].copy())  # identical to model 0
+    models.append(models[0].copy())
+    models.append(np.full((n, c), 0.25, np.float32))  # constant: argmax 0 everywhere
+    base = rng.normal(size=(n, c)).astype(np.float32)
+    base[np.arange(n), y] += 2.0
+    models.append(base)
+    # right by less than the rounding of a float32 sum: only the exact evaluation gets these right
+    near = base.copy()
+    near[np.arange(n), y] = np.nextafter(near.max(axis=1), np.float32(np.inf))
+    models.append(near)
+    models.append((base * 1e30).astype(np.float32))  # sums near float32 overflow
+    models.append(np.where(rng.random((n, c)) < 0.5, 1.0, -1.0).astype(np.float32))
+    return models, y
+
+
+@pytest.mark.parametrize("kind", ["random", "adversarial"])
+def test_fast_path_equals_per_pair_reference(kind):
+    if kind == "random":
+        models, y = _random_group(13, 301, 7, seed=21)
+    else:
+        models, y = adversarial_group(seed=3)
+    ref = per_pair_reference(models, y)
+    st = M.pairwise_stats(models, y)
+    assert np.array_equal(st.agree, ref["agree"])
+    assert np.array_equal(st.ens_correct, ref["ens"])
+    finite = np.isfinite(ref["corr"])
+    assert np.array_equal(finite, np.isfinite(st.corr))  # a constant model has undefined r (NaN)
+    np.testing.assert_allclose(st.corr[finite], ref["corr"][finite], rtol=1e-12, atol=1e-14)
+
+
+def test_fast_path_ties_against_hand_counts():
+    y = np.array([1, 0, 2])
+    a = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    b = np.array([[0, 1, 0], [1, 0, 0], [1, 0, 0]], np.float32)
+    # sums [1, 1, 0] -> tie, class 0 wins, label 1: wrong; [1, 1, 0] -> class 0 = label: right;
+    # [1, 0, 1] -> class 0, label 2: wrong. One right of three.
+    assert M.pairwise_stats([a, b], y).ens_correct[0, 1] == 1
+
+
+def test_identical_models_exact_on_the_fast_path():
+    models, y = adversarial_group(seed=5)
+    st = M.pairwise_stats([models[8]] * 4, y)  # same float32 array four times
+    s = M.group_summary(st)
+    assert (s["disagreement"], s["correlation"], s["ensemble_delta"]) == (0.0, 1.0, 0.0)
+
+
+def test_block_sizes_1_7_n_identical():
+    models, y = adversarial_group(seed=9)
+    N, (n, c) = len(models), models[0].shape
+    per_example = N * c * (3 * 4 + 8 + 8 + 4) + N * 16  # pairwise_stats' bytes per test example
+    results = [M.pairwise_stats(models, y, block_bytes=rows * per_example) for rows in (1, 7, n)]
+    for st in results[1:]:
+        assert np.array_equal(st.agree, results[0].agree)
+        assert np.array_equal(st.ens_correct, results[0].ens_correct)
+        # the float64 Gram is summed in another order: equal to rounding, not bit for bit
+        np.testing.assert_allclose(st.corr, results[0].corr, rtol=1e-13, atol=1e-15)
+
+
+def test_progress_called_per_block_up_to_total():
+    models, y = _random_group(4, 50, 3, seed=1)
+    seen = []
+    M.pairwise_stats(models, y, block_bytes=1, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(k, 50) for k in range(1, 51)]
+
+
+def test_memory_bounded_for_2000_models():
+    # 2,000 models of 64 x 10 logits, 8 MiB blocks. What must be held is N^2: the float64
+    # correlation matrix (32 MB) and two float32 count accumulators (16 MB each) that become the
+    # int32 results in place, 64 MB, plus blocks of about 8 MiB and per-block count temporaries.
+    # Measured 130 MiB; 160 MiB leaves room for allocator noise but fails if any [N, N] copy
+    # (16-32 MB) or any [N, N, m] array (1 GB) is added.
+    rng = np.random.default_rng(0)
+    n, c, N = 64, 10, 2000
+    y = rng.integers(0, c, n)
+    base = rng.normal(size=(n, c)).astype(np.float32)
+    models = [base + rng.normal(scale=0.5, size=(n, c)).astype(np.float32) for _ in range(N)]
+    summaries = [M.summarize_model(m, y) for m in models]
+    import tracemalloc
+
+    tracemalloc.start()
+    st = M.pairwise_stats(models, y, summaries=summaries, block_bytes=8 * 2**20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert st.agree.dtype == np.int32 and st.ens_correct.dtype == np.int32
+    assert peak < 160 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_long_test_set_flushes_float32_counts(monkeypatch):
+    # counts are exact in float32 only up to 2^24 examples; pretend the limit is 20 so the
+    # int32 flush path runs, and check it changes nothing
+    models, y = adversarial_group(seed=4)
+    want = M.pairwise_stats(models, y)
+    monkeypatch.setattr(M, "_F32_EXACT", 20)
+    got = M.pairwise_stats(models, y)
+    assert np.array_equal(got.agree, want.agree)
+    assert np.array_equal(got.ens_correct, want.ens_correct)
+
+
+def test_bootstrap_chunking_changes_no_value():
+    # the chunked draws (bounded memory for 10,000 models) must reproduce one big draw exactly;
+    # the one-draw reference uses the module's SD helper so that equality can be exact (np.std
+    # rounds differently, and a quantile of near-equal ratios could then pick another resample)
+    v = np.random.default_rng(2).normal(size=3001)
+    rng = np.random.default_rng([4, 5])
+    sds = M._sd_rows(v[rng.integers(0, v.size, size=(3000, v.size))])
+    want_se = float(M._sd_rows(sds[None])[0] * math.sqrt(3000 / 2999))
+    assert M.bootstrap_sd_se(v, n_boot=3000, seed=[4, 5], chunk=7) == want_se
+    w = np.random.default_rng(3).normal(size=2999)
+    rng = np.random.default_rng(9)
+    ra = M._sd_rows(v[rng.integers(0, v.size, size=(2000, v.size))])
+    rb = M._sd_rows(w[rng.integers(0, w.size, size=(2000, w.size))])
+    alpha = (1 - 0.95) / 2  # as the function computes it (0.025000000000000022: another order statistic)
+    want = np.quantile(ra / rb, [alpha, 1 - alpha], method="inverted_cdf")
+    _, lo, hi = M.bootstrap_sd_ratio_ci(v, w, n_boot=2000, seed=9)
+    assert (lo, hi) == tuple(want)

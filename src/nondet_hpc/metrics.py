@@ -34,7 +34,7 @@ import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -52,6 +52,7 @@ __all__ = [
     "equal_variance_test",
     "summarize_model",
     "pairwise_stats",
+    "progress_line",
     "pairwise_cka_matrix",
     "group_summary",
     "subset_metrics",
@@ -228,6 +229,9 @@ def bootstrap_sd_se(values: Any, n_boot: int = 10_000, seed: Any = 0, chunk: int
         return math.nan
     rng = np.random.default_rng(seed)
     sds = np.empty(n_boot)
+    # at most ~2^22 resampled values at once (a few 32 MiB temporaries, 10,000 models or not);
+    # consecutive draws give the same stream as one big draw, so the chunk changes no value
+    chunk = max(1, min(chunk, 2**22 // v.size))
     for a in range(0, n_boot, chunk):
         b = min(n_boot, a + chunk)
         idx = rng.integers(0, v.size, size=(b - a, v.size))
@@ -250,8 +254,7 @@ def bootstrap_sd_ratio_ci(num: Any, den: Any, n_boot: int = 10_000, seed: Any = 
     sd_b = population_sd(b)
     ratio = population_sd(a) / sd_b if sd_b > 0 else math.inf
     rng = np.random.default_rng(seed)
-    ra = _sd_rows(a[rng.integers(0, a.size, size=(n_boot, a.size))])
-    rb = _sd_rows(b[rng.integers(0, b.size, size=(n_boot, b.size))])
+    ra, rb = _resampled_sds(a, n_boot, rng), _resampled_sds(b, n_boot, rng)  # all of a's draws, then b's
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.where(rb > 0, ra / np.where(rb > 0, rb, 1.0), np.where(ra > 0, np.inf, np.nan))
     r = r[~np.isnan(r)]
@@ -261,6 +264,16 @@ def bootstrap_sd_ratio_ci(num: Any, den: Any, n_boot: int = 10_000, seed: Any = 
     # order statistics (no interpolation), so infinite resamples cannot produce inf - inf = NaN
     lo, hi = np.quantile(r, [alpha, 1.0 - alpha], method="inverted_cdf")
     return ratio, float(lo), float(hi)
+
+
+def _resampled_sds(v: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Population SD of n_boot resamples of v, drawn in row chunks of ~2^22 values (same stream)."""
+    out = np.empty(n_boot)
+    rows = max(1, 2**22 // v.size)
+    for a in range(0, n_boot, rows):
+        b = min(n_boot, a + rows)
+        out[a:b] = _sd_rows(v[rng.integers(0, v.size, size=(b - a, v.size))])
+    return out
 
 
 def equal_variance_test(samples: Sequence[Any]) -> tuple[float, float]:
@@ -318,28 +331,96 @@ class PairwiseStats:
 
 def pairwise_stats(models: Sequence[ArrayLike2D], labels: Any, *, summaries: Sequence[ModelSummary] | None = None,
                    features: Sequence[Any] | None = None, block_bytes: int = DEFAULT_BLOCK_BYTES,
-                   blas_threads: int | None = 1) -> PairwiseStats:
+                   blas_threads: int | None = 1, threads: int | None = 1,
+                   progress: Callable[[int, int], None] | None = None) -> PairwiseStats:
     """Everything pairwise for N models in one blocked pass over the test examples.
 
-    - disagreement: a one-hot encoding of each model's argmax, ``O [N, m*c]``; ``O @ O.T`` counts
-      the examples on which each pair agrees (exact integers: float32 holds counts up to 2^24).
-    - correlation: each model standardized to ``(x - mean) / norm`` over its n*c logits (float64),
-      so the Gram matrix of the standardized rows is the Pearson matrix; accumulated over blocks.
-      Pairs with identical arrays (equal digests) are set to exactly 1.0.
-    - ensemble: per pair, correct iff the label's summed logit beats every other class's
-      (ties go to the lowest class index, as ``argmax``); done class by class on ``[pairs, m]``
-      arrays so numpy works on long contiguous vectors. The sum is taken in the logits' dtype
-      (float32 as saved); ``(l_i + l_j) / 2`` has the same argmax, halving being exact.
+    The test examples are read in blocks of ``m`` rows from every model (about ``block_bytes`` of
+    working arrays, whatever N), so each model's file is read once and memmaps are never loaded
+    whole. Per block, with torch (``threads`` intra-op threads; None keeps torch's setting):
+
+    - correlation: each model standardized to ``(x - mean) / norm`` over its n*c logits (float64);
+      one float64 GEMM over all models accumulates the Pearson matrix. Pairs with identical arrays
+      (equal digests) are set to exactly 1.0.
+    - disagreement: two models agree on an example iff both are right, or both predict the same
+      wrong class. ``agree = K @ K.T`` with ``K = [correct | one-hot of wrong predictions]``: one
+      float32 GEMM of exact integer counts. Columns set in every model are a constant, columns set
+      in fewer than two models only touch the diagonal: both are dropped before the GEMM.
+    - ensemble (argmax of ``l_i + l_j`` in the logits' dtype, ties to the lowest class as numpy):
+      a model is *safe* on an example when it is right with a margin over every other class larger
+      than the rounding of a float sum (``4 u max|l|``, u the unit roundoff), so that any pair of
+      models safe on an example provably has a right ensemble there; those examples are counted by
+      the GEMM ``safe @ safe.T``. Only the (model o, example e) entries where o is not safe are
+      evaluated exactly, against all N partners at once (vectorised over partners and entries,
+      grouped by label so the tie rule is a fixed class split): ``R[o, p]`` counts right ensembles
+      on o's unsafe examples, and ``T`` the part of them where the partner p is safe. For a pair,
+      unsafe(i) + (unsafe(j) and safe(i)) + safe(both) covers each example once, so
+      ``ens[i, j] = SS[i, j] + R[i, j] + T[j, i]``; as ens is symmetric this equals half of
+      ``Q + Q.T`` with ``Q = SS + R + T``, so R and T go into one accumulator by row (no column
+      scatter) and one in-place symmetrization at the end gives exact integer counts. The work is ~N^2 * n * (unsafe fraction) * c
+      element operations instead of N^2/2 * n * c.
+
+    Counts (``agree``, ``ens_correct``) are int32 (they are at most n_test); ``corr`` is float64.
     ``summaries`` (from :func:`summarize_model`) skip the per-model pass when the caller already
     made it. ``features`` (one ``[n, d]`` array per model) add the CKA matrix. ``blas_threads``
-    caps BLAS threads during the products (None: leave the library's setting).
+    caps numpy BLAS threads (the CKA products). ``progress(done, total)`` is called after each
+    block with the test examples done so far (see :func:`progress_line`).
     """
-    with _blas_threads(blas_threads):
-        return _pairwise_stats(models, labels, summaries, features, block_bytes)
+    with _blas_threads(blas_threads), _torch_threads(threads):
+        return _pairwise_stats(models, labels, summaries, features, block_bytes, progress)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    import torch
+
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def progress_line(label: str = "pairwise metrics", every_s: float = 5.0,
+                  stream: Any = None) -> Callable[[int, int], None]:
+    """A ``progress`` callable for :func:`pairwise_stats` that prints one line every ``every_s`` s.
+
+    Silent for reductions shorter than ``every_s``; prints ``label: 41% (4100/10000 examples, 12 s,
+    ~17 s left)`` to ``stream`` (default stderr) afterwards, and a last line at 100%.
+    """
+    import sys
+    import time
+
+    t0 = time.monotonic()
+    state = {"last": t0, "printed": False}
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - state["last"] < every_s and not (done >= total and state["printed"]):
+            return
+        state["last"], state["printed"] = now, True
+        el = now - t0
+        left = el * (total - done) / done if done else math.nan
+        print(f"{label}: {100 * done / max(total, 1):.0f}% ({done}/{total} examples, {el:.0f} s, ~{left:.0f} s left)",
+              file=stream or sys.stderr, flush=True)
+
+    return report
+
+
+# float32 holds every integer up to 2^24 exactly: counts accumulated in float32 GEMMs are exact
+# while no entry can exceed this; longer test sets are flushed into int64 in chunks of examples.
+_F32_EXACT = 2**23  # Q + Q.T of the ensemble counts reaches 2n
 
 
 def _pairwise_stats(models: Sequence[ArrayLike2D], labels: Any, summaries: Sequence[ModelSummary] | None,
-                    features: Sequence[Any] | None, block_bytes: int) -> PairwiseStats:
+                    features: Sequence[Any] | None, block_bytes: int,
+                    progress: Callable[[int, int], None] | None = None) -> PairwiseStats:
+    import torch
+
     N = len(models)
     if N < 1:
         raise ValueError("pairwise_stats needs at least one model")
@@ -354,44 +435,87 @@ def _pairwise_stats(models: Sequence[ArrayLike2D], labels: Any, summaries: Seque
     if len(summaries) != N:
         raise ValueError("one summary per model is required")
 
-    means = np.array([s.mean for s in summaries])
+    means = torch.from_numpy(np.array([s.mean for s in summaries], np.float64))
     norms = np.array([s.norm for s in summaries])
-    preds = np.stack([s.pred for s in summaries])
-    work_dtype = np.result_type(np.dtype(models[0].dtype), np.float32)
-
-    agree = np.zeros((N, N), np.int64)
-    ens = np.zeros((N, N), np.int64)
-    gram = np.zeros((N, N), np.float64)
-    # bytes per test example held at once: float64 standardized + float32 one-hot + 2 float32
-    # copies of the logits + the ensemble loop's [N, m] temporaries
-    per_example = N * c * (8 + 4 + 2 * np.dtype(work_dtype).itemsize) + N * 16
-    m_block = int(max(1, min(n, block_bytes // max(per_example, 1))))
     with np.errstate(divide="ignore", invalid="ignore"):
-        inv_norm = np.where(norms > 0, 1.0 / norms, np.nan)
-    rows = np.arange(N)[:, None]
+        inv_norm = torch.from_numpy(np.where(norms > 0, 1.0 / norms, np.nan))
+    work_dtype = np.result_type(np.dtype(models[0].dtype), np.float32)
+    finfo = np.finfo(work_dtype)
+    tol = 2.0 * float(finfo.eps)  # 4 u, u = eps / 2 the unit roundoff of one addition
+    big = float(finfo.max) / 4  # beyond this a pair's sum could overflow to inf (and tie)
+
+    # accumulators allocated by numpy (torch views them): tracemalloc then sees the N^2 memory
+    gram = torch.from_numpy(np.zeros((N, N), np.float64))
+    agree_f = torch.from_numpy(np.zeros((N, N), np.float32))
+    ens_f = torch.from_numpy(np.zeros((N, N), np.float32))
+    agree = ens = None  # int32 totals, only needed when a test set is too long for float32 counts
+    const_agree = const_ens = 0  # examples on which every pair agrees / every model is safe
+    # bytes per test example held at once: the block (float32/64 copy + class-major copy),
+    # float64 standardized logits and margins, and the one-hot/indicator matrices
+    it = np.dtype(work_dtype).itemsize
+    per_example = N * c * (3 * it + 8 + 8 + 4) + N * 16
+    m_block = int(max(1, min(n, block_bytes // max(per_example, 1), _F32_EXACT)))
+    since_flush = 0
     for a in range(0, n, m_block):
         b = min(n, a + m_block)
         m = b - a
         X = np.stack([_rows(mod, a, b, work_dtype) for mod in models])  # [N, m, c]
+        Xt = torch.from_numpy(X)
+        yb = y[a:b]
 
-        Z = X.reshape(N, m * c).astype(np.float64)
+        Z = torch.from_numpy(X.reshape(N, m * c).astype(np.float64))
         Z -= means[:, None]
         Z *= inv_norm[:, None]
-        gram += Z @ Z.T
+        gram.addmm_(Z, Z.T)
         del Z
 
-        O = np.zeros((N, m, c), np.float32)
-        O[rows, np.arange(m)[None, :], preds[:, a:b]] = 1.0
-        O = O.reshape(N, m * c)
-        agree += np.rint(O @ O.T).astype(np.int64)
-        del O
+        pred = torch.from_numpy(np.stack([np.asarray(s.pred[a:b], np.int64) for s in summaries]))  # [N, m]
+        yt = torch.from_numpy(yb)
+        right = pred == yt[None, :]
+        W = torch.zeros((N, m, c), dtype=torch.float32)
+        W.scatter_(2, pred[:, :, None], (~right).to(torch.float32)[:, :, None])  # one-hot of wrong preds
+        K = torch.cat([right.to(torch.float32), W.reshape(N, m * c)], dim=1)
+        del W
+        K, full = _useful_columns(K, N)
+        const_agree += full
+        if K.shape[1]:
+            agree_f.addmm_(K, K.T)
+        del K
 
-        _ensemble_block(X, y[a:b], ens)
-        del X
+        lab = X[:, np.arange(m), yb]  # [N, m] logit of the label
+        d = lab[:, :, None].astype(np.float64) - X  # margins of the label over each class
+        d[:, np.arange(m), yb] = np.inf
+        amax = np.abs(X).max(axis=2).astype(np.float64)
+        safe = (d.min(axis=2) > tol * amax) & (amax < big)  # [N, m]
+        del d, amax
+        St = torch.from_numpy(safe.astype(np.float32))
+        S, full = _useful_columns(St, N)
+        const_ens += full
+        if S.shape[1]:
+            ens_f.addmm_(S, S.T)
+        del S
+        _ensemble_unsafe(X, yb, safe, St, ens_f)
+        del X, Xt, St
 
-    ens = ens + ens.T
+        since_flush += m
+        if since_flush + m_block > _F32_EXACT and b < n:  # keep float32 counts exact: move them to int32
+            agree = _flush(agree_f, agree)
+            ens = _flush(ens_f, ens)
+            since_flush = 0
+        if progress is not None:
+            progress(b, n)
+    if ens is not None:  # the symmetrization is linear: apply it to the flushed part too
+        _symmetrize_half(ens)
+    _symmetrize_half(ens_f.numpy())
+    agree = _to_int32(agree_f, agree)
+    ens = _to_int32(ens_f, ens)
+    del agree_f, ens_f
+    agree += np.int32(const_agree)
+    ens += np.int32(const_ens)
     np.fill_diagonal(agree, 0)  # a model agrees with itself everywhere; pair sums skip the diagonal
-    corr = np.clip(gram, -1.0, 1.0)
+    np.fill_diagonal(ens, 0)
+    corr = gram.numpy()
+    np.clip(corr, -1.0, 1.0, out=corr)
     digests = [s.digest for s in summaries]
     _set_identical_pairs(corr, digests)
     np.fill_diagonal(corr, 0.0)
@@ -411,28 +535,98 @@ def _pairwise_stats(models: Sequence[ArrayLike2D], labels: Any, summaries: Seque
     )
 
 
-def _ensemble_block(X: np.ndarray, y: np.ndarray, ens: np.ndarray) -> None:
-    """Add, for every pair i<j, the examples of this block that argmax(X_i + X_j) gets right."""
+def _useful_columns(K: Any, N: int) -> tuple[Any, int]:
+    """Columns of a 0/1 matrix [N, cols] that count towards off-diagonal entries of ``K @ K.T``.
+
+    A column set in every model adds 1 to every pair: returned as a count (the caller adds it as
+    a constant); one set in fewer than two models adds only to the diagonal, which is discarded.
+    """
+    cs = K.sum(0)
+    return K[:, (cs >= 2) & (cs < N)], int((cs == N).sum())
+
+
+def _flush(acc: Any, out: np.ndarray | None, rows: int = 128) -> np.ndarray:
+    """Add float32 integer counts into an int32 array (made if None) by row chunks; zero them."""
+    if out is None:
+        out = np.zeros(tuple(acc.shape), np.int32)
+    for r in range(0, out.shape[0], rows):
+        out[r:r + rows] += np.rint(acc[r:r + rows].numpy()).astype(np.int32)
+    acc.zero_()
+    return out
+
+
+def _symmetrize_half(Q: np.ndarray, tile: int = 512) -> None:
+    """``Q <- (Q + Q.T) / 2`` in place, tile by tile (no N x N temporary); exact for these counts.
+
+    Q + Q.T is twice an integer count below 2^24 (float32) or 2^31 (int32), so halving is exact.
+    """
+    N = Q.shape[0]
+    for a in range(0, N, tile):
+        for b in range(a, N, tile):
+            t = Q[a:a + tile, b:b + tile] + Q[b:b + tile, a:a + tile].T
+            t //= 2  # floor division of an even integer (float or int) is exact
+            Q[a:a + tile, b:b + tile] = t
+            Q[b:b + tile, a:a + tile] = t.T
+
+
+def _to_int32(acc: Any, out: np.ndarray | None, rows: int = 128) -> np.ndarray:
+    """The final int32 counts; converted inside the float32 accumulator's own buffer when possible.
+
+    Same size, so no second N x N array: each row chunk is read (copied) before it is overwritten.
+    """
+    if out is not None:
+        return _flush(acc, out, rows)
+    f = acc.numpy()
+    i = f.view(np.int32)
+    for r in range(0, f.shape[0], rows):
+        i[r:r + rows] = np.rint(f[r:r + rows]).astype(np.int32)
+    return i
+
+
+# partner x entry elements per step of the exact ensemble evaluation: large enough that torch's
+# per-call cost is small, small enough that the [N, q] temporaries stay in cache
+_ENS_CHUNK = 2**19
+
+
+def _ensemble_unsafe(X: np.ndarray, y: np.ndarray, safe: np.ndarray, St: Any, ens_f: Any) -> None:
+    """Exact ensemble correctness on every (model o, example e) where o is not safe, vs all partners.
+
+    Adds ``R[o, p] + T[o, p]`` into ``ens_f[o, p]`` (T: the part where p is safe on e); the caller
+    symmetrizes, see :func:`_symmetrize_half`. Entries are grouped by label L so that the tie rule of numpy's argmax is a
+    fixed split of the classes: the ensemble is right iff its label sum beats every class below L
+    strictly and every class above L or equals it.
+    """
+    import torch
+
     N, m, c = X.shape
     if N < 2:
         return
-    XT = np.ascontiguousarray(X.transpose(2, 0, 1))  # [c, N, m]: class k of all models contiguous
-    lab = np.ascontiguousarray(X[:, np.arange(m), y])  # [N, m] logit of the true class
-    below = [k < y for k in range(c)]  # class k wins a tie against the label iff k < label
-    for i in range(N - 1):
-        J = N - 1 - i
-        s_lab = lab[i][None, :] + lab[i + 1:]
-        wrong = np.zeros((J, m), bool)
-        s_k = np.empty_like(s_lab)
-        t = np.empty((J, m), bool)
-        for k in range(c):
-            np.add(XT[k, i][None, :], XT[k, i + 1:], out=s_k)
-            np.greater(s_k, s_lab, out=t)
-            wrong |= t
-            np.equal(s_k, s_lab, out=t)
-            t &= below[k]
-            wrong |= t
-        ens[i, i + 1:] += m - np.count_nonzero(wrong, axis=1)
+    o_all, e_all = np.nonzero(~safe)
+    if o_all.size == 0:
+        return
+    # example-major [m, c, N]: an entry's partner logits are one contiguous [c, N] slab, so the
+    # gather is a row copy and every class comparison runs over N contiguous partners
+    XE = torch.from_numpy(np.ascontiguousarray(X.transpose(1, 2, 0)))
+    SE = St.T.contiguous()  # [m, N] partner safe on example
+    Xo = torch.from_numpy(X)
+    lab_all = y[e_all]
+    step = max(1, _ENS_CHUNK // (N * c))
+    for L in (int(v) for v in np.unique(lab_all)):
+        sel = np.flatnonzero(lab_all == L)
+        for q0 in range(0, sel.size, step):
+            q = sel[q0:q0 + step]
+            o = torch.from_numpy(o_all[q])
+            e = torch.from_numpy(e_all[q])
+            s = XE.index_select(0, e)  # [q, c, N]: partner p's logits l_p[e]
+            s += Xo[o, e][:, :, None]  # + the owner's l_o[e], in X's dtype (same sum as argmax of l_o + l_p)
+            s_lab = s[:, L, :]
+            ok = torch.ones(s_lab.shape, dtype=torch.bool)
+            if L > 0:  # a class below the label wins a tie: the label must beat it strictly
+                ok &= s_lab > s[:, :L, :].amax(dim=1)
+            if L < c - 1:  # a class above the label loses a tie
+                ok &= s_lab >= s[:, L + 1:, :].amax(dim=1)
+            # R[o, p] + T[o, p] in one row scatter: a right ensemble counts 1, plus 1 if p is safe
+            ens_f.index_add_(0, o, ok.to(torch.float32) * (1.0 + SE.index_select(0, e)))
 
 
 def _set_identical_pairs(mat: np.ndarray, digests: Sequence[bytes]) -> None:
@@ -536,8 +730,13 @@ def _subset_metrics(stats: PairwiseStats, subsets: Any) -> dict[str, np.ndarray]
         raise ValueError("a subset repeats a model index")
     n_pairs = k * (k - 1) / 2
 
+    rows = max(1, 2**22 // max(N, 1))  # float64 row chunks of ~32 MiB: no N x N float64 copy
+
     def pair_sum(A: np.ndarray) -> np.ndarray:
-        return np.einsum("rn,rn->r", M @ A.astype(np.float64), M) / 2.0
+        AM = np.empty((N, R))
+        for a in range(0, N, rows):
+            AM[a:a + rows] = A[a:a + rows].astype(np.float64) @ M.T  # integer counts stay exact
+        return np.einsum("nr,rn->r", AM, M) / 2.0
 
     C = stats.n_correct[S].astype(np.float64)  # [R, k]
     acc = 100.0 * C / n
@@ -552,7 +751,10 @@ def _subset_metrics(stats: PairwiseStats, subsets: Any) -> dict[str, np.ndarray]
     # sum over pairs of (acc_i + acc_j) = (k - 1) * sum_i acc_i, each model being in k-1 pairs
     out["ensemble_delta"] = 100.0 * (2.0 * pair_sum(stats.ens_correct) - (k - 1) * C.sum(axis=1)) / (2.0 * total)
     out["cka"] = pair_sum(stats.cka) / n_pairs if stats.cka is not None else np.full(R, math.nan)
-    counts = M @ stats.correct.astype(np.float64)  # [R, n] models right on each example
+    counts = np.empty((R, n))  # [R, n] models right on each example, by column chunks of n
+    cols = max(1, 2**22 // max(N, 1))
+    for a in range(0, n, cols):
+        counts[:, a:a + cols] = M @ stats.correct[:, a:a + cols].astype(np.float64)
     p = counts / k
     out["testset_sd"] = 100.0 * np.sqrt(np.sum(p * (1.0 - p), axis=1)) / n
     return out
