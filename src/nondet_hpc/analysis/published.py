@@ -71,7 +71,7 @@ def experiments(groups: list[Group]) -> list[str]:
     for g in groups:
         for r in g.members:
             e = str(r.info.get("experiment") or "")
-            seen[e[: -len(QUICK)] if e.endswith(QUICK) else e] = None
+            seen[e.removesuffix(QUICK)] = None
     return list(seen)
 
 
@@ -160,10 +160,9 @@ def _rows(p: dict[str, Any], g: Group, row: pd.Series, j: Judgement) -> list[dic
             ours = float(row[key])
             se = float(row[f"{key}_se"]) if f"{key}_se" in row.index else RS.bootstrap_se(boot[key])
         d, z = _diff(ours, se, published)
-        pse = p.get(f"{key}_se", math.nan)
         out.append({"table": int(p["table"]), "origin": p["origin"], "published_row": p["row"], "group": g.row_name,
                     "n_models": g.stats.n_models, "n_published": int(p["n_models"]), "metric": key, "ours": ours,
-                    "ours_se": se, "published": published, "published_se": float(pse) if pse == pse else math.nan,
+                    "ours_se": se, "published": published, "published_se": float(p.get(f"{key}_se", math.nan)),
                     "difference": d, "se_units": z, "note": note})
     return out
 
@@ -179,11 +178,10 @@ def _ablation_rows(p: dict[str, Any], g: Group, ablation: pd.DataFrame) -> list[
             continue
         ours = float(a.iloc[0][col])
         d, _ = _diff(ours, math.nan, published)
-        pse = p.get(f"{key}_se", math.nan)
         out.append({"table": 8, "origin": p["origin"], "published_row": p["row"], "group": g.row_name,
                     "n_models": int(p["n_models"]), "n_published": int(p["n_models"]), "metric": key, "ours": ours,
                     "ours_se": math.nan, "published": published,
-                    "published_se": float(pse) if pse == pse else math.nan, "difference": d,
+                    "published_se": float(p.get(f"{key}_se", math.nan)), "difference": d,
                     "se_units": math.nan, "note": f"ablation mean over {g.stats.n_models}-model group's subsets"})
     return out
 
@@ -224,9 +222,9 @@ def published_md(c: Comparison) -> list[str]:
             out.append(rec)
         who = "the paper's values as quoted by the report" if origin == "paper" else "the report"
         parts += [f"### Table {table} ({who})", "", markdown(pd.DataFrame(out).astype(str)), ""]
-    parts += ["Δ/SE = (ours - published) / our bootstrap SE; in parentheses: the raw difference, where we have "
-              "no SE (rows of Table 8 below our N compare the N-models ablation's mean). Published values: the "
-              "reproducibility report, Tables 4-10 (package data nondet_hpc/analysis/published_tables.csv).", ""]
+    parts += [("Δ/SE = (ours - published) / our bootstrap SE; in parentheses: the raw difference, where we have "
+               "no SE (rows of Table 8 below our N compare the N-models ablation's mean). Published values: the "
+               "reproducibility report, Tables 4-10 (package data nondet_hpc/analysis/published_tables.csv)."), ""]
     if c.unmatched:
         parts += ["Published rows without a row of ours:", "", *[f"- {u}" for u in c.unmatched], ""]
     if c.unpublished:

@@ -33,8 +33,8 @@ from .. import metrics as M
 from ..rundir import atomic_write
 from . import tables
 from .claims import ablation, claim1
-from .published import Comparison, compare, published_md
 from .groups import VIEW_DISPLAY, Group, build_groups, view_display
+from .published import Comparison, compare, published_md
 from .scan import Exclusion, ReduceError, Run, scan_sweep
 from .stats import COLUMNS, apply_baselines, group_row, per_model, reduce_group
 from .tables import format_table

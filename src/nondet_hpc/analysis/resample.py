@@ -40,7 +40,7 @@ def resampled(stats: M.PairwiseStats, idx: np.ndarray) -> dict[str, np.ndarray]:
     metrics are NaN (callers drop them and say how many).
     """
     idx = np.atleast_2d(np.asarray(idx, dtype=np.int64))
-    B, k = idx.shape
+    B = idx.shape[0]
     N, n = stats.n_models, stats.n_examples
     acc = stats.accuracies
     out = {key: np.empty(B) for key in KEYS}
@@ -57,16 +57,17 @@ def resampled(stats: M.PairwiseStats, idx: np.ndarray) -> dict[str, np.ndarray]:
         pairs = S * S - np.einsum("rn,rn->r", W, W)  # ordered pairs of distinct models
         pairs[pairs <= 0] = np.nan
         with np.errstate(divide="ignore", invalid="ignore"):
-
-            def pair_mean(A: np.ndarray) -> np.ndarray:
-                return np.einsum("rn,rn->r", W @ A, W) / pairs
-
-            out["disagreement"][a:b] = 100.0 * (1.0 - pair_mean(agree) / n)
-            out["correlation"][a:b] = pair_mean(corr)
+            out["disagreement"][a:b] = 100.0 * (1.0 - _pair_mean(W, agree, pairs) / n)
+            out["correlation"][a:b] = _pair_mean(W, corr, pairs)
             # sum over ordered pairs i != j of (c_i + c_j) / 2 = sum_i w_i c_i (S - w_i)
             solo = np.einsum("rn,n,rn->r", W, c, S[:, None] - W)
             out["ensemble_delta"][a:b] = 100.0 * (np.einsum("rn,rn->r", W @ ens, W) - solo) / (pairs * n)
     return out
+
+
+def _pair_mean(W: np.ndarray, A: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Weighted mean of the pair matrix A over each resample's ordered pairs of distinct models."""
+    return np.einsum("rn,rn->r", W @ A, W) / pairs
 
 
 def _sd(values: np.ndarray) -> np.ndarray:

@@ -68,7 +68,7 @@ class Judgement:
     stats: pd.DataFrame
     verdicts: list[Verdict]
     reductions: dict[str, dict[str, tuple[float, float, float, float]]]  # row -> formula -> (value, se, lo, hi)
-    resamples: "Resamples"
+    resamples: Resamples
 
 
 class Resamples:
@@ -201,7 +201,7 @@ def _bf_test(gs: list[Group], where: str) -> Stat | None:
     except (ImportError, ValueError):
         return None
     n = min(g.stats.n_models for g in gs)
-    return Stat(1, where, "Brown-Forsythe p (equal variance)", f"{len(gs)} groups", "", n, 0, p, math.nan,
+    return Stat(1, where, "Brown-Forsythe p (equal variance)", f"{len(gs)} groups (W={W:.3f})", "", n, 0, p, math.nan,
                 math.nan, "test")
 
 
@@ -337,16 +337,16 @@ def claims_md(j: Judgement) -> list[str]:
     """report.md's opening "Claims" section: one verdict line per claim, then the statistics."""
     parts = ["## Claims", ""]
     if not j.verdicts:
-        return parts + ["No claim can be judged: the sweep has no all-sources, bit-change or TTA / Acc.Ens "
-                        "group with 2 or more models.", ""]
+        return parts + [("No claim can be judged: the sweep has no all-sources, bit-change or TTA / Acc.Ens "
+                         "group with 2 or more models."), ""]
     parts += [f"- {v.text}" for v in j.verdicts]
     judged = {v.claim for v in j.verdicts}
     parts += [f"- Claim {c} ({_WHAT[c]}): not measured in this sweep." for c in (1, 2, 3) if c not in judged]
-    parts += ["", f"Rules (docs/metrics.md, 'Claims and verdicts'): 95% bootstrap intervals; a ratio is the "
+    parts += ["", (f"Rules (docs/metrics.md, 'Claims and verdicts'): 95% bootstrap intervals; a ratio is the "
               f"same when its interval lies within [{1 / RATIO_MARGIN:.2f}, {RATIO_MARGIN:g}] and differs when "
               f"it excludes 1 otherwise; a reduction holds when its interval lies above 0 and is absent when "
               f"it lies below {REDUCTION_MARGIN:g}; fewer than {MIN_MODELS} models per group, or an interval "
-              f"too wide to tell, is 'not enough models'.", ""]
+              f"too wide to tell, is 'not enough models'."), ""]
     if not j.stats.empty:
         t = pd.DataFrame({
             "claim": j.stats["claim"].astype(str) + j.stats["where"],
