@@ -16,7 +16,8 @@ accuracy and a note instead of pairwise metrics. The rest of the report is still
 
 The stages, one module each: :mod:`.scan` (run folders), :mod:`.groups` (rows and their names),
 :mod:`.stats` (per-group metrics, baselines), :mod:`.claims` (ablation, claim 1), :mod:`.tables`
-(text output), :mod:`.plots` (figures); this module runs them in order and writes the report.
+(text output), :mod:`.plots` (figures), :mod:`.verdicts` (the claims judged), :mod:`.published`
+(published values beside ours); this module runs them in order and writes the report.
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ from ..rundir import atomic_write
 from . import tables
 from .claims import ablation, claim1
 from .groups import VIEW_DISPLAY, Group, build_groups, view_display
+from .published import Comparison, compare, published_md
 from .scan import Exclusion, ReduceError, Run, scan_sweep
 from .stats import COLUMNS, apply_baselines, group_row, per_model, reduce_group
 from .tables import format_table
+from .verdicts import Judgement, claims_md, judge
 
 __all__ = ["REPORT_FILES", "VIEW_DISPLAY", "ReduceError", "format_table", "reduce_sweep", "view_display"]
 
 REPORT_FILES: tuple[str, ...] = (
     "metrics.csv", "metrics.md", "metrics.tex", "per_model.csv", "excluded.csv", "ablation.csv",
-    "ablation.md", "claim1.csv", "summary.txt", "report.md", "metrics.png", "sd_vs_n.png",
+    "ablation.md", "claim1.csv", "claims.csv", "published.csv", "summary.txt", "report.md", "metrics.png", "sd_vs_n.png",
     "accuracy_spread.png", "claim1.png", "reduction.png")
 EXCLUDED_COLUMNS: list[str] = ["run_id", "group", "view", "category", "reason", "group_key"]
 
@@ -62,6 +65,8 @@ class _Results:
     formula: str
     n_boot: int
     seed: int
+    judgement: Judgement | None = None
+    published: Comparison | None = None
 
 
 def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot: int = 10_000, seed: int = 0,
@@ -89,6 +94,8 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     c1, c1_lines = claim1(groups, n_boot, seed)
     res = _Results(sweep, len(runs), df, per_model(groups), ablation(groups, seed), c1, c1_lines, excluded,
                    warnings, formula, n_boot, seed)
+    res.judgement = judge(groups, df, c1, formula, n_boot, seed)
+    res.published = compare(groups, df, res.ablation, res.judgement)
 
     # lazy: the preset catalogue is only needed for the summary's first line
     from ..presets import describe_sweep  # torch- and Hydra-free
@@ -102,6 +109,7 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     df.attrs["reproduces"] = reproduces
     df.attrs["report_dir"] = str(report)
     df.attrs["claim1"] = list(c1_lines)
+    df.attrs["claims"] = [v.text for v in res.judgement.verdicts]
     df.attrs["excluded"] = [dict(e.__dict__) for e in excluded]
     df.attrs["warnings"] = list(warnings)
     return df
@@ -134,6 +142,7 @@ def _reduce_groups(runs: list[Run], sweep: Path, excluded: list[Exclusion], warn
 def _summary(res: _Results, reproduces: str, report: Path) -> str:
     """The printed summary (and summary.txt): what the sweep reproduces, the table, claim 1, left out."""
     lines = [reproduces, "", format_table(res.df), "", *res.claim1_lines]
+    lines += [v.text for v in res.judgement.verdicts] if res.judgement else []
     lines += ["", *tables.excluded_summary(res.excluded)]
     if res.warnings:
         lines += ["", f"Warnings ({len(res.warnings)}):", *[f"  {w}" for w in res.warnings]]
@@ -162,6 +171,10 @@ def _report_files(res: _Results, summary: str) -> dict[str, bytes]:
     }
     if not res.claim1.empty:
         outputs["claim1.csv"] = res.claim1.to_csv(index=False).encode()
+    if res.judgement is not None and not res.judgement.stats.empty:
+        outputs["claims.csv"] = res.judgement.stats.to_csv(index=False).encode()
+    if res.published is not None and not res.published.rows.empty:
+        outputs["published.csv"] = res.published.rows.to_csv(index=False).encode()
     outputs["summary.txt"] = (summary + "\n").encode()
     figures = {"metrics.png": plots.group_metrics_png(df), "sd_vs_n.png": plots.sd_vs_n_png(res.ablation),
                "accuracy_spread.png": plots.accuracy_spread_png(res.per_model),
@@ -170,7 +183,9 @@ def _report_files(res: _Results, summary: str) -> dict[str, bytes]:
     outputs.update(drawn)
     outputs["report.md"] = tables.report_md(res.sweep, df, md_table, res.formula, res.claim1_lines, res.claim1,
                                             abl_md, res.excluded, res.warnings, list(drawn), res.n_boot,
-                                            res.seed).encode()
+                                            res.seed, claims=claims_md(res.judgement) if res.judgement else [],
+                                            published=published_md(res.published) if res.published else []
+                                            ).encode()
     return outputs
 
 

@@ -7,6 +7,7 @@ terminal, Markdown and LaTeX tables always show the same digits.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,11 +161,13 @@ def _claim1_section(claim1_lines: list[str], claim1: pd.DataFrame, figures: list
 
 def report_md(sweep: Path, df: pd.DataFrame, md_table: str, formula: str, claim1_lines: list[str],
               claim1: pd.DataFrame, abl_md: str, excluded: list[Exclusion], warnings: list[str],
-              figures: list[str], n_boot: int, seed: int) -> str:
-    """report.md: every table of the report on one page, with the figures that were drawn."""
+              figures: list[str], n_boot: int, seed: int, *, claims: Sequence[str] = (),
+              published: Sequence[str] = ()) -> str:
+    """report.md: the claims judged (``claims``), every table, the published values beside ours
+    (``published``), the figures that were drawn."""
     parts = [f"# Variability report: {sweep.name}", "",
              (f"Bootstrap: {n_boot} resamples, seed {seed}. Reduction formula: {formula}. "
-              "Formulas and how to read this page: docs/metrics.md."), "", "## Metrics", "", md_table, "",
+              "Formulas and how to read this page: docs/metrics.md."), "", *claims, "## Metrics", "", md_table, "",
              units_line(formula), ""]
     lines = notes(df)
     if lines:
@@ -173,6 +176,7 @@ def report_md(sweep: Path, df: pd.DataFrame, md_table: str, formula: str, claim1
         parts += ["![metrics](metrics.png)", ""]
     if "reduction.png" in figures:
         parts += ["![reduction](reduction.png)", ""]
+    parts += [*published]
     parts += _claim1_section(claim1_lines, claim1, figures)
     parts += ["## N-models ablation", "", abl_md, ""]
     if "sd_vs_n.png" in figures:
