@@ -49,7 +49,8 @@ def logits_with(p: float, salt: int) -> np.ndarray:
 
 
 def write_group(sweep: Path, source: str, n: int, spread: float, *, experiment: str = "sources",
-                data: str = "digits", epochs: int = 10, snapshots: int = 1, tta_shrink: float | None = None) -> None:
+                data: str = "digits", epochs: int = 10, snapshots: int = 1, tta_shrink: float | None = None,
+                extra_identity: dict | None = None) -> None:
     """``n`` runs of one source whose accuracies are P0 + spread * Z[:n] (fractions)."""
     for i in range(n):
         seed = i + 1
@@ -66,7 +67,8 @@ def write_group(sweep: Path, source: str, n: int, spread: float, *, experiment: 
         info = {"run_id": rid, "state": "done", "seed": seed, "experiment": experiment,
                 "group_key": f"{source}-{data}-e{epochs}-n{snapshots}", "group_label": LABEL_OF[source],
                 "identity": {"source.name": source, "source.label": LABEL_OF[source], "train.epochs": epochs,
-                             "train.snapshots": snapshots, "data.name": data, "model.name": "resnet14"},
+                             "train.snapshots": snapshots, "data.name": data, "model.name": "resnet14",
+                             **(extra_identity or {})},
                 "views": list(views), "snapshots": [], "result": {}}
         (d / "run.json").write_text(json.dumps(info))
         (d / "DONE").write_text("{}")
@@ -259,6 +261,20 @@ def test_published_block_for_a_sweep_labelled_as_the_sources_table(tmp_path):
     assert "### Table 4 (the report)" in report
     # published rows we have no group for are named
     assert "Table 4 Data Augmentation (N=100, 500 epochs): no group of source augment" in report
+
+
+@pytest.mark.parametrize("clean", [False, True])
+def test_published_block_says_when_the_runs_are_not_the_authors_experiment(tmp_path, clean):
+    settings = {"train.param_groups": "by_type", "data.augment_draw": "by_image"} if clean else \
+        {"train.param_groups": "authors", "data.augment_draw": "by_position"}
+    for s in ("init", "all"):
+        write_group(tmp_path, s, 12, 0.002, data="cifar10", epochs=500, experiment="sources_clean" if clean
+                    else "sources", extra_identity=settings)
+    reduce(tmp_path, n_boot=200)
+    block = (tmp_path / "report" / "report.md").read_text().split("## Published values")[1]
+    assert ("Not the authors' experiment" in block) is clean
+    if clean:
+        assert "data.augment_draw=by_image" in block and "train.param_groups=by_type" in block
 
 
 def test_published_rows_at_other_epochs_are_not_matched(tmp_path):

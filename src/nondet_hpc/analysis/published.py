@@ -63,6 +63,7 @@ class Comparison:
     unmatched: list[str]  # published rows with no row of ours, with why
     unpublished: list[str]  # our rows without a published value
     why_none: str  # non-empty: no comparison applies, and why
+    caveat: str = ""  # non-empty: the matched runs are not the authors' experiment (e.g. variant=clean)
 
 
 def experiments(groups: list[Group]) -> list[str]:
@@ -109,7 +110,23 @@ def compare(groups: list[Group], df: pd.DataFrame, ablation: pd.DataFrame, judge
         else:
             recs += _rows(p, g, df.iloc[row_of[g.row_name]], judgement)
     mine = [g.row_name for g in groups if g.row_name not in used and g.stats is not None]
-    return Comparison(pd.DataFrame(recs, columns=COLUMNS), unmatched, mine, "")
+    return Comparison(pd.DataFrame(recs, columns=COLUMNS), unmatched, mine, "",
+                      _variant_caveat([g for g in groups if g.row_name in used]))
+
+
+#: the authors' training behaviours (docs/study.md, Training): other values are our variant
+AUTHORS_SETTINGS = {"train.param_groups": "authors", "data.augment_draw": "by_position"}
+
+
+def _variant_caveat(groups: list[Group]) -> str:
+    """Say so when the compared runs differ from the authors' experiment in a training behaviour."""
+    other = sorted({f"{k}={g.identity[k]}" for g in groups for k, v in AUTHORS_SETTINGS.items()
+                    if k in g.identity and g.identity[k] != v})
+    if not other:
+        return ""
+    return (f"These runs use {', '.join(other)}, not the authors' settings ({', '.join(f'{k}={v}' for k, v in "
+            f"AUTHORS_SETTINGS.items())}): the published values are of the authors' experiment, so differences "
+            f"are expected by design (with augment_draw=by_image the Data Shuffling row measures data order only).")
 
 
 def _match(p: dict[str, Any], groups: list[Group]) -> tuple[Group | None, str]:
@@ -206,6 +223,8 @@ def published_md(c: Comparison) -> list[str]:
     if c.why_none:
         return parts + [f"No published value applies: {c.why_none}.", ""]
     titles = {k: (t, nd) for k, t, nd in METRICS}
+    if c.caveat:
+        parts += [f"**Not the authors' experiment.** {c.caveat}", ""]
     for (table, origin), rows in c.rows.groupby(["table", "origin"], sort=True):
         metrics = [k for k, _, _ in METRICS if k in set(rows["metric"])]
         out = []
