@@ -124,9 +124,10 @@ def _variant_caveat(groups: list[Group]) -> str:
                     if k in g.identity and g.identity[k] != v})
     if not other:
         return ""
-    return (f"These runs use {', '.join(other)}, not the authors' settings ({', '.join(f'{k}={v}' for k, v in "
-            f"AUTHORS_SETTINGS.items())}): the published values are of the authors' experiment, so differences "
-            f"are expected by design (with augment_draw=by_image the Data Shuffling row measures data order only).")
+    authors = ", ".join(f"{k}={v}" for k, v in AUTHORS_SETTINGS.items())
+    return (f"These runs use {', '.join(other)}, not the authors' settings ({authors}): the published values are "
+            f"of the authors' experiment, so differences are expected by design (with augment_draw=by_image the "
+            f"Data Shuffling row measures data order only).")
 
 
 def _match(p: dict[str, Any], groups: list[Group]) -> tuple[Group | None, str]:
