@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import metrics as M
+from .accounting import DEFAULT_SLURM_TIMEOUT_S
 from .reduce import ReduceError, reduce_sweep
 
 
@@ -21,10 +22,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="row name to compare every row with (default: each TTA/Acc.Ens row against its single model)")
     p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap/subsampling seed (default 0)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="reduce groups whose runs come from different environments (threads, device, GPU, "
+                        "torch/CUDA/cuDNN, fp32 settings) together, the mix stated in the report; "
+                        "default: refuse with exit 2, naming the runs")
+    p.add_argument("--slurm-timeout", type=float, default=DEFAULT_SLURM_TIMEOUT_S,
+                   help="seconds sacct may take to give the state of planned runs that never started "
+                        f"(default {DEFAULT_SLURM_TIMEOUT_S:g}; 0: do not ask SLURM)")
     args = p.parse_args(argv)
     try:
         df = reduce_sweep(args.sweep_dir, formula=args.formula, n_boot=args.n_boot, seed=args.seed,
-                          baseline=args.baseline)
+                          baseline=args.baseline, allow_mixed=args.allow_mixed, slurm_timeout=args.slurm_timeout)
     except ReduceError as e:
         print(f"nondet_hpc.reduce: {e}", file=sys.stderr)
         return 2

@@ -42,7 +42,9 @@ class Group:
     acc_sd_se: float = math.nan
     ce_sd_se: float = math.nan
     notes: list[str] = field(default_factory=list)
-    n_excluded: int = 0
+    n_excluded: int = 0  # distinct runs left out of this row, found while scanning or reducing
+    n_planned: float = math.nan  # runs sweep.json plans for the group (NaN without sweep.json)
+    n_never_started: int = 0  # planned runs without a run folder
     stopped: bool = False
 
     @property

@@ -1,7 +1,8 @@
 """The reducer: SWEEP_DIR/runs/*/logits -> metrics tables and plots in SWEEP_DIR/report/.
 
     python -m nondet_hpc.reduce SWEEP_DIR [--formula paper|report] [--baseline NAME]
-                                          [--n-boot N] [--seed S]
+                                          [--n-boot N] [--seed S] [--allow-mixed]
+                                          [--slurm-timeout S]
 
 Runs are grouped by everything in their config except the replicate seed (run.json "group_key")
 and by logits view, so single models, test-time augmentation (TTA) views and accelerated
@@ -13,6 +14,12 @@ What cannot be measured is said, never silently dropped: runs without DONE, dive
 report/excluded.csv and in the printed summary; a group whose runs disagree on the test labels is
 stopped with the offending run named; a group with fewer than two usable models gets its
 accuracy and a note instead of pairwise metrics. The rest of the report is still produced.
+
+Before any statistic (:mod:`.integrity`, :mod:`.accounting`): each model counts once (symbolic
+links, copied folders and repeated seeds are exclusions); test labels and data hashes must agree
+across the whole sweep; a group whose runs come from different environments (threads, device,
+GPU, torch/CUDA/cuDNN, fp32 settings) is refused unless ``allow_mixed``; with SWEEP_DIR/sweep.json
+every planned run is accounted for, and a row below its planned N shows ``N`` as ``used/planned*``.
 
 The stages, one module each: :mod:`.scan` (run folders), :mod:`.groups` (rows and their names),
 :mod:`.stats` (per-group metrics, baselines), :mod:`.claims` (ablation, claim 1), :mod:`.tables`
@@ -32,10 +39,18 @@ import pandas as pd
 from .. import metrics as M
 from ..rundir import atomic_write
 from . import tables
+from .accounting import (
+    DEFAULT_SLURM_TIMEOUT_S,
+    NEVER_STARTED,
+    Accounting,
+    account,
+    summary_lines,
+)
 from .claims import ablation, claim1
 from .groups import VIEW_DISPLAY, Group, build_groups, view_display
+from .integrity import MIXED_HINT, Mix, Outlier, data_outliers, mixed_groups
 from .published import Comparison, compare, published_md
-from .scan import Exclusion, ReduceError, Run, scan_sweep
+from .scan import Exclusion, ReduceError, Run, parse_view_file, scan_sweep
 from .stats import COLUMNS, apply_baselines, group_row, per_model, reduce_group
 from .tables import format_table
 from .verdicts import Judgement, claims_md, judge
@@ -65,43 +80,60 @@ class _Results:
     formula: str
     n_boot: int
     seed: int
+    accounting_lines: list[str]
+    mixes: list[Mix]
     judgement: Judgement | None = None
     published: Comparison | None = None
 
 
 def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot: int = 10_000, seed: int = 0,
-                 baseline: str | None = None, block_bytes: int = M.DEFAULT_BLOCK_BYTES) -> pd.DataFrame:
+                 baseline: str | None = None, block_bytes: int = M.DEFAULT_BLOCK_BYTES, allow_mixed: bool = False,
+                 slurm_timeout: float = DEFAULT_SLURM_TIMEOUT_S) -> pd.DataFrame:
     """Reduce a sweep: write SWEEP_DIR/report/ and return the metrics table (one row per group).
 
     ``formula`` picks the variability-reduction formula ("paper" or "report", docs/metrics.md);
     ``baseline`` names the row every other row is compared with (default: each TTA / Acc.Ens row
     against the single-model row of its own group, a snapshot-trained group's rows against the
     snapshots=1 group of the same config). ``n_boot`` resamples with generator seed ``seed`` make
-    the bootstrap SEs reproducible. The printed summary (table, claim-1 line, what was left out) is
-    in ``df.attrs["summary"]``; the report folder in ``df.attrs["report_dir"]``.
-    Raises :class:`ReduceError` when there is nothing to reduce.
+    the bootstrap SEs reproducible. A group whose runs come from different environments raises
+    :class:`ReduceError` naming them, unless ``allow_mixed`` (then the report states the mix).
+    ``slurm_timeout``: seconds sacct may take to give the state of planned runs that never started
+    (0: do not ask). The printed summary (table, claim-1 line, what was left out) is in
+    ``df.attrs["summary"]``; the report folder in ``df.attrs["report_dir"]``.
+    Raises :class:`ReduceError` when there is nothing to reduce or the input cannot be used.
     """
     _check_request(formula, n_boot, seed)
     sweep = Path(sweep_dir)
+    report = sweep / "report"
+    if report.exists() and not report.is_dir():  # found before minutes of work, not after
+        raise ReduceError(f"{report} exists and is not a folder: the report is written there. Move or "
+                          "rename that file, then reduce again.")
     warnings: list[str] = []
     runs, excluded = scan_sweep(sweep, warnings)
+    mixes = mixed_groups(runs)
+    if mixes and not allow_mixed:
+        lines = [ln for m in mixes for ln in m.describe()]
+        raise ReduceError(f"{len(mixes)} group(s) of {sweep} hold runs of different environments:\n"
+                          + "\n".join(lines) + "\n" + MIXED_HINT)
+    acc = account(sweep, runs, excluded, slurm_timeout=slurm_timeout)
     if not runs:
         pending = tables.excluded_summary(excluded)
         raise ReduceError(f"{sweep}/runs has no complete run to reduce.\n" + "\n".join(pending))
-    groups = _reduce_groups(runs, sweep, excluded, warnings, n_boot=n_boot, seed=seed, block_bytes=block_bytes)
+    groups = _reduce_groups(runs, sweep, excluded, warnings, data_outliers(runs), n_boot=n_boot, seed=seed,
+                            block_bytes=block_bytes)
+    _count_rows(groups, excluded, acc, mixes)
     df = pd.DataFrame([group_row(g) for g in groups], columns=list(COLUMNS))
     apply_baselines(df, groups, formula, baseline)
     c1, c1_lines = claim1(groups, n_boot, seed)
     res = _Results(sweep, len(runs), df, per_model(groups), ablation(groups, seed), c1, c1_lines, excluded,
-                   warnings, formula, n_boot, seed)
+                   warnings, formula, n_boot, seed, _accounting_lines(groups, runs, excluded, acc), mixes)
     res.judgement = judge(groups, df, c1, formula, n_boot, seed)
     res.published = compare(groups, df, res.ablation, res.judgement)
 
     # lazy: the preset catalogue is only needed for the summary's first line
     from ..presets import describe_sweep  # torch- and Hydra-free
 
-    reproduces = describe_sweep(sorted({r.info.get("experiment") or "" for r in runs}))
-    report = sweep / "report"
+    reproduces = describe_sweep(sorted({str(r.info.get("experiment") or "") for r in runs}))
     summary = _summary(res, reproduces, report)
     _write_report(report, _report_files(res, summary))
 
@@ -115,6 +147,46 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     return df
 
 
+def _row_exclusions(g: Group, excluded: list[Exclusion]) -> set[str]:
+    """Run ids left out of ``g``'s row: exclusions of the whole run or of this row's view."""
+    disp = view_display(g.view_id) or "single model"
+    out = set()
+    for e in excluded:
+        if e.group_key != g.group_key or e.category == NEVER_STARTED:
+            continue
+        view = parse_view_file(e.view)
+        if e.view in ("all", disp) or (view is not None and view[0] == g.view_id):
+            out.add(e.run_id)
+    return out
+
+
+def _count_rows(groups: list[Group], excluded: list[Exclusion], acc: Accounting, mixes: list[Mix]) -> None:
+    """n_excluded (scan and group exclusions), n_planned, n_never_started and the rows' notes."""
+    mixed = {m.group_key: m for m in mixes}
+    for g in groups:
+        g.n_excluded = len(_row_exclusions(g, excluded))
+        if g.n_excluded:
+            g.notes.append(f"{g.n_excluded} run(s) left out (see excluded.csv)")
+        if g.group_key in mixed:
+            g.notes.append(mixed[g.group_key].summary() + " (--allow-mixed)")
+        planned = acc.n_planned(g.group_key)
+        if planned is None:
+            continue
+        g.n_planned = float(planned)
+        g.n_never_started = acc.never_started.get(g.group_key, 0)
+        if len(g.used) < planned:
+            g.notes.append(f"* below plan: {len(g.used)} of {planned} planned models used "
+                           f"({g.n_never_started} never started, {g.n_excluded} left out; excluded.csv)")
+
+
+def _accounting_lines(groups: list[Group], runs: list[Run], excluded: list[Exclusion], acc: Accounting) -> list[str]:
+    names = {g.group_key: g.name for g in groups}
+    done = Counter(r.group_key for r in runs)
+    excl = Counter(gk for gk, _ in {(e.group_key, e.run_id) for e in excluded
+                                     if e.group_key and e.category != NEVER_STARTED})
+    return summary_lines(acc, names, done, excl)
+
+
 def _check_request(formula: str, n_boot: int, seed: int) -> None:
     if formula not in M.FORMULAS:
         raise ReduceError(f"--formula must be one of {M.FORMULAS}, got {formula!r}")
@@ -124,8 +196,8 @@ def _check_request(formula: str, n_boot: int, seed: int) -> None:
         raise ReduceError(f"--seed must be a non-negative integer, got {seed}")
 
 
-def _reduce_groups(runs: list[Run], sweep: Path, excluded: list[Exclusion], warnings: list[str], *,
-                   n_boot: int, seed: int, block_bytes: int) -> list[Group]:
+def _reduce_groups(runs: list[Run], sweep: Path, excluded: list[Exclusion], warnings: list[str],
+                   outliers: dict[str, Outlier], *, n_boot: int, seed: int, block_bytes: int) -> list[Group]:
     """Every group's statistics, with notes on runs not (yet) in it."""
     groups = build_groups(runs)
     pending = Counter(e.group_key for e in excluded if e.category == "incomplete" and e.group_key)
@@ -135,7 +207,8 @@ def _reduce_groups(runs: list[Run], sweep: Path, excluded: list[Exclusion], warn
             g.notes.append(f"{pending[g.group_key]} incomplete run(s) not included yet")
         if len(g.members) < complete[g.group_key]:  # views are bookkeeping: runs may differ in them
             g.notes.append(f"view saved by {len(g.members)} of the group's {complete[g.group_key]} complete runs")
-        reduce_group(g, sweep, excluded, warnings, n_boot=n_boot, seed=seed, block_bytes=block_bytes)
+        reduce_group(g, sweep, excluded, warnings, n_boot=n_boot, seed=seed, block_bytes=block_bytes,
+                     label_outliers=outliers)
     return groups
 
 
@@ -143,6 +216,8 @@ def _summary(res: _Results, reproduces: str, report: Path) -> str:
     """The printed summary (and summary.txt): what the sweep reproduces, the table, claim 1, left out."""
     lines = [reproduces, "", format_table(res.df), "", *res.claim1_lines]
     lines += [v.text for v in res.judgement.verdicts] if res.judgement else []
+    if res.accounting_lines:
+        lines += ["", *res.accounting_lines]
     lines += ["", *tables.excluded_summary(res.excluded)]
     if res.warnings:
         lines += ["", f"Warnings ({len(res.warnings)}):", *[f"  {w}" for w in res.warnings]]
@@ -181,17 +256,33 @@ def _report_files(res: _Results, summary: str) -> dict[str, bytes]:
                "claim1.png": plots.claim1_png(res.claim1), "reduction.png": plots.reduction_png(df)}
     drawn = {k: v for k, v in figures.items() if v is not None}
     outputs.update(drawn)
-    outputs["report.md"] = tables.report_md(res.sweep, df, md_table, res.formula, res.claim1_lines, res.claim1,
-                                            abl_md, res.excluded, res.warnings, list(drawn), res.n_boot,
-                                            res.seed, claims=claims_md(res.judgement) if res.judgement else [],
-                                            published=published_md(res.published) if res.published else []
-                                            ).encode()
+    outputs["report.md"] = (tables.report_md(res.sweep, df, md_table, res.formula, res.claim1_lines, res.claim1,
+                                             abl_md, res.excluded, res.warnings, list(drawn), res.n_boot,
+                                             res.seed, claims=claims_md(res.judgement) if res.judgement else [],
+                                             published=published_md(res.published) if res.published else [])
+                            + _extra_sections(res)).encode()
     return outputs
 
 
+def _extra_sections(res: _Results) -> str:
+    """report.md's sections on the sweep as a whole: planned runs and mixed environments."""
+    parts: list[str] = []
+    if res.accounting_lines:
+        parts += ["## Planned runs", "", *[f"    {ln}" for ln in res.accounting_lines], ""]
+    if res.mixes:
+        parts += ["## Mixed environments (--allow-mixed)", "",
+                  "These groups average over runs computed in different environments:", ""]
+        parts += [f"    {ln}" for m in res.mixes for ln in m.describe()] + [""]
+    return "\n" + "\n".join(parts) if parts else ""
+
+
 def _write_report(report: Path, outputs: dict[str, bytes]) -> None:
-    for name, data in outputs.items():
-        atomic_write(report / name, lambda f, data=data: f.write(data))
-    for name in REPORT_FILES:  # a file this run did not produce must not survive from an older one
-        if name not in outputs and (report / name).exists():
-            (report / name).unlink()
+    try:
+        for name, data in outputs.items():
+            atomic_write(report / name, lambda f, data=data: f.write(data))
+        for name in REPORT_FILES:  # a file this run did not produce must not survive from an older one
+            if name not in outputs and (report / name).exists():
+                (report / name).unlink()
+    except OSError as e:  # read-only sweep folder, full disk, a folder named like a report file
+        raise ReduceError(f"cannot write the report to {report} ({type(e).__name__}: {e}); make it writable "
+                          "(or free space) and reduce again") from None

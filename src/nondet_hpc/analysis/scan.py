@@ -8,7 +8,10 @@ and a reason naming the file (report/excluded.csv).
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +58,9 @@ class Npy:
 
     def __init__(self, path: Path, rel: str):
         self.path, self.rel = path, rel
+        problem = not_regular(path)
+        if problem:  # checked before opening: a FIFO would block np.load forever
+            raise BadFile(f"{rel}: {problem}", "missing" if problem == "file missing" else "unreadable")
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
@@ -81,6 +87,29 @@ class Npy:
         out = np.array(arr[key])
         del arr
         return out
+
+
+def not_regular(path: Path) -> str:
+    """Why ``path`` is not a file the reducer may read ("" when it is a regular file).
+
+    ``lstat``, so a symbolic link is refused rather than followed: a link inside a run folder can
+    make one model's logits count for two runs, or point at anything on the machine; a FIFO or a
+    device would block or never end.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "file missing"
+    except OSError as e:
+        return f"cannot be examined ({type(e).__name__}: {e})"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link; the reducer reads only regular files inside a run folder"
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else
+                "a socket" if stat.S_ISSOCK(st.st_mode) else "a device" if
+                stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        return f"is {kind}, not a regular file"
+    return ""
 
 
 def _npy_problem(path: Path, err: Exception) -> str:
@@ -138,7 +167,9 @@ class Exclusion:
     run_id: str
     group: str
     view: str
-    category: str  # incomplete | unreadable | corrupt | shape | diverged | labels | missing
+    # incomplete | unreadable | corrupt | shape | diverged | labels | data | missing | duplicate | identity
+    # | never started (planned in sweep.json, no run folder)
+    category: str
     reason: str
     group_key: str = ""
 
@@ -167,18 +198,51 @@ def parse_view_file(stem: str) -> tuple[str, int] | None:
 
 
 def scan_sweep(sweep: Path, warnings: list[str]) -> tuple[list[Run], list[Exclusion]]:
-    """The sweep's usable runs (labels loaded, views found) and everything left out, with why."""
+    """The sweep's usable runs (labels loaded, views found) and everything left out, with why.
+
+    Each model counts once: a symbolic link inside runs/, a folder whose run.json names another run
+    (a copied ``<id>.bak``) and a second run of the same group and seed are exclusions, not runs.
+    """
     if not (sweep / RUNS).is_dir():
         raise ReduceError(f"{sweep} has no runs/ folder: nothing to reduce (is this a sweep directory?)")
+    try:
+        folders = list_runs(sweep)
+    except OSError as e:
+        raise ReduceError(f"cannot list {sweep / RUNS} ({type(e).__name__}: {e}); check its permissions") from None
     runs: list[Run] = []
     excluded: list[Exclusion] = []
-    for d in list_runs(sweep):
+    for d in folders:
+        if d.is_symlink():  # the real folder (if inside runs/) is counted under its own name
+            excluded.append(Exclusion(d.name, "", "all", "duplicate",
+                                      f"{rel(d, sweep)} is a symbolic link (to {os.readlink(d)}); a run is "
+                                      "counted once, from its own folder"))
+            continue
         run = _read_run(d, sweep, excluded)
         if run is None:
             continue
         discover_views(run, sweep, excluded, warnings)
         runs.append(run)
-    return runs, excluded
+    return _one_per_seed(runs, sweep, excluded), excluded
+
+
+def _one_per_seed(runs: list[Run], sweep: Path, excluded: list[Exclusion]) -> list[Run]:
+    """Keep the first run (folder order) of each (group, seed); the others are duplicates.
+
+    The run id hashes the whole identity, seed included, so two folders of one group and seed
+    whose run.json names match their folders can only come from edited or foreign files.
+    """
+    first: dict[tuple[str, str], Run] = {}
+    keep = []
+    for r in runs:
+        key = (r.group_key, json.dumps(r.seed, sort_keys=True, default=str))
+        if r.seed is None or key not in first:
+            first.setdefault(key, r)
+            keep.append(r)
+            continue
+        excluded.append(Exclusion(r.run_id, r.label, "all", "duplicate",
+                                  f"same group and seed ({r.seed}) as {rel(first[key].path, sweep)}; "
+                                  "a model is counted once", r.group_key))
+    return keep
 
 
 def _read_run(d: Path, sweep: Path, excluded: list[Exclusion]) -> Run | None:
@@ -187,39 +251,68 @@ def _read_run(d: Path, sweep: Path, excluded: list[Exclusion]) -> Run | None:
     data, info_err = read_run_json(d)
     info: dict = data or {}
     label = str(info.get("group_label", "")) if info else ""
+    gkey = info.get("group_key")
+    gkey_s = gkey if isinstance(gkey, str) else ""
     if not (d / DONE).exists():  # an incomplete run is reported as such, whatever its run.json holds
         state = info.get("state", "unknown") if info else "unknown"
-        excluded.append(Exclusion(rid, label, "all", "incomplete", f"no DONE marker (state: {state})",
-                                  str(info.get("group_key", "")) if info else ""))
+        excluded.append(Exclusion(rid, label, "all", "incomplete", f"no DONE marker (state: {state})", gkey_s))
         return None
     if info_err:
         excluded.append(Exclusion(rid, label, "all", "unreadable", f"{rel(d, sweep)}/{info_err}"))
         return None
     identity = info.get("identity")
-    gkey = info.get("group_key")
-    if not isinstance(identity, dict) or not gkey:
+    if not isinstance(identity, dict) or not gkey_s:
         excluded.append(Exclusion(rid, label, "all", "unreadable",
-                                  f"{rel(d / RUN_JSON, sweep)} lacks 'group_key' or 'identity'"))
+                                  f"{rel(d / RUN_JSON, sweep)} lacks 'group_key' (a string) or 'identity' "
+                                  "(an object)"))
+        return None
+    recorded = info.get("run_id", rid)
+    if recorded != rid:  # a copied or renamed folder: the model is counted under its own name only
+        excluded.append(Exclusion(rid, label, "all", "identity",
+                                  f"{rel(d / RUN_JSON, sweep)} names run {recorded!r}, not its folder {rid!r} "
+                                  "(a copy or a renamed folder?); a run is counted only from the folder named "
+                                  "by its id", gkey_s))
+        return None
+    problem = _bad_field(info)
+    if problem:
+        excluded.append(Exclusion(rid, label, "all", "unreadable", f"{rel(d / RUN_JSON, sweep)}: {problem}", gkey_s))
         return None
     if not label:
-        label = str(identity.get("source.label") or identity.get("source.name") or gkey)
-    run = Run(str(info.get("run_id", rid)), d, info, str(gkey), label, identity, info.get("seed"))
+        label = str(identity.get("source.label") or identity.get("source.name") or gkey_s)
+    run = Run(rid, d, info, gkey_s, label, identity, info.get("seed"))
     try:  # without labels nothing of the run can be scored
         lab = Npy(d / LABELS, rel(d / LABELS, sweep))
-        if len(lab.shape) != 1 or not np.issubdtype(lab.dtype, np.integer):
-            raise BadFile(f"{lab.rel}: expected 1-D integer labels, got shape {lab.shape} dtype {lab.dtype}",
-                          "shape")
+        if len(lab.shape) != 1 or not np.issubdtype(lab.dtype, np.integer) or lab.shape[0] == 0:
+            raise BadFile(f"{lab.rel}: expected non-empty 1-D integer labels, got shape {lab.shape} "
+                          f"dtype {lab.dtype}", "shape")
         run.labels = lab[:].astype(np.int64, copy=False)
     except BadFile as e:
-        excluded.append(Exclusion(run.run_id, label, "all", e.category, str(e)))
+        excluded.append(Exclusion(run.run_id, label, "all", e.category, str(e), gkey_s))
         return None
     return run
+
+
+def _bad_field(info: dict) -> str:
+    """What is wrong with the run.json fields the reducer reads ("" when nothing)."""
+    for key in ("views", "snapshots"):
+        val = info.get(key, [])
+        if val is None:
+            continue
+        if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
+            return f"'{key}' must be a list of view names, got {json.dumps(val, default=str)[:80]}"
+        bad = [v for v in val if parse_view_file(v) is None]
+        if bad:
+            return f"'{key}' holds names that are not view names: {bad[:3]}"
+    if not isinstance(info.get("seed"), (int, type(None))) or isinstance(info.get("seed"), bool):
+        return f"'seed' must be an integer, got {json.dumps(info.get('seed'), default=str)[:40]}"
+    return ""
 
 
 def discover_views(run: Run, sweep: Path, excluded: list[Exclusion], warnings: list[str]) -> None:
     """Fill ``run.views`` from logits/*.npy; name odd file names and files run.json promises but lacks."""
     logits_dir = run.path / LOGITS
-    files = sorted(logits_dir.glob("*.npy")) if logits_dir.is_dir() else []
+    # a linked logits/ folder would read another run's files: only a real folder counts
+    files = sorted(logits_dir.glob("*.npy")) if logits_dir.is_dir() and not logits_dir.is_symlink() else []
     for f in files:
         parsed = parse_view_file(f.name[:-4])
         if parsed is None:
@@ -229,13 +322,17 @@ def discover_views(run: Run, sweep: Path, excluded: list[Exclusion], warnings: l
         run.views.setdefault(vid, []).append((index, f))
     for parts in run.views.values():
         parts.sort()
-    if not run.views:
+    if logits_dir.is_symlink():
         excluded.append(Exclusion(run.run_id, run.label, "all", "missing",
-                                  f"{rel(logits_dir, sweep)}/ holds no logits (*.npy)"))
+                                  f"{rel(logits_dir, sweep)} is a symbolic link (to {os.readlink(logits_dir)}); "
+                                  "the reducer reads only the run folder's own logits/", run.group_key))
+    elif not run.views:
+        excluded.append(Exclusion(run.run_id, run.label, "all", "missing",
+                                  f"{rel(logits_dir, sweep)}/ holds no logits (*.npy)", run.group_key))
     # what run.json promises must be there; a missing file is named, not silently skipped
-    promised = [str(v) for v in run.info.get("views", []) or []] + [str(s) for s in run.info.get("snapshots", []) or []]
-    for name in promised:
+    promised = list(run.info.get("views") or []) + list(run.info.get("snapshots") or [])
+    for name in promised:  # names checked by _bad_field: plain view-file names, no paths
         path = logits_path(run.path, name)
         if not path.exists():
             excluded.append(Exclusion(run.run_id, run.label, name, "missing",
-                                      f"{RUN_JSON} lists {name} but {rel(path, sweep)} is missing"))
+                                      f"{RUN_JSON} lists {name} but {rel(path, sweep)} is missing", run.group_key))

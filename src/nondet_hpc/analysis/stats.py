@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics as M
-from ..rundir import FEATURES, LABELS
+from ..rundir import FEATURES, LABELS, RUN_JSON
 from .groups import Group, view_display
 from .scan import (
     ACC_ENS,
@@ -33,7 +33,8 @@ from .scan import (
 )
 
 COLUMNS: tuple[str, ...] = (
-    "group", "source", "view", "view_id", "group_key", "n_models", "n_excluded", "n_distinct",
+    "group", "source", "view", "view_id", "group_key", "n_models", "n_excluded", "n_planned", "n_never_started",
+    "n_distinct",
     "acc_mean", "acc_sd", "acc_sd_se", "testset_sd", "ce_sd", "ce_sd_se", "disagreement", "correlation",
     "ensemble_delta", "cka", "baseline", "reduction_pct", "formula", "note")
 
@@ -62,21 +63,22 @@ def open_member(run: Run, g: Group, sweep: Path, expected_snaps: tuple[int, ...]
 
 
 def reduce_group(g: Group, sweep: Path, excluded: list[Exclusion], warnings: list[str], *,
-                 n_boot: int, seed: int, block_bytes: int) -> None:
-    """Fill ``g.stats``, ``g.summary``, the SEs and notes; runs left out go to ``excluded``."""
+                 n_boot: int, seed: int, block_bytes: int, label_outliers: Mapping[str, Any]) -> None:
+    """Fill ``g.stats``, ``g.summary``, the SEs and notes; runs left out go to ``excluded``.
+
+    ``label_outliers``: run id -> :class:`~nondet_hpc.analysis.integrity.Outlier` (its test labels or
+    data hash disagree with the sweep's other runs of the same data); such a run stops its group.
+    """
     disp = view_display(g.view_id) or "single model"
     members = [r for r in g.members if r.labels is not None]
 
     def exclude(r: Run, category: str, reason: str) -> None:
-        excluded.append(Exclusion(r.run_id, g.name, disp, category, reason))
-        g.n_excluded += 1
+        excluded.append(Exclusion(r.run_id, g.name, disp, category, reason, g.group_key))
 
-    if not _same_test_set(g, members, sweep, exclude):
+    if not _same_test_set(g, members, sweep, exclude, label_outliers):
         return
     used = _usable_models(g, members, sweep, exclude)
     g.used = [r for r, _, _ in used]
-    if g.n_excluded:
-        g.notes.append(f"{g.n_excluded} run(s) left out (see excluded.csv)")
     if not used:
         g.notes.append("no usable model")
         return
@@ -99,21 +101,30 @@ def reduce_group(g: Group, sweep: Path, excluded: list[Exclusion], warnings: lis
     _spread_and_control(g, len(used), warnings, n_boot=n_boot, seed=seed)
 
 
-def _same_test_set(g: Group, members: list[Run], sweep: Path, exclude: Exclude) -> bool:
-    """One test set per group: models scored on different labels cannot be compared (stop the group)."""
-    digests = [M.array_digest(r.labels) for r in members]
-    if len(set(digests)) <= 1:
+def _same_test_set(g: Group, members: list[Run], sweep: Path, exclude: Exclude,
+                   label_outliers: Mapping[str, Any]) -> bool:
+    """One test set per sweep: models scored on other labels cannot be compared (stop the group).
+
+    The reference is the labels most runs of the whole sweep with this test set have, so a group
+    whose every run has other labels is stopped too, not only a group that disagrees inside.
+    """
+    odd = [r for r in members if r.run_id in label_outliers]
+    if not odd:
         return True
-    common = Counter(digests).most_common()
-    top = common[0][0] if common[0][1] > (common[1][1] if len(common) > 1 else 0) else digests[0]
-    odd = [r for r, d in zip(members, digests) if d != top]
     for r in odd:
-        exclude(r, "labels", f"{rel(r.path / LABELS, sweep)} differs from the test labels of "
-                             f"the group's other runs")
+        o = label_outliers[r.run_id]
+        where = rel(r.path / (LABELS if o.category == "labels" else RUN_JSON), sweep)
+        exclude(r, o.category, f"{where}: {o.reason}")
     g.stopped = True
-    g.notes.append(f"stopped: test labels of {', '.join(r.run_id for r in odd)} differ from the other "
-                   f"run(s) of the group (labels.npy); remove or rerun them, then reduce again")
+    g.notes.append(f"stopped: test labels or data of {name_some([r.run_id for r in odd])} differ from the "
+                   f"sweep's other runs of the same data (labels.npy, run.json data.sha256; excluded.csv); "
+                   f"remove or rerun them, then reduce again")
     return False
+
+
+def name_some(ids: list[str], limit: int = 8) -> str:
+    """Up to ``limit`` run ids, then how many more (messages stay readable for 1000-run sweeps)."""
+    return ", ".join(ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
 def _usable_models(g: Group, members: list[Run], sweep: Path, exclude: Exclude) -> Used:
@@ -204,6 +215,7 @@ def group_row(g: Group) -> dict[str, Any]:
     return {
         "group": g.row_name, "source": g.name, "view": view_display(g.view_id), "view_id": g.view_id,
         "group_key": g.group_key, "n_models": len(g.used), "n_excluded": g.n_excluded,
+        "n_planned": g.n_planned, "n_never_started": g.n_never_started,
         "n_distinct": g.stats.n_distinct() if g.stats is not None else 0,
         "acc_mean": s.get("acc_mean", math.nan), "acc_sd": s.get("acc_sd", math.nan), "acc_sd_se": g.acc_sd_se,
         "testset_sd": s.get("testset_sd", math.nan), "ce_sd": s.get("ce_sd", math.nan), "ce_sd_se": g.ce_sd_se,

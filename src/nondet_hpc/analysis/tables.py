@@ -31,11 +31,18 @@ def _pm(v: Any, se: Any, nd: int) -> str:
     return s if s == "-" or not math.isfinite(float(se)) else f"{s} ± {_f(se, nd)}"
 
 
+def _n(n: Any, planned: Any) -> str:
+    """N as printed: "2/3*" when fewer models than sweep.json planned were used (see the row's note)."""
+    n = int(n)
+    p = float(planned)
+    return f"{n}/{int(p)}*" if math.isfinite(p) and n < p else str(n)
+
+
 def display_frame(df: pd.DataFrame) -> pd.DataFrame:
     """The metrics table as printed: formatted strings, CKA / Reduction columns only when present."""
     out = pd.DataFrame({
         "Group": df["group"],
-        "N": df["n_models"].astype(int).astype(str),
+        "N": [_n(n, p) for n, p in zip(df["n_models"], df["n_planned"] if "n_planned" in df else [math.nan] * len(df))],
         "Acc %": [_f(v, 2) for v in df["acc_mean"]],
         "Acc SD": [_pm(v, s, 3) for v, s in zip(df["acc_sd"], df["acc_sd_se"])],
         "Test-set SD": [_f(v, 3) for v in df["testset_sd"]],
