@@ -57,7 +57,8 @@ section_gpu_tests() {
   if [[ "$MODE" == cpu-smoke ]]; then
     echo '{"skipped": "cpu-smoke: the GPU tests skip without CUDA (they run in the CPU suite as skips)"}' \
       >"$PARTS/gpu_tests.json"; return 0; fi
-  (cd "$REPO" && "$PY" -m pytest tests -m "not slurm" -k "gpu and not gpu_check" -q -p no:cacheprovider -rA \
+  # not gpu_check: this script's own CPU smoke test; not without_gpu: it assumes a machine without one
+  (cd "$REPO" && "$PY" -m pytest tests -m "not slurm" -k "gpu and not gpu_check and not without_gpu" -q -p no:cacheprovider -rA \
      --junitxml="$PARTS/gpu_tests.xml")
   local rc=$?
   "$PY" - "$PARTS/gpu_tests.xml" "$PARTS/gpu_tests.json" "$rc" <<'PYEOF'
