@@ -8,7 +8,8 @@
 - the warm-up boundary is inclusive (the authors' `epoch <= warmup_epochs`), per cycle too;
 - the defaults and every paper preset are the authors'; variant=clean and the _clean presets are ours;
   every setting is in run.json and in the run identity;
-- train.fp32_precision is applied (torch's flags read back) and recorded as not applicable on CPU.
+- train.precision's fp32 flag is applied (torch's flags read back) and recorded as not applicable on CPU;
+  the retired train.fp32_precision is refused with the new key's name.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from omegaconf import OmegaConf
 from conftest import make_cfg
 from nondet_hpc.config import ConfigError
 from nondet_hpc.rundir import group_key, run_dir, run_id
-from nondet_hpc.run import task, train
-from nondet_hpc.run.data import Dataset, augment_batch, draw_augment, epoch_augment, epoch_order
+from nondet_hpc.run import data as data_mod, task, train
+from nondet_hpc.run.data import Dataset, augment_batch, crop_flip, draw_augment, epoch_augment, epoch_order
 from nondet_hpc.run.models import build_model, init_weights
 from nondet_hpc.run.sources import FP32_PRECISIONS, Streams, configure_precision, resolve_seeds
 from nondet_hpc.run.train import lr_factor, param_groups, small_lr_names
@@ -200,14 +201,16 @@ def _fed_to_model(monkeypatch, tmp_path, rule, shuffle_seed, n=96):
     x[:, 0, 0, 0], x[:, 0, 0, 1] = ids // 256, ids % 256  # each image carries its index
     data = Dataset(x, ids % 10, x[:8], ids[:8] % 10, 10)
     seen = torch.full((n, 3), -1, dtype=torch.long)
-    real = augment_batch  # not train.augment_batch: that may be an earlier call's spy
+    real = crop_flip  # not data_mod.crop_flip: that may be an earlier call's spy
 
-    def spy(x_u8, dy, dx, flip, pad):
-        idx = x_u8[:, 0, 0, 0].long() * 256 + x_u8[:, 0, 0, 1].long()
+    def spy(padded_hwc, index, dy, dx, flip, h, w):
+        # the loop pads once (pad 1) and crops a whole epoch: entry k is image index[k]
+        img = padded_hwc[index, 1:1 + h, 1:1 + w, 0]
+        idx = img[:, 0, 0].long() * 256 + img[:, 0, 1].long()
         seen[idx] = torch.stack([dy, dx, flip.long()], 1)
-        return real(x_u8, dy, dx, flip, pad)
+        return real(padded_hwc, index, dy, dx, flip, h, w)
 
-    monkeypatch.setattr(train, "augment_batch", spy)
+    monkeypatch.setattr(data_mod, "crop_flip", spy)
     cfg = make_cfg(tmp_path, f"data.augment_draw={rule}", "train.epochs=1", "train.batch_size=32")
     streams = Streams.from_seeds(resolve_seeds([], 1, True))
     streams.shuffle.manual_seed(shuffle_seed)
@@ -281,8 +284,8 @@ PAPER = ["sources", "bitflip", "tta", "nmodels", "epochs", "cifar100"]
 @pytest.mark.parametrize("preset", [None] + PAPER + [f"{p}_quick" for p in PAPER])
 def test_defaults_and_every_paper_preset_are_the_authors(preset):
     cfg = make_cfg("/tmp/x", *([f"experiment={preset}"] if preset else []), fast=False)
-    assert (cfg.train.param_groups, cfg.data.augment_draw, cfg.train.fp32_precision) == \
-        ("authors", "by_position", "ieee")
+    assert (cfg.train.param_groups, cfg.data.augment_draw, cfg.train.precision) == \
+        ("authors", "by_position", "fp32")
 
 
 @pytest.mark.parametrize("clean,paper", [("sources_clean", "sources"), ("sources_clean_quick", "sources_quick")])
@@ -298,7 +301,7 @@ def test_clean_presets_differ_from_theirs_in_the_two_behaviours_only(clean, pape
 
 
 @pytest.mark.parametrize("override", ["train.param_groups=by_type", "data.augment_draw=by_image",
-                                      "train.fp32_precision=tf32", "variant=clean"])
+                                      "train.precision=tf32", "variant=clean"])
 def test_each_setting_is_part_of_the_run_identity(override):
     base, other = make_cfg("/tmp/x"), make_cfg("/tmp/x", override)
     assert run_id(base) != run_id(other) and group_key(base) != group_key(other)
@@ -306,7 +309,8 @@ def test_each_setting_is_part_of_the_run_identity(override):
 
 @pytest.mark.parametrize("override,match", [("train.param_groups=by_name", "train.param_groups"),
                                             ("data.augment_draw=per_batch", "data.augment_draw"),
-                                            ("train.fp32_precision=bf16", "train.fp32_precision")])
+                                            ("train.precision=bf16", "train.precision"),
+                                            ("train.fp32_precision=tf32", "replaced by train.precision")])
 def test_bad_values_are_refused_before_anything_is_written(cfg_factory, override, match):
     cfg = cfg_factory(override)
     with pytest.raises(ConfigError, match=match):
@@ -319,8 +323,9 @@ def test_run_json_records_the_settings_and_fp32_not_applicable_on_cpu(cfg_factor
     rec = json.load(open(os.path.join(out["run_dir"], "run.json")))
     assert rec["identity"]["train.param_groups"] == "by_type"
     assert rec["identity"]["data.augment_draw"] == "by_image" == rec["augment_draw"]
-    assert rec["identity"]["train.fp32_precision"] == "ieee" == rec["fp32"]["fp32_precision"]
-    assert rec["fp32"]["gpu"] is None and rec["fp32"]["effective"].startswith("not applicable")
+    assert rec["identity"]["train.precision"] == "fp32" == rec["precision"]["precision"]
+    assert rec["precision"]["fp32_precision"] == "ieee" and "train.fp32_precision" not in rec["identity"]
+    assert rec["precision"]["gpu"] is None and rec["precision"]["effective"].startswith("not applicable")
     groups = rec["param_groups"]
     assert groups["rule"] == "by_type" and [g["peak_lr"] for g in groups["groups"]] == pytest.approx([0.4, 0.04])
     n_params = sum(g["values"] for g in groups["groups"])

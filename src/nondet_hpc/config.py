@@ -76,12 +76,22 @@ class TrainConfig:
     checkpoint_every: int = 10  # epochs between checkpoints (also at every snapshot and at the end)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = leave torch's default. Results differ with thread count
-    channels_last: str = "auto"  # auto (on for CUDA, where it is faster; off on CPU) | true | false
-    # fp32 convolutions/matmuls on GPU: ieee = true float32 (the study's "fp32", as on a V100);
-    # tf32 = TensorFloat-32 on Ampere and newer (A100/H100/H200), faster, 10-bit mantissa inputs.
-    # Set explicitly because torch's defaults differ between cuDNN (tf32) and matmul (ieee). No
-    # effect on CPU. sources.configure_precision.
-    fp32_precision: str = "ieee"
+    # Memory format of activations: auto = NCHW for fp32/tf32 and on CPU, channels_last for amp on
+    # CUDA (until gpu_check.sh measures otherwise) | true | false. run.json `step` has the result.
+    channels_last: str = "auto"
+    # Arithmetic of the training step (docs/performance.md): fp32 = IEEE float32 everywhere (the
+    # protocol, default); tf32 = TensorFloat-32 convolutions/matmuls on Ampere+ GPUs (no effect on
+    # CPU or a V100); amp_fp16 = autocast float16 with loss scaling (GradScaler); amp_bf16 = autocast
+    # bfloat16. Part of the run identity, so the reducer never puts two precisions in one group.
+    # Evaluation always runs in float32 (with TF32 under tf32). sources.precision_record, step.py.
+    precision: str = "fp32"
+    # Capture the full-size training step in a CUDA graph: auto = on for CUDA (not with amp_fp16),
+    # off on CPU | true (refused on CPU) | false. The captured step uses SGD's fused kernel with
+    # device-tensor LRs (step.StaticStep), so it is part of the run identity; docs/performance.md.
+    cuda_graph: str = "auto"
+    # Retired: replaced by train.precision (ieee -> fp32, tf32 -> tf32). Any value is refused with
+    # that message (task.validate); kept only so an old override gets the message, not a schema error.
+    fp32_precision: Optional[str] = None
 
 
 @dataclass
@@ -124,6 +134,11 @@ BOOKKEEPING_KEYS = ("force", "out_dir", "experiment", "eval", "train.checkpoint_
                     "data.download", "data.verify_md5")
 
 
+#: Keys kept in the schema only to refuse them with the name of their replacement: never part of
+#: the identity (validate refuses any value but null).
+RETIRED_KEYS = {"train.fp32_precision": "train.precision (fp32 | tf32 | amp_fp16 | amp_bf16; ieee is now fp32)"}
+
+
 def key_matches(key: str, patterns: Any) -> bool:
     """True when dotted ``key`` is one of ``patterns`` or lies below one (``eval`` covers ``eval.views``)."""
     return any(key == p or key.startswith(p + ".") for p in patterns)
@@ -132,7 +147,7 @@ def key_matches(key: str, patterns: Any) -> bool:
 def identity_items(cfg: Any) -> dict:
     """The config keys that decide what a run computes, flattened to dotted names.
 
-    Only the IDENTITY_ROOTS nodes, without BOOKKEEPING_KEYS.
+    Only the IDENTITY_ROOTS nodes, without BOOKKEEPING_KEYS and RETIRED_KEYS.
     """
     from omegaconf import OmegaConf
 
@@ -140,7 +155,7 @@ def identity_items(cfg: Any) -> dict:
     flat: dict = {}
 
     def walk(prefix: str, node: Any) -> None:
-        if key_matches(prefix, BOOKKEEPING_KEYS):
+        if key_matches(prefix, BOOKKEEPING_KEYS) or prefix in RETIRED_KEYS:
             return
         if isinstance(node, dict):
             for k in sorted(node):

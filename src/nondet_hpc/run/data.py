@@ -224,7 +224,8 @@ def augment_batch(x_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: 
                   pad: int) -> torch.Tensor:
     """Random crop of the zero-padded image plus horizontal flip, for a whole batch, as one gather.
 
-    Equivalent to torchvision's RandomCrop(size, padding=pad) (zero fill) followed by
+    The per-batch form (the training loop pads once and augments a whole epoch: ``EpochImages``,
+    which gives the same pixels). Equivalent to torchvision's RandomCrop(size, padding=pad) (zero fill) followed by
     RandomHorizontalFlip applied per image: output pixel (i, j) of image b is padded pixel
     (dy_b + i, dx_b + j), or (dy_b + i, dx_b + W-1-j) when flipped.
     """
@@ -240,21 +241,88 @@ def augment_batch(x_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: 
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def pad_images(x_u8: torch.Tensor, pad: int) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> zero-padded [N, H+2p, W+2p, C] (channels last: one gather reads whole pixels)."""
+    padded = torch.nn.functional.pad(x_u8, (pad, pad, pad, pad))  # uint8 zeros = black
+    return padded.permute(0, 2, 3, 1).contiguous()
+
+
+def crop_flip(padded_hwc: torch.Tensor, index: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
+              flip: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Crop/flip images ``index`` of a ``pad_images`` tensor: entry k gets (dy[k], dx[k], flip[k]).
+
+    One gather for all k; the result is an [K, C, H, W] view of channels-last storage.
+    """
+    dev = padded_hwc.device
+    ar_h = torch.arange(h, device=dev)
+    ar_w = torch.arange(w, device=dev)
+    rows = dy.to(dev)[:, None] + ar_h[None, :]  # [K, H]
+    cols = torch.where(flip.to(dev)[:, None], (w - 1) - ar_w[None, :], ar_w[None, :]) + dx.to(dev)[:, None]
+    out = padded_hwc[index.to(dev)[:, None, None], rows[:, :, None], cols[:, None, :]]  # [K, H, W, C]
+    return out.permute(0, 3, 1, 2)
+
+
+class EpochImages:
+    """The training set padded once; each epoch's augmented images in visiting order, made at once.
+
+    ``epoch(order, aug)`` returns the uint8 images of all N positions of the epoch (entry k is image
+    ``order[k]`` with draw k of ``aug``) and their labels, so a batch is a slice: no per-batch pad,
+    gather or index. Pixel for pixel what ``augment_batch(x[order[lo:hi]], ...)`` gives each batch
+    (integer copies only; tests/test_train_step.py checks both augment_draw rules).
+    """
+
+    def __init__(self, x_u8: torch.Tensor, y: torch.Tensor, pad: int, memory_format: torch.memory_format):
+        self.h, self.w = x_u8.shape[2], x_u8.shape[3]
+        self.padded = pad_images(x_u8, pad)
+        self.y, self.memory_format = y, memory_format
+
+    def epoch(self, order: torch.Tensor, aug: "EpochAugment") -> tuple[torch.Tensor, torch.Tensor]:
+        x = crop_flip(self.padded, order, aug.dy, aug.dx, aug.flip, self.h, self.w)
+        return x.contiguous(memory_format=self.memory_format), self.y[order.to(self.y.device)]
+
+
 def training_batches(n: int, batch_size: int):
     """(start, stop) of each batch of an epoch; the last batch keeps the remainder (no drop_last)."""
     return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
 # --- preprocessing (train and test) ---------------------------------------------------------
+class Normalize:
+    """``normalize`` with its per-channel mean/std tensors made once, on one device.
+
+    The Trainer calls it every batch: building the tensors from Python lists there would copy
+    them host-to-device (a blocking copy on CUDA) twice per step.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu"):
+        c = len(mean)
+        if len(std) != c:
+            raise ValueError(f"mean/std need one value per channel, got {len(mean)}/{len(std)}")
+        self.channels = c
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, c, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, c, 1, 1)
+
+    def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C, H, W] -> float32 ``(x/255 - mean_c) / std_c`` (PROTOCOL, Training: "Test:
+        normalise only").
+
+        Same float32 operations, in the same order, as torchvision's ToTensor + Normalize, so test
+        inputs match the training pipeline bit for bit.
+        """
+        if images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
+            raise ValueError(
+                f"expected uint8 images [B, C, H, W], got {images_u8.dtype} {tuple(images_u8.shape)}"
+            )
+        if images_u8.shape[1] != self.channels:
+            raise ValueError(f"mean/std need {images_u8.shape[1]} values (one per channel), got {self.channels}")
+        return images_u8.to(torch.float32).div(255).sub(self.mean).div(self.std)
+
+
 def normalize(
     images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> float32 ``(x/255 - mean_c) / std_c`` (PROTOCOL, Training: "Test:
-    normalise only").
-
-    Same float32 operations, in the same order, as torchvision's ToTensor + Normalize, so test
-    inputs match the training pipeline bit for bit.
-    """
+    """uint8 [B, C, H, W] -> float32 ``(x/255 - mean_c) / std_c``, mean/std made for this call
+    (see ``Normalize`` for the exact operations; loops use a ``Normalize`` made once)."""
     if images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
         raise ValueError(
             f"expected uint8 images [B, C, H, W], got {images_u8.dtype} {tuple(images_u8.shape)}"
@@ -262,6 +330,4 @@ def normalize(
     c = images_u8.shape[1]
     if len(mean) != c or len(std) != c:
         raise ValueError(f"mean/std need {c} values (one per channel), got {len(mean)}/{len(std)}")
-    m = torch.as_tensor(mean, dtype=torch.float32, device=images_u8.device).view(1, c, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=images_u8.device).view(1, c, 1, 1)
-    return images_u8.to(torch.float32).div(255).sub(m).div(s)
+    return Normalize(mean, std, images_u8.device)(images_u8)

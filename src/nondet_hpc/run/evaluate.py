@@ -110,7 +110,7 @@ def evaluate_run(run: str | os.PathLike, views: Sequence[str], *, features: bool
     import torch
     from omegaconf import OmegaConf
 
-    from .sources import configure_precision
+    from .sources import configure_precision, fp32_flag_of
     from .task import resolve_device
 
     rd = Path(run)
@@ -140,9 +140,9 @@ def evaluate_run(run: str | os.PathLike, views: Sequence[str], *, features: bool
     if data_root is not None:
         cfg.data.root = data_root
     dev = resolve_device(device)
-    # the fp32 precision training used (IEEE unless the run chose tf32): views added now must be
+    # the fp32 flag training used (IEEE unless train.precision=tf32): views added now must be
     # computed with the same numerics as those written at the end of training
-    configure_precision(str(cfg.train.get("fp32_precision", "ieee")), dev)
+    configure_precision(fp32_flag_of(cfg.train), dev)
     trained_on = (info.get("device") or {}).get("type")
     if trained_on and trained_on != dev.type:
         echo(f"[evaluate] {rid}: note: trained on {trained_on}, evaluating on {dev.type}; the logits can differ "

@@ -12,7 +12,8 @@ other seed is 1.
 - cudnn:   not a stream but a switch (configure_kernels).
 
 ``configure_precision`` is not a source: it pins what "fp32" means on the GPU (IEEE or TF32), so
-runs on a V100 and on an H100 compute the same kind of float32 unless told otherwise.
+runs on a V100 and on an H100 compute the same kind of float32 unless told otherwise. Which flag
+a run sets follows from ``train.precision`` (``precision_record``; step.FP32_FLAG).
 """
 
 from __future__ import annotations
@@ -155,13 +156,14 @@ def configure_precision(precision: str, device: torch.device) -> dict:
 
     torch's defaults differ (cuDNN convolutions may use TF32, matmuls may not) and only matter on
     Ampere and newer GPUs, so a study mixing GPU generations would mix numerics silently: we set
-    both from ``train.fp32_precision``. torch >= 2.9 has per-backend ``fp32_precision`` flags; we
+    both from ``train.precision`` (see ``precision_record``). torch >= 2.9 has per-backend ``fp32_precision`` flags; we
     use only those, since mixing them with the legacy ``allow_tf32`` flags makes torch raise on
     reading. cudnn.rnn is set too so every cuDNN flag agrees (no RNN here). Older torch: the legacy
     flags. The record holds the values read back, and the GPU name.
     """
     if precision not in FP32_PRECISIONS:
-        raise ConfigError(f"train.fp32_precision={precision!r}: valid values are {list(FP32_PRECISIONS)}.")
+        raise ConfigError(f"fp32 backend precision {precision!r}: valid values are {list(FP32_PRECISIONS)} (chosen "
+                          f"through train.precision: fp32 -> ieee, tf32 -> tf32).")
     flags = {}
     if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         torch.backends.cuda.matmul.fp32_precision = precision
@@ -186,3 +188,25 @@ def configure_precision(precision: str, device: torch.device) -> dict:
         record["gpu"] = None
         record["effective"] = "not applicable: CPU run (these flags only act on CUDA kernels)"
     return record
+
+
+def fp32_flag_of(train_cfg) -> str:
+    """The fp32 backend flag a stored run config asks for (``train.precision``, or the retired
+    ``train.fp32_precision`` of run folders written before it; IEEE when neither is there)."""
+    from .step import FP32_FLAG, check_precision
+
+    precision = train_cfg.get("precision")
+    if precision is not None:
+        return FP32_FLAG[check_precision(str(precision))]
+    return str(train_cfg.get("fp32_precision") or "ieee")
+
+
+def precision_record(precision: str, device: torch.device) -> dict:
+    """Set the fp32 flags ``train.precision`` implies; return run.json's ``precision`` record:
+    the precision, its autocast dtype and loss scaling, and configure_precision's read-back."""
+    from .step import AUTOCAST_DTYPE, FP32_FLAG, check_precision
+
+    check_precision(precision)
+    dtype = AUTOCAST_DTYPE.get(precision)
+    return {"precision": precision, "autocast": str(dtype).replace("torch.", "") if dtype else None,
+            "grad_scaler": precision == "amp_fp16", **configure_precision(FP32_FLAG[precision], device)}

@@ -21,13 +21,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__
-from ..config import ConfigError, identity_items
+from ..config import RETIRED_KEYS, ConfigError, identity_items
 from .data import AUGMENT_DRAWS, load_dataset
 from .models import init_weights, model_from_config
 from ..rundir import (DONE, RunRecord, group_key, is_done, logits_path, run_dir, run_id, run_lock, write_json, write_npy,
                      write_text)
-from .sources import (FP32_PRECISIONS, Streams, apply_bitflip, configure_kernels, configure_precision,
-                      resolve_seeds)
+from .sources import Streams, apply_bitflip, configure_kernels, precision_record, resolve_seeds
+from .step import PRECISIONS, plan_step, tristate
 from .train import PARAM_GROUP_RULES, Preempted, Trainer, clear_stop
 from .views import VIEWS, evaluate_test_set
 
@@ -98,9 +98,14 @@ def validate(cfg, *, check_device: bool = True) -> None:
     passes False: the submitting host is not the node the job will run on.
     """
     resolve_seeds(list(cfg.source.vary), cfg.seed, cfg.source.deterministic_kernels)
-    if check_device:
-        resolve_device(cfg.train.device)
     t = cfg.train
+    for key, new_key in RETIRED_KEYS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            raise ConfigError(f"{key}={value!r} was replaced by {new_key}: write e.g. train.precision=tf32 instead "
+                              f"(docs/configuration.md).")
+    if check_device:
+        plan_step(t, resolve_device(t.device))  # refuses e.g. train.cuda_graph=true on a CPU
     if t.epochs < 1:
         raise ConfigError(f"train.epochs={t.epochs} is invalid: train for at least 1 epoch (paper: 500).")
     if t.snapshots < 1 or t.epochs % t.snapshots:
@@ -124,11 +129,11 @@ def validate(cfg, *, check_device: bool = True) -> None:
                           f"(default 497).")
     for key, value, valid in (("train.param_groups", t.param_groups, PARAM_GROUP_RULES),
                               ("data.augment_draw", cfg.data.augment_draw, AUGMENT_DRAWS),
-                              ("train.fp32_precision", t.fp32_precision, FP32_PRECISIONS)):
+                              ("train.precision", t.precision, PRECISIONS)):
         if value not in valid:
             raise ConfigError(f"{key}={value!r}: valid values are {list(valid)} (docs/configuration.md).")
-    if t.channels_last not in ("auto", True, False, "true", "false"):
-        raise ConfigError(f"train.channels_last={t.channels_last!r}: valid values are auto, true, false.")
+    tristate("train.channels_last", t.channels_last)
+    tristate("train.cuda_graph", t.cuda_graph)
     bad = [v for v in cfg.eval.views if v not in VIEWS]
     if bad:
         raise ConfigError(f"eval.views has unknown view(s) {bad}; valid: {list(VIEWS)}.")
@@ -234,16 +239,16 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         kernels = configure_kernels(cfg.source.deterministic_kernels, device)
-        precision = configure_precision(cfg.train.fp32_precision, device)
+        precision = precision_record(cfg.train.precision, device)
         seeds = resolve_seeds(list(cfg.source.vary), cfg.seed, cfg.source.deterministic_kernels)
-        channels_last = (device.type == "cuda") if cfg.train.channels_last == "auto" else \
-            cfg.train.channels_last in (True, "true")
+        plan = plan_step(cfg.train, device)
+        channels_last = plan.channels_last
         write_text(rd / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         record.update(run_id=rid, state="running", attempts=attempts, seed=cfg.seed, experiment=cfg.experiment,
                       group_key=group_key(cfg), group_label=cfg.source.label,
                       identity={k: v for k, v in identity_items(cfg).items() if k != "seed"},
                       source=OmegaConf.to_container(cfg.source), seeds=seeds.as_dict(), kernels=kernels,
-                      fp32=precision, augment_draw=cfg.data.augment_draw,
+                      precision=precision, step=plan.record(), augment_draw=cfg.data.augment_draw,
                       channels_last=channels_last, started=record.data.get("started", t0),
                       **provenance(device))
         data = load_dataset(cfg.data)
@@ -272,7 +277,7 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
                     last_snapshot.update(logits)
 
         trainer = Trainer(model, data, streams, cfg.train, cfg.data, device, rd / "checkpoint.pt",
-                          channels_last, on_epoch=lambda hb: record.update(heartbeat=hb), on_snapshot=on_snapshot,
+                          plan=plan, on_epoch=lambda hb: record.update(heartbeat=hb), on_snapshot=on_snapshot,
                           run_id=rid)
         record.update(param_groups=trainer.groups_record)
         resumed = trainer.load_checkpoint()

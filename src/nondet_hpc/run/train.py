@@ -16,6 +16,7 @@ stopped at an epoch boundary or mid-epoch (``request_stop``).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import threading
@@ -28,11 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import Dataset, augment_batch, epoch_augment, epoch_order, normalize, training_batches
+from .data import Dataset, EpochImages, Normalize, epoch_augment, epoch_order, training_batches
 from ..config import ConfigError
 from .models import BasicBlock
 from ..rundir import atomic_write
 from .sources import Streams
+from .step import EagerStep, StepPlan, make_optimizer, make_scaler, make_step, plan_step
 
 _STOP = threading.Event()
 
@@ -136,13 +138,20 @@ class Trainer:
     """One model, one data set, one set of streams; ``fit`` runs (or resumes) to the end."""
 
     def __init__(self, model: nn.Module, data: Dataset, streams: Streams, tcfg, dcfg,
-                 device: torch.device, checkpoint_path: Path, channels_last: bool,
+                 device: torch.device, checkpoint_path: Path, channels_last: Optional[bool] = None,
                  on_epoch: Optional[Callable[[dict], None]] = None,
-                 on_snapshot: Optional[Callable[[int], None]] = None, run_id: str = ""):
+                 on_snapshot: Optional[Callable[[int], None]] = None, run_id: str = "",
+                 plan: Optional[StepPlan] = None):
+        """``plan``: how the step runs (step.plan_step of tcfg, by default); ``channels_last``, when
+        given, overrides the plan's memory format (callers that resolved it themselves)."""
         self.model, self.data, self.streams, self.t, self.d = model, data, streams, tcfg, dcfg
         self.device, self.checkpoint_path = device, Path(checkpoint_path)
         self.run_id = run_id  # stored in every checkpoint: a checkpoint of another run is refused
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        plan = plan or plan_step(tcfg, device)
+        if channels_last is not None and channels_last != plan.channels_last:
+            plan = dataclasses.replace(plan, channels_last=bool(channels_last))
+        self.plan = plan
+        self.memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
         self.on_epoch, self.on_snapshot = on_epoch, on_snapshot
         self.model.to(device=device, memory_format=self.memory_format)
         groups = param_groups(model, tcfg.lr, tcfg.lr_scale_bias_bn, tcfg.weight_decay, tcfg.param_groups)
@@ -150,8 +159,11 @@ class Trainer:
         self.groups_record = {"rule": tcfg.param_groups, "groups": [
             {"peak_lr": g["peak_lr"], "tensors": len(g["params"]), "values": sum(p.numel() for p in g["params"])}
             for g in groups]}
-        self.opt = torch.optim.SGD(groups, lr=0.0, momentum=tcfg.momentum)
-        self.mean, self.std = list(dcfg.mean), list(dcfg.std)
+        self.opt = make_optimizer(groups, tcfg.momentum, plan)
+        self.scaler = make_scaler(plan, device)  # amp_fp16 only; checkpointed with the optimizer
+        # Made once: per batch they would be host-to-device copies (blocking on CUDA).
+        self.normalize = Normalize(dcfg.mean, dcfg.std, device)
+        self.images = EpochImages(data.train_x, data.train_y, dcfg.pad, self.memory_format)
         self.n = len(data.train_x)
         self.batches = training_batches(self.n, tcfg.batch_size)
         self.steps = len(self.batches) * tcfg.epochs
@@ -159,12 +171,15 @@ class Trainer:
         self.epoch_streams = streams.state()  # stream states at the start of progress.epoch
         self.snapshots_done = 0
         self.elapsed = 0.0  # training seconds over all attempts
+        self.lrs: list[float] = []  # each group's LR for the next step (set_lr)
+        self.step: Optional[EagerStep] = None  # built by fit, after a checkpoint may have been loaded
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"run_id": self.run_id, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "progress": vars(self.progress).copy(), "epoch_streams": self.epoch_streams,
-                "snapshots_done": self.snapshots_done, "elapsed": self.elapsed}
+                "snapshots_done": self.snapshots_done, "elapsed": self.elapsed,
+                **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
 
     def save_checkpoint(self) -> None:
         state = self.state_dict()
@@ -184,19 +199,44 @@ class Trainer:
         self.epoch_streams = state["epoch_streams"]
         self.snapshots_done = state["snapshots_done"]
         self.elapsed = state["elapsed"]
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
         return True
 
     # --- the loop ----------------------------------------------------------------------------
     def set_lr(self, step: int) -> float:
+        """Fix each group's LR for ``step`` (the step object applies them) and return the peak LR."""
         f = lr_factor(step / len(self.batches), self.t.epochs, self.t.snapshots, self.t.warmup_epochs)
-        for g in self.opt.param_groups:
-            g["lr"] = g["peak_lr"] * f
+        self.lrs = [g["peak_lr"] * f for g in self.opt.param_groups]
         return f * self.t.lr
+
+    def _batches(self, x_epoch: torch.Tensor, y_epoch: torch.Tensor, start: float) -> tuple[torch.Tensor, float]:
+        """The rest of this epoch's batches; returns the summed loss (on the device) and the last LR.
+
+        Nothing here reads a device value on the host or makes a tensor from Python data: an epoch
+        synchronises once, when on_epoch reads the loss (tests/test_train_step.py, gpu_check.sh).
+        """
+        p = self.progress
+        loss_sum = torch.zeros((), device=self.device)
+        lr = self.set_lr(p.step)
+        for b in range(p.batch, len(self.batches)):
+            lo, hi = self.batches[b]
+            lr = self.set_lr(p.step)
+            loss = self.step(x_epoch[lo:hi], y_epoch[lo:hi], self.lrs)
+            loss_sum += loss * (hi - lo)
+            p.batch, p.step = b + 1, p.step + 1
+            if _STOP.is_set():
+                self.elapsed += time.perf_counter() - start
+                self.save_checkpoint()
+                raise Preempted(f"stopped at epoch {p.epoch} batch {p.batch}; checkpoint saved")
+        return loss_sum, lr
 
     def fit(self) -> None:
         t, d, p = self.t, self.d, self.progress
         cycle = t.epochs // t.snapshots
-        x_all, y_all = self.data.train_x, self.data.train_y
+        if self.step is None:  # after load_checkpoint: a captured graph holds the optimizer's tensors
+            shape = (min(t.batch_size, self.n), *self.data.train_x.shape[1:])
+            self.step = make_step(self.model, self.opt, self.normalize, self.plan, self.device, shape, self.scaler)
         self.model.train()
         while p.epoch < t.epochs:
             start = time.perf_counter()
@@ -205,26 +245,9 @@ class Trainer:
             order = epoch_order(self.n, self.streams.shuffle)
             # Indexed by position in this epoch's order (batch b uses entries lo:hi), whichever rule.
             aug = epoch_augment(order, d.pad, d.flip, d.augment_draw, self.streams.augment)
-            order = order.to(self.device)
-            dy, dx, flip = (a.to(self.device) for a in (aug.dy, aug.dx, aug.flip))
-            loss_sum = torch.zeros((), device=self.device)
-            lr = self.set_lr(p.step)
-            for b in range(p.batch, len(self.batches)):
-                lo, hi = self.batches[b]
-                idx = order[lo:hi]
-                x = augment_batch(x_all[idx], dy[lo:hi], dx[lo:hi], flip[lo:hi], d.pad)
-                x = normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
-                lr = self.set_lr(p.step)
-                loss = F.cross_entropy(self.model(x), y_all[idx])
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.opt.step()
-                loss_sum += loss.detach() * (hi - lo)
-                p.batch, p.step = b + 1, p.step + 1
-                if _STOP.is_set():
-                    self.elapsed += time.perf_counter() - start
-                    self.save_checkpoint()
-                    raise Preempted(f"stopped at epoch {p.epoch} batch {p.batch}; checkpoint saved")
+            # The whole epoch's crops/flips in one gather, in visiting order: a batch is a slice.
+            x_epoch, y_epoch = self.images.epoch(order.to(self.device), aug)
+            loss_sum, lr = self._batches(x_epoch, y_epoch, start)
             p.epoch, p.batch = p.epoch + 1, 0
             self.epoch_streams = self.streams.state()
             self.elapsed += time.perf_counter() - start
