@@ -75,7 +75,9 @@ class TrainConfig:
     snapshots: int = 1  # cycles of warm-up + cosine-to-0 in the same budget; >1 = accelerated ensembling
     checkpoint_every: int = 10  # epochs between checkpoints (also at every snapshot and at the end)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    threads: int = 0  # torch CPU threads; 0 = leave torch's default. Results differ with thread count
+    # torch CPU threads; 0 = torch's default here (on SLURM: the launcher's cpus_per_task). Results
+    # differ with the thread count, so the count (0 resolved) is part of the run id
+    threads: int = 0
     channels_last: str = "auto"  # auto (on for CUDA, where it is faster; off on CPU) | true | false
     # fp32 convolutions/matmuls on GPU: ieee = true float32 (the study's "fp32", as on a V100);
     # tf32 = TensorFloat-32 on Ampere and newer (A100/H100/H200), faster, 10-bit mantissa inputs.
