@@ -134,11 +134,12 @@ def key_matches(key: str, patterns: Any) -> bool:
 def identity_items(cfg: Any) -> dict:
     """The config keys that decide what a run computes, flattened to dotted names.
 
-    Only the IDENTITY_ROOTS nodes, without BOOKKEEPING_KEYS.
+    Only the IDENTITY_ROOTS nodes, without BOOKKEEPING_KEYS. ``cfg``: a config, or the plain
+    resolved container of one (the SLURM launcher has it already for 1000s of jobs).
     """
     from omegaconf import OmegaConf
 
-    c = OmegaConf.to_container(cfg, resolve=True)
+    c = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
     flat: dict = {}
 
     def walk(prefix: str, node: Any) -> None:

@@ -110,7 +110,8 @@ class NondetSlurmLauncher(Launcher):
                 HydraConfig.instance().set_config(sweep_config)  # ${hydra:...} resolves per job
             with open_dict(sweep_config):  # the job config is the root without its hydra node
                 del sweep_config["hydra"]
-        OmegaConf.resolve(sweep_config)
+            OmegaConf.resolve(sweep_config)  # now, while HydraConfig holds this job's node
+        # else: resolved by plan_run's to_container (the job pickle carries that resolved copy)
         return sweep_config
 
     def _validate(self, planned: list, job_overrides: Sequence[Sequence[str]]) -> None:

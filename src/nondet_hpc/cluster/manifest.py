@@ -153,6 +153,20 @@ class PlannedRun:
     # digest of what decides this job's config (the launcher's composer.plan_key + its own
     # settings); recorded so an identical rerun finds the run without composing it. None: unknown
     plan_key: str | None = None
+    # the resolved config as plain data: what the job pickle carries (~100x faster to pickle)
+    container: dict | None = None
+
+
+class _Fields(dict):
+    """A resolved container read the way ``rundir.run_id`` reads a config (``cfg.source.name``):
+    the run id from the one ``to_container`` a job needs, not from a second one."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            value = self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+        return _Fields(value) if isinstance(value, dict) else value
 
 
 def plan_run(cfg: Any, overrides: Sequence[str], ignore_keys: Sequence[str] = (),
@@ -165,12 +179,13 @@ def plan_run(cfg: Any, overrides: Sequence[str], ignore_keys: Sequence[str] = ()
     from omegaconf import DictConfig, OmegaConf
 
     dcfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    flat = dict(identity_items(dcfg))
-    run_id = rundir.run_id(dcfg)
-    return PlannedRun(run_id=run_id, run_dir=(Path(str(dcfg.out_dir)) / rundir.RUNS / run_id).absolute(),
+    container = OmegaConf.to_container(dcfg, resolve=True)
+    flat = dict(identity_items(container))
+    run_id = rundir.run_id(_Fields(container))
+    return PlannedRun(run_id=run_id, run_dir=(Path(str(container["out_dir"])) / rundir.RUNS / run_id).absolute(),
                       overrides=list(overrides), cfg=dcfg, flat=flat,
-                      config_hash=config_hash(flat, ignore_keys), force=bool(dcfg.get("force", False)),
-                      plan_key=plan_key)
+                      config_hash=config_hash(flat, ignore_keys), force=bool(container.get("force", False)),
+                      plan_key=plan_key, container=container)
 
 
 def manifest_from_runs(out_dirs: Iterable[Path], ignore_keys: Sequence[str] = ()) -> dict | None:

@@ -261,7 +261,8 @@ def _submit_array(launch: _Launch, c: int, runs: list[PlannedRun], offset: int, 
     script_path.write_text(sbatch_script(p, folder, array_size=len(runs), parallelism=parallelism,
                                          dependency=dependency))
     max_requeue = int(p.get("max_requeue", 20))
-    tmp_pickles = [_pickle_job(folder, RunJob(run.cfg, run.run_id, str(run.run_dir), max_requeue),
+    tmp_pickles = [_pickle_job(folder, RunJob(run.container if run.container is not None else run.cfg, run.run_id,
+                                              str(run.run_dir), max_requeue),
                                int(p.get("timeout_min", 60)), max_requeue) for run in runs]
     array_id = sbatch(script_path, launch.timeout)
     for i, tmp in enumerate(tmp_pickles):
