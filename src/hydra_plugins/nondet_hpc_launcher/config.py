@@ -92,7 +92,8 @@ class NondetSlurmLauncherConf:
     ignore_keys: List[str] = field(default_factory=list)  # more keys never compared
 
     # --- compose a sweep's job configs once per group choice + value overrides (checked
-    # against Hydra's own composition); false = Hydra's composition for every job (slower)
+    # against Hydra's own composition), and find an identical rerun's runs by their plan keys in
+    # sweep.json without composing; false = Hydra's composition for every job (slower)
     fast_compose: bool = True
 
     # --- SLURM commands (sbatch, squeue, sacct, scontrol) give up after this many seconds
