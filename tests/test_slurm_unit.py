@@ -17,9 +17,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nondet_hpc.cluster import cancel, client, jobs, manifest, script, state, submit
+from nondet_hpc.cluster import cancel, client, jobs, manifest, params as launcher_settings, script, state, submit
 from nondet_hpc.__main__ import conf_dir
-from nondet_hpc.config import register_configs
+from nondet_hpc.config import ConfigError, register_configs
 from slurm_fixtures import FakeSlurm, cli_env, run_cli
 
 PY = "/opt/venv/bin/python"  # a fixed interpreter path makes the scripts comparable
@@ -32,7 +32,7 @@ def launcher_params(preset: str, *overrides: str, out_dir: str = "/sweep") -> di
                       return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     params["python"] = PY
-    return params
+    return launcher_settings.normalize(params, out_dir)  # as the launcher's setup does
 
 
 def job_cfgs(out_dir: Path, sources=("init", "shuffle"), seeds=(1, 2, 3), *extra: str):
@@ -77,7 +77,7 @@ EXPECTED_SLURM_ARRAY = f"""\
 #SBATCH --array=0-5%6
 #SBATCH --cpus-per-task=1
 #SBATCH --error=/sweep/slurm/%A_%a_0_log.err
-#SBATCH --job-name=nondet
+#SBATCH --job-name=nondet-sweep
 #SBATCH --nodes=1
 #SBATCH --open-mode=append
 #SBATCH --output=/sweep/slurm/%A_%a_0_log.out
@@ -102,7 +102,7 @@ EXPECTED_V100_ARRAY = f"""\
 #SBATCH --cpus-per-task=4
 #SBATCH --error=/sweep/slurm/%A_%a_0_log.err
 #SBATCH --gres=gpu:v100:1
-#SBATCH --job-name=nondet-v100
+#SBATCH --job-name=nondet-sweep
 #SBATCH --mem=32GB
 #SBATCH --nodes=1
 #SBATCH --open-mode=append
@@ -129,14 +129,13 @@ EXPECTED_V100_REDUCER = f"""\
 #SBATCH --cpus-per-task=1
 #SBATCH --dependency=afterany:700:701
 #SBATCH --error=/sweep/slurm/%j_0_log.err
-#SBATCH --job-name=nondet-v100-reduce
+#SBATCH --job-name=nondet-sweep-reduce
 #SBATCH --mem=16GB
 #SBATCH --nodes=1
 #SBATCH --open-mode=append
 #SBATCH --output=/sweep/slurm/%j_0_log.out
 #SBATCH --partition=cpu
 #SBATCH --qos=normal
-#SBATCH --signal=USR2@60
 #SBATCH --time=60
 
 # setup
@@ -167,14 +166,14 @@ def test_v100_preset_sbatch_scripts_and_command_lines():
     # the same as sbatch command-line flags, written by hand
     assert sbatch_flags(array) == [
         "--account=proj42", "--array=0-99%16", "--cpus-per-task=4", "--error=/sweep/slurm/%A_%a_0_log.err",
-        "--gres=gpu:v100:1", "--job-name=nondet-v100", "--mem=32GB", "--nodes=1", "--open-mode=append",
+        "--gres=gpu:v100:1", "--job-name=nondet-sweep", "--mem=32GB", "--nodes=1", "--open-mode=append",
         "--output=/sweep/slurm/%A_%a_0_log.out", "--partition=gpu", "--qos=normal", "--requeue",
         "--signal=USR2@120", "--time=60"]
     assert sbatch_flags(reducer) == [
         "--account=proj42", "--cpus-per-task=1", "--dependency=afterany:700:701",
-        "--error=/sweep/slurm/%j_0_log.err", "--job-name=nondet-v100-reduce", "--mem=16GB", "--nodes=1",
+        "--error=/sweep/slurm/%j_0_log.err", "--job-name=nondet-sweep-reduce", "--mem=16GB", "--nodes=1",
         "--open-mode=append", "--output=/sweep/slurm/%j_0_log.out", "--partition=cpu", "--qos=normal",
-        "--signal=USR2@60", "--time=60"]
+        "--time=60"]  # no --signal: the reducer has nothing to checkpoint
 
 
 def test_preset_extras_hold_constraint_setup():
@@ -564,7 +563,7 @@ def _pickled_cfgs(folder: Path):
         with open(pk, "rb") as fh:
             fn = pickle.load(fh).function
         if isinstance(fn, jobs.RunJob):
-            out.append(fn.cfg)
+            out.append(jobs._as_config(fn.cfg))  # plain resolved data in the pickle
     return out
 
 
@@ -651,3 +650,280 @@ def test_no_private_hydra_or_submitit_imports_outside_compose():
                 if parts[0] in ("hydra", "submitit") and any(p.startswith("_") for p in parts[1:]):
                     offenders.append(f"{path.relative_to(src)}:{node.lineno}: {name}")
     assert offenders == []
+
+
+# ============================================================================ issue 9: identity, aliases, fast paths
+def test_thread_count_is_part_of_the_run_id(tmp_path):
+    """The same config with another effective thread count is another run; threads=0 is resolved
+    to the count the run uses before its id is computed (locally: torch's default)."""
+    import torch
+
+    from nondet_hpc import rundir
+    from nondet_hpc.run import task
+
+    one, two, zero = (job_cfgs(tmp_path, ("init",), (1,), f"train.threads={n}")[0] for n in (1, 2, 0))
+    assert rundir.run_id(one) != rundir.run_id(two) and rundir.group_key(one) != rundir.group_key(two)
+    task.resolve_threads(zero)
+    assert zero.train.threads == torch.get_num_threads() >= 1
+    assert rundir.run_id(zero) == rundir.run_id(one if torch.get_num_threads() == 1 else
+                                                 job_cfgs(tmp_path, ("init",), (1,),
+                                                          f"train.threads={torch.get_num_threads()}")[0])
+    explicit = job_cfgs(tmp_path, ("init",), (1,), "train.threads=3")[0]
+    task.resolve_threads(explicit)
+    assert explicit.train.threads == 3  # a count the user set is kept
+
+
+def test_local_run_uses_the_resolved_thread_count_in_its_id(tmp_path):
+    import torch
+
+    from nondet_hpc import rundir
+    from nondet_hpc.run import task
+
+    cfg = job_cfgs(tmp_path, ("init",), (1,), "train.epochs=1", "data.train_subset=64", "data.test_subset=32",
+                   "train.batch_size=32")[0]
+    assert cfg.train.threads == 0
+    out = task.run(cfg)
+    want = job_cfgs(tmp_path, ("init",), (1,), "train.epochs=1", "data.train_subset=64", "data.test_subset=32",
+                    "train.batch_size=32", f"train.threads={torch.get_num_threads()}")[0]
+    assert out["state"] == "done" and out["run_id"] == rundir.run_id(want)
+    info = json.loads((Path(out["run_dir"]) / "run.json").read_text())
+    assert info["identity"]["train.threads"] == info["threads"] == torch.get_num_threads()
+
+
+def test_slurm_launcher_gives_threads_the_tasks_cpus(tmp_path):
+    f = FakeSlurm(tmp_path)
+    env = cli_env({"PATH": f"{f.bin}{os.pathsep}{os.environ['PATH']}"})
+    ids = {}
+    for cpus in (1, 2):
+        sweep = tmp_path / f"sw{cpus}"
+        run_cli(["-m", "nondet_hpc", "-m", "seed=1,2", f"out_dir={sweep}", "train.epochs=2", "hydra/launcher=slurm",
+                 f"hydra.launcher.cpus_per_task={cpus}"], env=env)
+        cfgs = _pickled_cfgs(sweep / "slurm")
+        assert [c.train.threads for c in cfgs] == [cpus, cpus]
+        ids[cpus] = {Path(r["run_dir"]).name for r in json.loads((sweep / "sweep.json").read_text())["runs"].values()}
+    assert not ids[1] & ids[2]  # same config, other thread count: other runs
+    # a count the user set wins over cpus_per_task
+    sweep = tmp_path / "sw3"
+    run_cli(["-m", "nondet_hpc", "-m", "seed=1", f"out_dir={sweep}", "train.epochs=2", "train.threads=3",
+             "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=2"], env=env)
+    assert [c.train.threads for c in _pickled_cfgs(sweep / "slurm")] == [3]
+
+
+def _local_runs(out_dir: Path, runs: list) -> None:
+    """Run folders as the local launcher leaves them: run.json with identity and seed, no sweep.json."""
+    for r in runs:
+        _write_run_json(r.run_dir, run_id=r.run_id, state="done", seed=r.flat["seed"],
+                        identity={k: v for k, v in r.flat.items() if k != "seed"})
+
+
+def test_identity_check_without_sweep_json_uses_run_json(fake, tmp_path):
+    sweep = tmp_path / "local"
+    _local_runs(sweep, plan(sweep, seeds=(1, 2)))
+    assert not (sweep / "sweep.json").exists()
+    with pytest.raises(manifest.SweepConfigMismatch, match=r"train.lr: 0.4 \(recorded\) != 0.1 \(now\)") as e:
+        submit.submit_sweep(sweep, plan(sweep, "train.lr=0.1", seeds=(3,)), params_for(sweep))
+    assert "run.json; no sweep.json" in str(e.value)
+    with pytest.raises(manifest.SweepConfigMismatch, match=r"train.threads: 0 \(recorded\) != 1 \(now\)") as e:
+        submit.submit_sweep(sweep, plan(sweep, "train.threads=1", seeds=(3,)), params_for(sweep))
+    assert "train.threads=0 was not resolved" in str(e.value)  # runs of before the thread identity
+    assert fake.calls("sbatch") == [] and not (sweep / "sweep.json").exists()
+    # the same configuration, new seeds: allowed, as for a SLURM folder
+    res = submit.submit_sweep(sweep, plan(sweep, seeds=(3,)), params_for(sweep))
+    assert len(res.submitted) == 2
+
+
+def test_identity_check_without_sweep_json_names_the_thread_count(fake, tmp_path):
+    sweep = tmp_path / "local"
+    _local_runs(sweep, plan(sweep, "train.threads=2", seeds=(1,)))
+    with pytest.raises(manifest.SweepConfigMismatch, match=r"pass train.threads=2"):
+        submit.submit_sweep(sweep, plan(sweep, "train.threads=1", seeds=(3,)), params_for(sweep))
+
+
+ALIASES = [  # (hydra-submitit-launcher's key=value, ours, the sbatch line both must render)
+    ("name=exp1", "job_name=exp1", "--job-name=exp1"),
+    ("comment=tuning", "additional_parameters.comment=tuning", "--comment=tuning"),
+    ("cpus_per_gpu=8", "additional_parameters.cpus_per_gpu=8", "--cpus-per-gpu=8"),
+    ("gpus_per_task=1", "additional_parameters.gpus_per_task=1", "--gpus-per-task=1"),
+    ("mem_per_gpu=16G", "additional_parameters.mem_per_gpu=16G", "--mem-per-gpu=16G"),
+    ("mem_per_cpu=4G", "additional_parameters.mem_per_cpu=4G", "--mem-per-cpu=4G"),
+    ("nodes=1", "timeout_min=60", "--nodes=1"),
+    ("tasks_per_node=1", "timeout_min=60", "--nodes=1"),
+]
+
+
+@pytest.mark.parametrize("theirs,ours,line", ALIASES, ids=[a[0].split("=")[0] for a in ALIASES])
+def test_hydra_submitit_alias_renders_our_sbatch_line(theirs, ours, line):
+    scripts = []
+    for override in (theirs, ours):
+        # additional_parameters is a dict: a new key needs Hydra's "+"
+        prefix = "+" if override.startswith("additional_parameters.") else ""
+        p = launcher_params("slurm", f"{prefix}hydra.launcher.{override}")
+        scripts.append(script.sbatch_script(p, Path(p["submitit_folder"]), array_size=4, parallelism=4))
+    assert scripts[0] == scripts[1]  # the whole script, not only the line
+    assert line in sbatch_flags(scripts[0])
+
+
+def test_max_num_timeout_is_max_requeue_and_conflicts_are_refused():
+    assert launcher_params("slurm", "hydra.launcher.max_num_timeout=5")["max_requeue"] == 5
+    assert launcher_params("slurm", "hydra.launcher.max_num_timeout=5") == \
+        launcher_params("slurm", "hydra.launcher.max_requeue=5")
+    bad = [("hydra.launcher.name=a", "hydra.launcher.job_name=b", "disagree"),
+           ("hydra.launcher.max_num_timeout=3", "hydra.launcher.max_requeue=4", "disagree"),
+           ("hydra.launcher.nodes=2", "hydra.launcher.timeout_min=60", "one process on one node"),
+           ("hydra.launcher.tasks_per_node=4", "hydra.launcher.timeout_min=60", "one process on one node"),
+           ("hydra.launcher.mem_gb=8", "hydra.launcher.mem_per_cpu=4G", "only one of --mem")]
+    for a, b, msg in bad:
+        with pytest.raises(ConfigError, match=msg):
+            launcher_params("slurm", a, b)
+    with pytest.raises(Exception, match="max_num_timout"):
+        launcher_params("slurm", "hydra.launcher.max_num_timout=3")  # misspelt: fails at composition
+
+
+def test_stderr_to_stdout_writes_one_log_per_task():
+    p = launcher_params("slurm", "hydra.launcher.stderr_to_stdout=true")
+    text = script.sbatch_script(p, Path(p["submitit_folder"]), array_size=2, parallelism=2)
+    assert "--error" not in text
+    plain = launcher_params("slurm")
+    want = script.sbatch_script(plain, Path(plain["submitit_folder"]), array_size=2, parallelism=2)
+    assert [ln for ln in want.splitlines() if not ln.startswith("#SBATCH --error")] == \
+        [ln.replace(" --output /sweep/slurm/%A_%a_%t_log.out", " --output /sweep/slurm/%A_%a_%t_log.out --error "
+                    "/sweep/slurm/%A_%a_%t_log.err") for ln in text.splitlines()]
+
+
+def test_job_name_defaults_to_the_sweep_folder():
+    assert launcher_params("slurm", out_dir="/scratch/me/lr-sweep")["job_name"] == "nondet-lr-sweep"
+    assert launcher_params("slurm_v100", out_dir="/scratch/me/tta")["job_name"] == "nondet-tta"
+    assert launcher_params("slurm", "hydra.launcher.job_name=mine")["job_name"] == "mine"
+
+
+def test_gpu_request_detection():
+    assert not launcher_settings.requests_gpu(launcher_params("slurm"))
+    assert not launcher_settings.requests_gpu(launcher_params("slurm", "hydra.launcher.gres=lustre:1"))
+    for o in ("hydra.launcher.gres=gpu:1", "hydra.launcher.gpus_per_node=1", "hydra.launcher.gpus_per_task=1",
+              "+hydra.launcher.additional_parameters.gpus=1"):
+        assert launcher_settings.requests_gpu(launcher_params("slurm", o)), o
+    assert launcher_settings.requests_gpu(launcher_params("slurm_v100"))
+    with pytest.raises(ConfigError, match="requests no GPU"):
+        launcher_settings.check_device("cuda:0", launcher_params("slurm"))
+    launcher_settings.check_device("auto", launcher_params("slurm"))
+
+
+def test_cuda_without_a_gpu_request_is_refused_at_submission(tmp_path):
+    f = FakeSlurm(tmp_path)
+    env = cli_env({"PATH": f"{f.bin}{os.pathsep}{os.environ['PATH']}"})
+    args = ["-m", "nondet_hpc", "-m", "seed=1,2", f"out_dir={tmp_path / 'sw'}", "train.device=cuda",
+            "hydra/launcher=slurm"]
+    p = run_cli(args, env=env, check=False)
+    assert p.returncode == 1 and "requests no GPU" in p.stderr and "hydra.launcher.gres=gpu:1" in p.stderr
+    assert "Nothing was submitted" in p.stderr and "Traceback" not in p.stderr
+    assert f.calls("sbatch") == [] and not (tmp_path / "sw" / "sweep.json").exists()
+    p = run_cli(args + ["hydra.launcher.gres=gpu:1"], env=env)  # with a GPU: submitted
+    assert "2 submitted now" in p.stdout
+
+
+def test_missing_sbatch_fails_before_composing(tmp_path):
+    """The launcher's setup runs before Hydra's sweeper composes the jobs: a job that cannot be
+    composed (seed=notanint) would fail first if composition came first."""
+    env = cli_env()
+    empty = tmp_path / "empty_bin"
+    empty.mkdir()
+    env["PATH"] = str(empty)
+    p = run_cli(["-m", "nondet_hpc", "-m", "seed=1,notanint", f"out_dir={tmp_path / 'sw'}", "hydra/launcher=slurm"],
+                env=env, check=False)
+    assert p.returncode == 1 and "`sbatch` is not on PATH" in p.stderr and "notanint" not in p.stdout + p.stderr
+
+
+def test_identical_rerun_composes_no_job(tmp_path):
+    f = FakeSlurm(tmp_path)
+    env = cli_env({"PATH": f"{f.bin}{os.pathsep}{os.environ['PATH']}"})
+    sweep = tmp_path / "sw"
+    args = ["-m", "nondet_hpc", "-m", "source=init,shuffle", "seed=range(1,6)", f"out_dir={sweep}",
+            "train.epochs=2", "hydra/launcher=slurm"]
+    p = run_cli(args, env=env)
+    assert "{'fast': 10, 'slow': 4}" in p.stdout + p.stderr  # 2 group sets: base + check each
+    m = json.loads((sweep / "sweep.json").read_text())
+    assert all(rec.get("plan_key") for rec in m["runs"].values())
+    n_sbatch = len(f.calls("sbatch"))
+    p = run_cli(args, env=env)
+    out = p.stdout + p.stderr
+    assert "10 queued/running, 0 submitted now" in p.stdout
+    # 0 job configs composed; Hydra composed each group set's base once (for its plan key)
+    assert "composed 0 job configs; 2 group compositions" in out and "composed 10 job configs" not in out
+    assert len(f.calls("sbatch")) == n_sbatch and json.loads((sweep / "sweep.json").read_text()) == m
+    # one run done, one failed (left the queue): the failed one is composed and submitted again
+    arr = m["submissions"][0]["arrays"][0]["job_id"]
+    first, second = (Path(m["runs"][r]["run_dir"]) for r in m["submissions"][0]["runs"][:2])
+    first.mkdir(parents=True)
+    (first / "DONE").write_text("{}")
+    f.set_task(f"{arr}_0", "COMPLETED", queue=False)
+    f.set_task(f"{arr}_1", "FAILED", queue=False, exit="1:0")
+    p = run_cli(args, env=env)
+    assert "1 done, 8 queued/running, 1 submitted now" in p.stdout and "composed 10 job configs" in p.stdout + p.stderr
+    # a changed setting that decides run ids (cpus_per_task -> train.threads): not found by key, composed
+    p = run_cli(args + ["hydra.launcher.cpus_per_task=2"], env=env, check=False)
+    assert "composed 0 job configs" not in p.stdout + p.stderr
+
+
+def test_slurm_folder_is_private(fake, tmp_path):
+    sweep = tmp_path / "sw"
+    submit.submit_sweep(sweep, plan(sweep, seeds=(1,)), params_for(sweep))
+    assert (sweep / "slurm").stat().st_mode & 0o777 == 0o700
+    (sweep / "slurm").chmod(0o777)
+    n = len(fake.calls("sbatch"))
+    before = (sweep / "sweep.json").read_text()
+    with pytest.raises(client.SubmissionError, match="world-writable"):
+        submit.submit_sweep(sweep, plan(sweep, seeds=(2,)), params_for(sweep))
+    assert len(fake.calls("sbatch")) == n and (sweep / "sweep.json").read_text() == before
+    (sweep / "slurm").chmod(0o770)
+    said = []
+    submit.submit_sweep(sweep, plan(sweep, seeds=(2,)), params_for(sweep), echo=said.append)
+    assert any("group-writable" in s for s in said) and len(fake.calls("sbatch")) == n + 2
+
+
+def test_summary_of_one_task_chunks_and_caps(fake, tmp_path):
+    sweep = tmp_path / "sw"
+    fake.update(max_array_size=5)
+    res = submit.submit_sweep(sweep, plan(sweep), params_for(sweep, array_parallelism=2))
+    text = submit.describe_submission(res, params_for(sweep, array_parallelism=2))
+    assert "5 tasks (runs 0-4 of submission 0, at most 2 at once)" in text
+    assert "1 task (run 5 of submission 0)" in text and "at most 2 at once), partition (default partition), after" \
+        not in text.splitlines()[2]
+
+
+def test_eta_is_not_the_previous_attempts():
+    now = 1000.0
+    hb = {"epoch": 5, "epochs": 10, "time": now - 600, "elapsed_s": 100.0, "step": 50, "steps": 100}
+    st = state.RunStatus(run_id="r", run_dir="/x", state="running")
+    state.apply_heartbeat(st, hb, now)
+    assert st.eta_s is None  # 10 min old heartbeat, 100 s left by its own estimate: unknown, not "0s"
+    st = state.RunStatus(run_id="r", run_dir="/x", state="running")
+    state.apply_heartbeat(st, dict(hb, time=now - 10), now)
+    assert st.eta_s == pytest.approx(90.0)
+    assert not state._heartbeat_of_this_attempt({"state": "preempted"}, hb)
+    assert not state._heartbeat_of_this_attempt({"state": "running", "resumed_from": {"time": now - 5}}, hb)
+    assert state._heartbeat_of_this_attempt({"state": "running", "resumed_from": {"time": now - 900}}, hb)
+
+
+def test_status_of_a_task_that_never_started_shows_no_log_paths(fake, tmp_path):
+    from nondet_hpc.cluster import status as status_cli
+
+    sweep = tmp_path / "sw"
+    res = submit.submit_sweep(sweep, plan(sweep, seeds=(1,)), params_for(sweep))
+    a = res.arrays[0]["job_id"]
+    fake.set_task(f"{a}_0", "CANCELLED by 0", queue=False)  # cancelled while pending
+    st = state.sweep_status(sweep)
+    r = next(r for r in st["runs"] if r["job_id"] == f"{a}_0")
+    assert r["state"] == "failed" and r["log_out"] == r["log_err"] == ""
+    assert "no log: the task never started" in status_cli.format_status(st)
+
+
+def test_cancel_into_a_closed_pipe_prints_no_traceback(fake, tmp_path):
+    sweep = tmp_path / "sw"
+    submit.submit_sweep(sweep, plan(sweep), params_for(sweep))
+    r, w = os.pipe()
+    os.close(r)  # the reader (`| head`) is gone before cancel writes
+    p = subprocess.run([sys.executable, "-m", "nondet_hpc.cancel", str(sweep)], stdout=w, stderr=subprocess.PIPE,
+                       text=True, env=cli_env({"PATH": os.environ["PATH"]}), timeout=120)
+    os.close(w)
+    assert p.returncode == 0 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr
+    assert fake.calls("scancel")  # the work was done

@@ -75,7 +75,9 @@ class TrainConfig:
     snapshots: int = 1  # cycles of warm-up + cosine-to-0 in the same budget; >1 = accelerated ensembling
     checkpoint_every: int = 10  # epochs between checkpoints (also at every snapshot and at the end)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    threads: int = 0  # torch CPU threads; 0 = leave torch's default. Results differ with thread count
+    # torch CPU threads; 0 = torch's default here (on SLURM: the launcher's cpus_per_task). Results
+    # differ with the thread count, so the count (0 resolved) is part of the run id
+    threads: int = 0
     # Memory format of activations: auto = NCHW for fp32/tf32 and on CPU, channels_last for amp on
     # CUDA (until gpu_check.sh measures otherwise) | true | false. run.json `step` has the result.
     channels_last: str = "auto"
@@ -147,11 +149,12 @@ def key_matches(key: str, patterns: Any) -> bool:
 def identity_items(cfg: Any) -> dict:
     """The config keys that decide what a run computes, flattened to dotted names.
 
-    Only the IDENTITY_ROOTS nodes, without BOOKKEEPING_KEYS and RETIRED_KEYS.
+    Only the IDENTITY_ROOTS nodes, without BOOKKEEPING_KEYS and RETIRED_KEYS. ``cfg``: a config, or the
+    plain resolved container of one (the SLURM launcher has it already for 1000s of jobs).
     """
     from omegaconf import OmegaConf
 
-    c = OmegaConf.to_container(cfg, resolve=True)
+    c = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
     flat: dict = {}
 
     def walk(prefix: str, node: Any) -> None:

@@ -33,7 +33,8 @@ class NondetSlurmLauncherConf:
 
     # where submitit keeps sbatch scripts, pickled jobs and the SLURM logs of this sweep
     submitit_folder: str = "${hydra.sweep.dir}/slurm"
-    job_name: str = "nondet"
+    # sbatch --job-name; null: "nondet-<sweep folder name>", so squeue tells sweeps apart
+    job_name: Optional[str] = None
 
     # --- where the jobs run (null: cluster default / not passed to sbatch)
     partition: Optional[str] = None
@@ -44,11 +45,20 @@ class NondetSlurmLauncherConf:
     gpus_per_node: Optional[int] = None
     exclude: Optional[str] = None
     nodelist: Optional[str] = None
+    gpus_per_task: Optional[int] = None  # sbatch --gpus-per-task
+    cpus_per_gpu: Optional[int] = None  # sbatch --cpus-per-gpu
+    comment: Optional[str] = None  # sbatch --comment (shown by squeue -o %k and sacct)
 
     # --- resources of one training run (one array task)
     cpus_per_task: int = 1
     mem_gb: Optional[float] = None  # null: the cluster's DefMemPerCPU x cpus
+    mem_per_cpu: Optional[str] = None  # sbatch --mem-per-cpu, e.g. 4G (instead of mem_gb)
+    mem_per_gpu: Optional[str] = None  # sbatch --mem-per-gpu, e.g. 16G (instead of mem_gb)
     timeout_min: int = 60
+    # one run = one process on one node: 1 is the only value (hydra-submitit's fields, kept so
+    # their configs compose; any other value is refused with an explanation)
+    nodes: int = 1
+    tasks_per_node: int = 1
 
     # --- preemption / time limit: SLURM sends USR2 signal_delay_s before the limit; the run
     # checkpoints at the next iteration boundary and requeues itself (at most max_requeue times)
@@ -67,6 +77,12 @@ class NondetSlurmLauncherConf:
     use_srun: bool = True
     srun_args: List[str] = field(default_factory=list)
     additional_parameters: Dict[str, Any] = field(default_factory=dict)  # any other #SBATCH
+    stderr_to_stdout: bool = False  # one log per task (.out) instead of .out + .err
+
+    # --- hydra-submitit-launcher names (SlurmQueueConf), same meaning: null = not set.
+    # name = job_name, max_num_timeout = max_requeue; setting both to different values is refused
+    name: Optional[str] = None
+    max_num_timeout: Optional[int] = None
 
     # --- sweep folder consistency: the identity keys of a run (nondet_hpc.config.identity_items)
     # must match earlier submissions of the folder, except those a sweep varies, run_keys and
@@ -76,7 +92,8 @@ class NondetSlurmLauncherConf:
     ignore_keys: List[str] = field(default_factory=list)  # more keys never compared
 
     # --- compose a sweep's job configs once per group choice + value overrides (checked
-    # against Hydra's own composition); false = Hydra's composition for every job (slower)
+    # against Hydra's own composition), and find an identical rerun's runs by their plan keys in
+    # sweep.json without composing; false = Hydra's composition for every job (slower)
     fast_compose: bool = True
 
     # --- SLURM commands (sbatch, squeue, sacct, scontrol) give up after this many seconds

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from .cli import main_quietly
 from .client import ACTIVE_STATES, SlurmError, current_user, query_squeue, run_command
 from .manifest import load_manifest, manifest_path, now_iso, sweep_lock, write_manifest
 
@@ -54,6 +55,10 @@ def cancel_sweep(sweep_dir: str | os.PathLike, *, dry_run: bool = False, keep_re
 
 
 def main(argv: list[str] | None = None) -> int:
+    return main_quietly(_main, argv)  # `... | head` ends quietly
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nondet_hpc.cancel", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep_dir", help="the sweep folder (holds sweep.json)")
     ap.add_argument("--dry-run", action="store_true", help="print the job ids, cancel nothing")

@@ -65,7 +65,7 @@ class RunJob:
         _log(f"run {self.run_id} -> {self.run_dir} (job {_job_label()}, "
              f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')})")
         try:
-            out = task.run(self.cfg)
+            out = task.run(_as_config(self.cfg))
         except train.Preempted:
             if signal.SIGTERM in received or usr not in received:
                 _log("stopped by SIGTERM (cancelled or preempted): checkpoint saved, not requeueing")
@@ -103,6 +103,18 @@ class ReduceJob:
         if rc != 0:
             raise RuntimeError(f"{shlex.join(cmd)} exited with {rc}")
         return rc
+
+
+def _as_config(cfg: Any) -> Any:
+    """The launcher pickles a job's resolved config as plain data (fast for 1000s of jobs);
+    ``task.run`` takes a DictConfig, in struct mode so a missing key still fails loudly."""
+    if not isinstance(cfg, dict):
+        return cfg  # a pickle of an earlier version: a DictConfig already
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.create(cfg)
+    OmegaConf.set_struct(out, True)
+    return out
 
 
 def _job_label() -> str:

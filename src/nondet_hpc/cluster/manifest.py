@@ -150,9 +150,27 @@ class PlannedRun:
     flat: dict[str, Any]  # flattened plain config (for identity checks)
     config_hash: str = ""
     force: bool = False
+    # digest of what decides this job's config (the launcher's composer.plan_key + its own
+    # settings); recorded so an identical rerun finds the run without composing it. None: unknown
+    plan_key: str | None = None
+    # the resolved config as plain data: what the job pickle carries (~100x faster to pickle)
+    container: dict | None = None
 
 
-def plan_run(cfg: Any, overrides: Sequence[str], ignore_keys: Sequence[str] = ()) -> PlannedRun:
+class _Fields(dict):
+    """A resolved container read the way ``rundir.run_id`` reads a config (``cfg.source.name``):
+    the run id from the one ``to_container`` a job needs, not from a second one."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            value = self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+        return _Fields(value) if isinstance(value, dict) else value
+
+
+def plan_run(cfg: Any, overrides: Sequence[str], ignore_keys: Sequence[str] = (),
+             plan_key: str | None = None) -> PlannedRun:
     """Build a PlannedRun from a resolved job config (DictConfig or dict).
 
     ``ignore_keys``: more keys left out of the config hash; the bookkeeping keys
@@ -161,10 +179,59 @@ def plan_run(cfg: Any, overrides: Sequence[str], ignore_keys: Sequence[str] = ()
     from omegaconf import DictConfig, OmegaConf
 
     dcfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    flat = dict(identity_items(dcfg))
-    return PlannedRun(run_id=rundir.run_id(dcfg), run_dir=Path(rundir.run_dir(dcfg)).absolute(),
+    container = OmegaConf.to_container(dcfg, resolve=True)
+    flat = dict(identity_items(container))
+    run_id = rundir.run_id(_Fields(container))
+    return PlannedRun(run_id=run_id, run_dir=(Path(str(container["out_dir"])) / rundir.RUNS / run_id).absolute(),
                       overrides=list(overrides), cfg=dcfg, flat=flat,
-                      config_hash=config_hash(flat, ignore_keys), force=bool(dcfg.get("force", False)))
+                      config_hash=config_hash(flat, ignore_keys), force=bool(container.get("force", False)),
+                      plan_key=plan_key, container=container)
+
+
+def manifest_from_runs(out_dirs: Iterable[Path], ignore_keys: Sequence[str] = ()) -> dict | None:
+    """What run folders written without sweep.json (the local launcher) say, in sweep.json's shape.
+
+    Each run's identity comes from its run.json (``identity`` + ``seed``, as ``task.run`` writes
+    them); the runs form one earlier "submission" for :func:`check_compatible`, so a SLURM sweep
+    into a local folder follows the same rules as one into a SLURM folder. None: no such run.
+    """
+    runs: dict[str, dict] = {}
+    flats: dict[str, dict] = {}
+    folders = []
+    for out_dir in dict.fromkeys(Path(d) for d in out_dirs):
+        if not (out_dir / rundir.RUNS).is_dir():
+            continue
+        folders.append(str(out_dir))
+        for run in rundir.list_runs(out_dir):
+            data, _why = rundir.read_run_json(run)
+            if not data or not isinstance(data.get("identity"), dict) or "seed" not in data:
+                continue  # never started, or not ours: nothing to compare
+            flat = {**data["identity"], "seed": data["seed"]}
+            flats[run.name] = flat
+            runs[run.name] = {"run_dir": str(run), "config_hash": config_hash(flat, ignore_keys),
+                              "jobs": [{"local": True}]}
+    if not runs:
+        return None
+    vary = varying_keys(list(flats.values()))
+    first = next(iter(flats.values()))
+    label = f"the runs in {', '.join(f + '/runs' for f in folders)} (their run.json; no sweep.json)"
+    return {"sweep_dir": ", ".join(folders), "runs": runs, "submissions": [{
+        "n": 0, "label": label, "base_config": {k: v for k, v in first.items() if k not in set(vary)},
+        "varying_keys": vary, "arrays": [{"local": True}],
+        "run_values": {rid: {k: f[k] for k in vary if k in f} for rid, f in flats.items()}}]}
+
+
+def _threads_hint(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """The thread count is part of a run's identity on CPU (it changes results): say how to match."""
+    was, now = old.get("train.threads"), new.get("train.threads")
+    if was == now or was is None:
+        return ""
+    if was == 0:
+        return ("\n  These runs were made when train.threads=0 was not resolved; it is now resolved to the count "
+                "the run uses (on SLURM: cpus_per_task), so they keep their old ids. See docs/troubleshooting.md, "
+                "\"train.threads\".")
+    return (f"\n  The recorded runs used {was} CPU thread(s): pass train.threads={was} (and, on SLURM, "
+            f"hydra.launcher.cpus_per_task={was}) to add runs with the same numerics.")
 
 
 _HINT = ("  Use another out_dir for a different configuration (e.g. out_dir=outputs/<name>), or "
@@ -209,8 +276,9 @@ def check_compatible(manifest: Mapping, planned: Sequence[PlannedRun], run_keys:
     for s in earlier:
         old_base = {k: v for k, v in s["base_config"].items() if not key_matches(k, skip_list)}
         if _canonical(old_base) != _canonical(new_base):
+            where = s.get("label") or f"submission {s.get('n')} of {s.get('time')}"
             raise SweepConfigMismatch(
                 f"sweep folder {manifest.get('sweep_dir', '')} holds runs of another configuration "
-                f"(submission {s.get('n')} of {s.get('time')}):\n{_explain_diff(old_base, new_base)}\n"
+                f"({where}):\n{_explain_diff(old_base, new_base)}{_threads_hint(old_base, new_base)}\n"
                 f"  Keys allowed to differ between runs of one sweep folder: {', '.join(run_keys)} "
                 f"(hydra.launcher.run_keys) and the keys a sweep varies.\n{_HINT}")

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 # job-side contract with submitit (see the module docstring)
 SUBMIT_MODULE = "submitit.core._submit"
 EXECUTOR_ENV = "export SUBMITIT_EXECUTOR=slurm"
-REDUCER_SIGNAL_DELAY_S = 60
+DEFAULT_JOB_NAME = "nondet"  # the launcher passes "nondet-<sweep folder>" (cluster.params)
 
 
 def _mem(mem_gb: Any) -> str | None:
@@ -36,7 +36,7 @@ def reducer_options(params: Mapping[str, Any]) -> dict[str, Any]:
     """``#SBATCH`` options of the reducer job: its own resources, the training job's place unless set."""
     r = dict(params.get("reducer") or {})
     out = _drop_none({
-        "job_name": f"{params.get('job_name', 'nondet')}-reduce",
+        "job_name": f"{params.get('job_name') or DEFAULT_JOB_NAME}-reduce",
         "partition": r.get("partition") or params.get("partition"),
         "account": r.get("account") or params.get("account"),
         "qos": r.get("qos") or params.get("qos"),
@@ -44,7 +44,7 @@ def reducer_options(params: Mapping[str, Any]) -> dict[str, Any]:
         "time": int(r.get("timeout_min", 60)),
         "mem": _mem(r.get("mem_gb")),
         "nodes": 1,
-        "signal": f"USR2@{REDUCER_SIGNAL_DELAY_S}",
+        # no --signal: the reducer has no checkpoint to write, a warning signal would be ignored
     })
     out.update(dict(r.get("additional_parameters") or {}))
     if params.get("hold"):
@@ -56,14 +56,15 @@ def array_options(params: Mapping[str, Any]) -> dict[str, Any]:
     """``#SBATCH`` options of a training array (one task = one run)."""
     p = params
     out = _drop_none({
-        "job_name": p.get("job_name", "nondet"),
+        "job_name": p.get("job_name") or DEFAULT_JOB_NAME,
         "partition": p.get("partition"), "account": p.get("account"), "qos": p.get("qos"),
         "constraint": p.get("constraint"), "gres": p.get("gres"), "gpus_per_node": p.get("gpus_per_node"),
-        "exclude": p.get("exclude"), "nodelist": p.get("nodelist"),
+        "gpus_per_task": p.get("gpus_per_task"), "cpus_per_gpu": p.get("cpus_per_gpu"),
+        "exclude": p.get("exclude"), "nodelist": p.get("nodelist"), "comment": p.get("comment"),
         "cpus_per_task": p.get("cpus_per_task", 1),
-        "mem": _mem(p.get("mem_gb")),
+        "mem": _mem(p.get("mem_gb")), "mem_per_cpu": p.get("mem_per_cpu"), "mem_per_gpu": p.get("mem_per_gpu"),
         "time": int(p.get("timeout_min", 60)),
-        "nodes": 1,
+        "nodes": 1,  # cluster.params refuses any other value of nodes / tasks_per_node
         "signal": f"USR2@{int(p.get('signal_delay_s', 120))}",
         # the job requeues itself at the time limit (scontrol requeue): it must be requeueable
         "requeue": True,
@@ -92,11 +93,13 @@ def sbatch_line(key: str, value: Any) -> str:
 
 
 def render_script(options: Mapping[str, Any], *, folder: Path, command: str, setup: Sequence[str] = (),
-                  use_srun: bool = True, srun_args: Sequence[str] = (), array: tuple[int, int] | None = None) -> str:
+                  use_srun: bool = True, srun_args: Sequence[str] = (), array: tuple[int, int] | None = None,
+                  stderr_to_stdout: bool = False) -> str:
     """The script text: sorted ``#SBATCH`` lines, the setup lines, then the command.
 
     ``array = (size, parallelism)`` makes an array job ``--array=0-(size-1)%parallelism``, whose
     logs are per task (``%A_%a``). ``options`` may override the log options as well.
+    ``stderr_to_stdout``: no ``--error`` (sbatch and srun then write both streams to ``.out``).
     """
     folder = Path(folder).expanduser().absolute()
     job = "%A_%a" if array else "%j"
@@ -106,7 +109,9 @@ def render_script(options: Mapping[str, Any], *, folder: Path, command: str, set
         size, parallelism = array
         opts["array"] = f"0-{size - 1}%{min(size, parallelism)}"
     # SLURM's own %-patterns have no task number: task 0 (submitit's names) for the batch step
-    opts["output"], opts["error"] = out.replace("%t", "0"), err.replace("%t", "0")
+    opts["output"] = out.replace("%t", "0")
+    if not stderr_to_stdout:
+        opts["error"] = err.replace("%t", "0")
     opts["open-mode"] = "append"  # a requeued job appends to its logs
     # an option the user set (additional_parameters) wins over ours, as for every other option
     opts.update({k: v for k, v in options.items() if k in ("array", "output", "error", "open-mode")})
@@ -116,7 +121,7 @@ def render_script(options: Mapping[str, Any], *, folder: Path, command: str, set
              "", "# setup", *setup]
     if use_srun:
         # srun's --output/--error take %t: one log pair per task, as submitit reads them
-        srun = ["srun", "--unbuffered", "--output", out, "--error", err, *srun_args]
+        srun = ["srun", "--unbuffered", "--output", out, *([] if stderr_to_stdout else ["--error", err]), *srun_args]
         command = f"{shlex.join(srun)} {command}"
     lines += ["", "# command", EXECUTOR_ENV, command]
     return "\n".join(lines) + "\n"
@@ -132,4 +137,5 @@ def sbatch_script(params: Mapping[str, Any], folder: Path, *, array_size: int | 
     array = (int(array_size), int(parallelism or array_size)) if array_size is not None else None
     return render_script(options, folder=folder, command=python_command(params, folder),
                          setup=list(params.get("setup") or []), use_srun=params.get("use_srun", True),
-                         srun_args=list(params.get("srun_args") or []), array=array)
+                         srun_args=list(params.get("srun_args") or []), array=array,
+                         stderr_to_stdout=bool(params.get("stderr_to_stdout", False)))

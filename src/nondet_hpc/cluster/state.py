@@ -74,7 +74,10 @@ def apply_heartbeat(st: RunStatus, hb: Mapping[str, Any], now: float, stale_s: f
             st.note = f"no heartbeat for {st.heartbeat_age_s / 60:.0f} min"
     el = hb.get("elapsed_s")
     if st.progress and el:
-        st.eta_s = max(0.0, float(el) * (1 - st.progress) / st.progress - (st.heartbeat_age_s or 0.0))
+        eta = float(el) * (1 - st.progress) / st.progress - (st.heartbeat_age_s or 0.0)
+        # a heartbeat older than its own ETA (a previous attempt's, right after a requeue, or a
+        # slow epoch) says nothing about the time left: no ETA rather than a "0s" that is wrong
+        st.eta_s = eta if eta > 0 or st.progress >= 1 else None
 
 
 def _log_tail(path: Path, n: int) -> list[str]:
@@ -183,12 +186,28 @@ def _run_status(run_id: str, rec: Mapping, folders: Mapping[Any, Any], default_f
         st.slurm_state = a.state
     _classify(st, bool(job), q, a, seen.queue is not None)
     if st.state == "running" or (st.state == "unknown" and st.run_state == "running"):
-        apply_heartbeat(st, info.get("heartbeat") or {}, now, stale_s)
+        hb = info.get("heartbeat") or {}
+        apply_heartbeat(st, hb, now, stale_s)
+        if not _heartbeat_of_this_attempt(info, hb):
+            st.eta_s = None  # the previous attempt's heartbeat: the new one has not written its own
+    if st.log_out and not (Path(st.log_out).exists() or Path(st.log_err).exists()):
+        # the task never started (cancelled while pending, a node that failed first): no logs
+        st.log_out = st.log_err = ""
     if st.state == "failed":
         st.error = str(info.get("error", ""))[:2000]
-        if st.log_err:
-            st.log_tail = _log_tail(Path(st.log_err), tail)
+        log = st.log_err if st.log_err and Path(st.log_err).exists() else st.log_out  # stderr_to_stdout
+        if log:
+            st.log_tail = _log_tail(Path(log), tail)
     return st
+
+
+def _heartbeat_of_this_attempt(info: Mapping[str, Any], hb: Mapping[str, Any]) -> bool:
+    """False when run.json says the run is not training now (preempted, before the restart wrote
+    ``state: running``) or the heartbeat predates the last resume."""
+    if info.get("state") not in (None, "running"):
+        return False
+    resumed = (info.get("resumed_from") or {}).get("time")
+    return not (resumed and hb.get("time") and float(hb["time"]) < float(resumed))
 
 
 def _reducer_status(manifest: Mapping, sweep_dir: Path, seen: _Slurm) -> dict | None:

@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 
+from .cli import main_quietly
 from .client import ACTIVE_STATES, DEFAULT_TIMEOUT_S
 from .state import STATES, format_duration, sweep_status
 
@@ -73,9 +74,11 @@ def format_status(st: dict, *, show_done: bool = True, tail: bool = True) -> str
             if err:
                 msg = err if isinstance(err, str) else str(err)
                 lines.append(f"      run.json error: {msg.splitlines()[0][:300] if msg else ''}")
-            if r.get("log_err"):
+            if r.get("log_out"):
                 lines.append(f"      log: {r['log_err']}")
                 lines.append(f"           {r['log_out']}")
+            elif r.get("job_id"):
+                lines.append("      no log: the task never started")
             for t in r.get("log_tail") or []:
                 lines.append(f"      | {t[:200]}")
     red = st.get("reducer")
@@ -98,6 +101,10 @@ def finished(st: dict) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return main_quietly(_main, argv)  # `... | head` ends quietly
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nondet_hpc.status", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep_dir", help="the sweep folder (out_dir of the sweep; holds sweep.json)")
     ap.add_argument("--json", action="store_true", help="print the status as JSON")

@@ -23,8 +23,8 @@ from ..rundir import is_done
 from .client import (ACTIVE_STATES, DEFAULT_TIMEOUT_S, JobInfo, SlurmError, SubmissionError, current_user,
                      max_array_size, query_squeue, require_sbatch, run_command, sbatch, submit_limit)
 from .jobs import ReduceJob, RunJob
-from .manifest import (PlannedRun, check_compatible, latest_job, load_manifest, manifest_path, new_manifest,
-                       now_iso, submission_folders, sweep_lock, varying_keys, write_manifest)
+from .manifest import (PlannedRun, check_compatible, latest_job, load_manifest, manifest_from_runs, manifest_path,
+                       new_manifest, now_iso, submission_folders, sweep_lock, varying_keys, write_manifest)
 from .script import sbatch_script
 
 
@@ -102,6 +102,61 @@ def _triage(launch: _Launch, runs: list[PlannedRun]) -> tuple[list[PlannedRun], 
     return done, active, todo
 
 
+@dataclasses.dataclass
+class KnownRun:
+    """A run found in sweep.json by its plan key (not composed): enough to tell done/queued."""
+
+    run_id: str
+    run_dir: Path
+    force: bool = False
+
+
+def nothing_to_submit(sweep_dir: str | os.PathLike, runs: Sequence[KnownRun],
+                      params: Mapping[str, Any]) -> SubmissionResult | None:
+    """The identical rerun: a result when every run is done or queued/running, else None.
+
+    The launcher calls this with the runs its plan keys found in sweep.json, before composing
+    any job config; None sends it down the full path (compose, check, submit what is missing).
+    """
+    sweep_dir = Path(sweep_dir).absolute()
+    unique, duplicates = _unique(runs)  # type: ignore[arg-type] - _unique reads run_id only
+    with sweep_lock(sweep_dir):
+        manifest = load_manifest(sweep_dir)
+        if manifest is None:
+            return None
+        launch = _Launch(sweep_dir, dict(params), _submitit_folder(sweep_dir, params),
+                         float(params.get("command_timeout_s") or DEFAULT_TIMEOUT_S), current_user(), manifest)
+        done, active, todo = _triage(launch, unique)  # type: ignore[arg-type] - KnownRun has what it reads
+    if todo:
+        return None
+    return SubmissionResult(sweep_dir, None, [], [r.run_id for r in done], [r.run_id for r in active], [], [], None,
+                            duplicates)
+
+
+def _submitit_folder(sweep_dir: Path, params: Mapping[str, Any]) -> Path:
+    return Path(str(params.get("submitit_folder") or sweep_dir / "slurm")).absolute()
+
+
+def _private_folder(folder: Path, echo: Callable[[str], None]) -> None:
+    """The job pickles' folder: created 0o700; refused when anyone may write it.
+
+    submitit's job side unpickles ``<job id>_submitted.pkl`` from it with full pickle, so whoever
+    can write there can run code as the job's user (docs/slurm.md, "Sharing a sweep folder").
+    """
+    if not folder.exists():
+        folder.mkdir(parents=True, mode=0o700)
+        return
+    mode = folder.stat().st_mode
+    if mode & 0o002:
+        raise SubmissionError(
+            f"{folder} is world-writable (mode {mode & 0o777:o}): anyone on the cluster could plant a job pickle "
+            f"there and run code as you when the job starts. Make it private (chmod 700 {shlex.quote(str(folder))}, "
+            f"or chmod 750 to let your group read the logs) and rerun.")
+    if mode & 0o020:
+        echo(f"nondet_hpc: warning: {folder} is group-writable (mode {mode & 0o777:o}): every member of its group "
+             f"can run code as you through the job pickles there (chmod g-w {shlex.quote(str(folder))} to stop it).")
+
+
 def _within_submit_limit(launch: _Launch, todo: list[PlannedRun],
                          want_reducer: bool) -> tuple[list[PlannedRun], list[PlannedRun]]:
     """(what fits under the user's MaxSubmitJobs, what does not); refuses when nothing fits."""
@@ -151,6 +206,10 @@ def _record_runs(manifest: dict, runs: list[PlannedRun]) -> None:
         rec = manifest["runs"].setdefault(r.run_id, {"run_dir": str(r.run_dir), "overrides": r.overrides,
                                                       "config_hash": r.config_hash, "jobs": []})
         rec.update(run_dir=str(r.run_dir), overrides=r.overrides, config_hash=r.config_hash)
+        if r.plan_key and not r.force:  # a force run must be composed again (it retrains a DONE run)
+            rec["plan_key"] = r.plan_key
+        else:
+            rec.pop("plan_key", None)
 
 
 def _pickle_job(folder: Path, fn: Callable[[], Any], timeout_min: int, max_requeue: int) -> Path:
@@ -202,7 +261,8 @@ def _submit_array(launch: _Launch, c: int, runs: list[PlannedRun], offset: int, 
     script_path.write_text(sbatch_script(p, folder, array_size=len(runs), parallelism=parallelism,
                                          dependency=dependency))
     max_requeue = int(p.get("max_requeue", 20))
-    tmp_pickles = [_pickle_job(folder, RunJob(run.cfg, run.run_id, str(run.run_dir), max_requeue),
+    tmp_pickles = [_pickle_job(folder, RunJob(run.container if run.container is not None else run.cfg, run.run_id,
+                                              str(run.run_dir), max_requeue),
                                int(p.get("timeout_min", 60)), max_requeue) for run in runs]
     array_id = sbatch(script_path, launch.timeout)
     for i, tmp in enumerate(tmp_pickles):
@@ -297,12 +357,18 @@ def submit_sweep(sweep_dir: str | os.PathLike, planned: Sequence[PlannedRun], pa
     sweep_dir.mkdir(parents=True, exist_ok=True)
     runs, duplicates = _unique(planned)
     want_reducer = bool(dict(params.get("reducer") or {}).get("enabled", True))
+    run_keys, ignore_keys = list(params.get("run_keys") or []), list(params.get("ignore_keys") or [])
     with sweep_lock(sweep_dir):
-        launch = _Launch(sweep_dir, params, Path(str(params.get("submitit_folder") or sweep_dir / "slurm")).absolute(),
+        recorded = load_manifest(sweep_dir)
+        if recorded is None:
+            # no sweep.json: run folders of the local launcher follow the same rules (their run.json)
+            local = manifest_from_runs([r.run_dir.parent.parent for r in runs], ignore_keys)
+            if local:
+                check_compatible(local, runs, run_keys, ignore_keys)
+        launch = _Launch(sweep_dir, params, _submitit_folder(sweep_dir, params),
                          float(params.get("command_timeout_s") or DEFAULT_TIMEOUT_S), current_user(),
-                         load_manifest(sweep_dir) or new_manifest(sweep_dir))
-        check_compatible(launch.manifest, runs, list(params.get("run_keys") or []),
-                         list(params.get("ignore_keys") or []))
+                         recorded or new_manifest(sweep_dir))
+        check_compatible(launch.manifest, runs, run_keys, ignore_keys)
         done, active, todo = _triage(launch, runs)
         todo, over_limit = _within_submit_limit(launch, todo, want_reducer)
         skipped = {"done": [r.run_id for r in done], "active": [r.run_id for r in active],
@@ -314,10 +380,10 @@ def submit_sweep(sweep_dir: str | os.PathLike, planned: Sequence[PlannedRun], pa
         if not todo:
             launch.save()  # runs recorded, no submission record
             return result
+        _private_folder(launch.folder, echo)  # before any record: a refusal leaves sweep.json as it was
         launch.manifest["submissions"].append(launch.record)
         launch.save()  # sweep.json exists before anything is submitted
         result.submission = launch.record["n"]
-        launch.folder.mkdir(parents=True, exist_ok=True)
         if want_reducer:
             _check_reducer_place(launch)
         _submit_arrays(launch, todo, result, echo)
@@ -339,9 +405,11 @@ def describe_submission(res: SubmissionResult, params: Mapping[str, Any]) -> str
     part = params.get("partition") or "(default partition)"
     for a in res.arrays:
         dep = f", after {a['dependency']}" if a.get("dependency") else ""
-        lines.append(f"  array job {a['job_id']}: {a['size']} tasks (runs {a['offset']}-"
-                     f"{a['offset'] + a['size'] - 1} of submission {res.submission}, at most "
-                     f"{a['parallelism']} at once), partition {part}{dep}")
+        # a cap is news only when it holds tasks back (not for a 1-task chunk, or a cap >= size)
+        cap = f", at most {a['parallelism']} at once" if a["parallelism"] < a["size"] else ""
+        runs = f"run {a['offset']}" if a["size"] == 1 else f"runs {a['offset']}-{a['offset'] + a['size'] - 1}"
+        lines.append(f"  array job {a['job_id']}: {a['size']} task{'s' if a['size'] != 1 else ''} ({runs} of "
+                     f"submission {res.submission}{cap}), partition {part}{dep}")
     if res.reducer:
         rpart = (params.get("reducer") or {}).get("partition") or part
         lines.append(f"  reducer job {res.reducer['job_id']} ({res.reducer['dependency']}), partition {rpart}: "

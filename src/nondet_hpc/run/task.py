@@ -210,10 +210,21 @@ def _skipped(cfg: DictConfig, rd: Path, rid: str) -> dict:
     return out
 
 
+def resolve_threads(cfg: DictConfig) -> None:
+    """``train.threads=0`` -> the count torch uses in this process (its default, OMP_NUM_THREADS).
+
+    On CPU the thread count changes results, so it is part of the run's identity: a run id never
+    stands for two counts. The SLURM launcher sets it to cpus_per_task when it plans the sweep.
+    """
+    if cfg.train.threads == 0:
+        cfg.train.threads = torch.get_num_threads()
+
+
 def run(cfg: DictConfig) -> dict:
     """Train (or skip, or resume) the run that ``cfg`` describes; return its id, folder and state."""
     clear_stop()  # a stop request from an earlier run of this process must not stop this one
     validate(cfg)
+    resolve_threads(cfg)  # before the run id: the effective count is part of it
     rd = run_dir(cfg)
     rid = run_id(cfg)
     if is_done(rd):
