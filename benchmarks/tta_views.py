@@ -1,6 +1,6 @@
 """Time ``evaluate_views`` (all six TTA views, batched) against a naive per-view loop.
 
-The naive loop is what a direct reading of PROTOCOL ("Test-time augmentation") gives: for each
+The naive loop is what a direct reading of docs/study.md ("Test-time augmentation") gives: for each
 view, for each of its transforms, pad-normalise-crop the test set and run one forward per batch,
 so all six views cost 1+2+26+82+51+163 = 325 passes over the test set; ``evaluate_views`` runs the
 162 distinct transforms once. Usage: ``PYTHONPATH=src python benchmarks/tta_views.py [--n 2000]``.

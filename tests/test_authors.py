@@ -55,7 +55,7 @@ def _authors_spelling(name: str) -> str:
 
 
 def _authors_name_rule(name: str) -> bool:
-    """The authors' test for the 0.1x group, on their spelling (PROTOCOL "Training")."""
+    """The authors' test for the 0.1x group, on their spelling (docs/study.md "Training")."""
     return "bias" in name or ("bn" in name and "weight" in name)
 
 

@@ -1,4 +1,4 @@
-"""Metric formulas against small cases worked out by hand (PROTOCOL.md "Metrics").
+"""Metric formulas against small cases worked out by hand (docs/study.md "Metrics").
 
 Expected values are written out from the definitions, never taken from the code under test.
 """

@@ -1,4 +1,4 @@
-"""The reducer on tiny synthetic sweeps written by the run-directory contract (DESIGN.md).
+"""The reducer on tiny synthetic sweeps written by the run-directory contract (docs/contracts.md).
 
 Expected values are computed here from the arrays the test wrote, with plain numpy, not by the
 reducer's own code paths.

@@ -1,4 +1,4 @@
-"""Tests of the TTA views (PROTOCOL, "Test-time augmentation") against an independent naive loop."""
+"""Tests of the TTA views (docs/study.md, "Test-time augmentation") against an independent naive loop."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _images(n: int, c: int = 3, h: int = H, w: int = W, seed: int = 1) -> torch.
     return torch.randint(0, 256, (n, c, h, w), generator=g, dtype=torch.uint8)
 
 
-# ---- independent reference: written from PROTOCOL with plain torch ops, one forward per transform
+# ---- independent reference: written from docs/study.md with plain torch ops, one forward per transform
 
 
 def _naive_list(name: str, pad: int) -> list[tuple[bool, int, int]]:
@@ -74,7 +74,7 @@ def _naive_list(name: str, pad: int) -> list[tuple[bool, int, int]]:
 
 def _naive_image(u8: torch.Tensor, mean, std, flip: bool, dy: int, dx: int, pad: int
                  ) -> torch.Tensor:
-    # Pad the raw [0, 1] image with 0, then normalise: the "black pixel" of PROTOCOL by definition.
+    # Pad the raw [0, 1] image with 0, then normalise: the "black pixel" of docs/study.md by definition.
     x = u8.float() / 255
     if flip:
         x = torch.flip(x, dims=[3])

@@ -2,7 +2,7 @@
 
 The YAML files under conf/ pick values; these dataclasses fix the keys and types, so a misspelt
 key (``train.epoch=5``) or a wrong type fails when Hydra composes the config, before any work.
-Defaults are the paper's (../shared/PROTOCOL.md, "Training"); data/model/source files override
+Defaults are the paper's (docs/study.md, "Training"); data/model/source files override
 them per group.
 """
 
@@ -17,7 +17,7 @@ class ConfigError(ValueError):
     """Bad user input: the message says what was wrong, what is valid, and what to do."""
 
 
-#: Sources whose random stream can take the replicate seed (PROTOCOL "Sources and seeds").
+#: Sources whose random stream can take the replicate seed (docs/study.md "Sources and seeds").
 SEEDED_SOURCES = ("init", "shuffle", "augment", "bitflip")
 
 
@@ -61,7 +61,7 @@ class SourceConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 500  # total epochs (PROTOCOL: 500; the report also uses 100..400)
+    epochs: int = 500  # total epochs (docs/study.md: 500; the report also uses 100..400)
     batch_size: int = 512  # SGD batch; the last batch of an epoch may be smaller
     lr: float = 0.4  # peak LR of conv and linear weights
     lr_scale_bias_bn: float = 0.1  # the small group (see param_groups) uses lr * this (peak 0.04)

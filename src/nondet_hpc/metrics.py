@@ -1,4 +1,4 @@
-"""Variability metrics of the study, as pure functions on arrays (PROTOCOL.md, "Metrics").
+"""Variability metrics of the study, as pure functions on arrays (docs/study.md, "Metrics").
 
 One file holds every formula so there is one place to check them against the paper; the formulas
 are written out in docs/metrics.md. Units are the ones the tables print:
@@ -210,7 +210,7 @@ def summarize_model(logits: Any, labels: Any) -> ModelSummary:
 
 
 def population_sd(values: Any) -> float:
-    """Population standard deviation (ddof=0), as PROTOCOL.md asks; exact 0 for equal values."""
+    """Population standard deviation (ddof=0), as docs/study.md asks; exact 0 for equal values."""
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0:
         return math.nan
@@ -218,7 +218,7 @@ def population_sd(values: Any) -> float:
 
 
 def bootstrap_sd_se(values: Any, n_boot: int = 10_000, seed: Any = 0, chunk: int = 2000) -> float:
-    """Bootstrap standard error of the population SD (PROTOCOL.md "Metrics").
+    """Bootstrap standard error of the population SD (docs/study.md "Metrics").
 
     Resample the N values with replacement ``n_boot`` times (generator ``default_rng(seed)``, so
     the same seed gives the same answer), take each resample's population SD, and return the SD
@@ -833,7 +833,7 @@ def reduction_terms(base: Mapping[str, float], new: Mapping[str, float], formula
     """Relative reduction of each of the five metrics (fractions; NaN where undefined).
 
     For acc_sd, ce_sd, disagreement and ensemble_delta both formulas use ``1 - new/base``.
-    Correlation differs (PROTOCOL.md, docs/metrics.md):
+    Correlation differs (docs/study.md, docs/metrics.md):
       - "paper": variability is 1 - correlation, so the term is ``1 - (1 - new)/(1 - base)``;
       - "report": the reproducibility report's relative rise ``(new - base)/base``.
     """

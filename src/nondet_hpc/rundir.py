@@ -1,4 +1,4 @@
-"""The run directory (DESIGN.md, "Run directory"): names, atomic writes, the DONE marker.
+"""The run directory (docs/contracts.md, "The run folder"): names, atomic writes, the DONE marker.
 
 SWEEP_DIR/runs/<run id>/ holds config.yaml, run.json, logits/<view>.npy, labels.npy,
 features.npy (optional), checkpoint.pt and DONE (written last). Every file is written to a

@@ -2,7 +2,7 @@
 
 No PIL per image and no DataLoader workers (each with seeds of its own): the whole training set
 is one uint8 tensor [N, C, H, W]; each epoch's order comes from the shuffle stream and N crop
-offsets and flips from the augment stream (PROTOCOL "Sources and seeds"). ``data.augment_draw``
+offsets and flips from the augment stream (docs/study.md "Sources and seeds"). ``data.augment_draw``
 says which image gets the k-th of those N draws (``epoch_augment``):
 
 - ``by_position`` (default, the authors' pipeline): the k-th sample visited. Their per-sample
@@ -303,8 +303,8 @@ class Normalize:
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, c, 1, 1)
 
     def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, C, H, W] -> float32 ``(x/255 - mean_c) / std_c`` (PROTOCOL, Training: "Test:
-        normalise only").
+        """uint8 [B, C, H, W] -> float32 ``(x/255 - mean_c) / std_c`` (docs/study.md, Training: test
+        images are only normalised).
 
         Same float32 operations, in the same order, as torchvision's ToTensor + Normalize, so test
         inputs match the training pipeline bit for bit.

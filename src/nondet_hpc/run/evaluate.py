@@ -252,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
             "model from config.yaml + checkpoint.pt, evaluate the views as training does, write\n"
             "logits/<view>.npy and list them in run.json, so python -m nondet_hpc.reduce shows them as rows.\n"
             "\n"
-            "Views (PROTOCOL, test-time augmentation; the original image is always one of them):\n"
+            "Views (docs/study.md, test-time augmentation; the original image is always one of them):\n"
             "  plain 1, flip 2, crop25 26, crop81 82, flip-crop25 51, flip-crop81 163 views averaged as logits."),
         epilog=(
             "Only DONE runs: a run folder named explicitly that is not DONE is an error (nothing is evaluated);\n"

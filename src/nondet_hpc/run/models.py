@@ -1,4 +1,4 @@
-"""CIFAR-style ResNets of the study (PROTOCOL.md, "Training").
+"""CIFAR-style ResNets of the study (docs/study.md, "Training").
 
 ResNet-14: 3x3 stem conv -> 16 + BN + ReLU, three stages of 2 basic blocks (16/32/64 channels,
 strides 1/2/2), option-A shortcuts, global average pool, linear 64 -> classes.

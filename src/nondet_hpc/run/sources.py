@@ -1,6 +1,6 @@
 """The sources of nondeterminism: which seed each stream gets, and how each stream is used.
 
-PROTOCOL.md, "Sources and seeds". Every source owns one ``torch.Generator``; nothing here (or in
+docs/study.md, "Sources and seeds". Every source owns one ``torch.Generator``; nothing here (or in
 the training code) touches torch's global RNG, so changing one source's seed cannot shift the
 random numbers of another. Studying a source = that source's seed is the replicate index, every
 other seed is 1.

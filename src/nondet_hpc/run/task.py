@@ -1,7 +1,7 @@
 """One job = one trained model: what every local job and every SLURM array task runs.
 
 ``run(cfg)`` checks the input, skips a finished run, resumes an interrupted one from its
-checkpoint, trains, evaluates the configured views and writes the run directory of DESIGN.md,
+checkpoint, trains, evaluates the configured views and writes the run directory of docs/contracts.md,
 DONE last. It needs no Hydra runtime, so launchers can call it with a composed config.
 """
 

@@ -1,4 +1,4 @@
-"""The training loop (PROTOCOL.md, "Training" and "Accelerated ensembling").
+"""The training loop (docs/study.md, "Training" and "Accelerated ensembling").
 
 SGD (momentum 0.9, weight decay 5e-4 on every parameter) with two parameter groups, one at the
 peak ``lr`` (0.4) and one at ``lr * lr_scale_bias_bn`` (0.04); ``train.param_groups`` says which

@@ -1,6 +1,6 @@
 """Test-time-augmentation (TTA) views, evaluated batched.
 
-PROTOCOL "Test-time augmentation": a view is a set of transformed copies of each test image whose
+docs/study.md "Test-time augmentation": a view is a set of transformed copies of each test image whose
 logits are averaged; the un-augmented image is always one of them.
 
     plain        original                                       1 view
@@ -52,7 +52,7 @@ def pad_black(
     """Pad a normalised batch [B, C, H, W] by ``pad`` on each side with the normalised black pixel.
 
     The fill is ``normalize`` of a raw 0, so it is exactly what padding the raw image with 0 and
-    normalising afterwards gives (PROTOCOL: "a black pixel (the value of 0 after normalisation)").
+    normalising afterwards gives: the black padding of docs/study.md, "Test-time augmentation".
     """
     _check_pad(pad)
     b, c, h, w = x.shape
@@ -107,7 +107,7 @@ def evaluate_views(
     with_features: bool = False,
     pad: int = 4,
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Mean logits of each requested TTA view (PROTOCOL, TTA), plus optional penultimate features.
+    """Mean logits of each requested TTA view (docs/study.md, TTA), plus optional penultimate features.
 
     Returns ``({view: float32 [N, classes]}, features)`` where ``features`` is the un-augmented
     image's ``model.forward_features`` output, float32 [N, d], if ``with_features`` else None

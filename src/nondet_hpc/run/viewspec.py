@@ -35,7 +35,7 @@ def _check_pad(pad: int) -> None:
 
 
 def view_transforms(name: str, pad: int = 4) -> list[Transform]:
-    """The transforms whose logits view ``name`` averages, original first (PROTOCOL, TTA).
+    """The transforms whose logits view ``name`` averages, original first (docs/study.md, TTA).
 
     Order: original ``(False, pad, pad)``; for ``flip`` then ``(True, pad, pad)``; for crop views
     the crops of the image, then (flip-crop) the crops of its flip, each row-major over offsets
@@ -57,5 +57,5 @@ def view_transforms(name: str, pad: int = 4) -> list[Transform]:
 
 
 def view_count(name: str, pad: int = 4) -> int:
-    """Number of views averaged by ``name``: 1, 2, 26, 82, 51, 163 at pad 4 (PROTOCOL, TTA)."""
+    """Number of views averaged by ``name``: 1, 2, 26, 82, 51, 163 at pad 4 (docs/study.md, TTA)."""
     return len(view_transforms(name, pad))
