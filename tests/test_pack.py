@@ -250,3 +250,17 @@ def _heartbeat(rd: Path) -> bool:
         return bool(json.loads((rd / "run.json").read_text()).get("heartbeat"))
     except (OSError, ValueError):
         return False
+
+
+# ============================================================================ cost per model
+def test_cost_uses_a_gpu_measurement_only_where_one_exists(monkeypatch):
+    from nondet_hpc import presets
+
+    base = presets.gpu_hours_per_model("resnet14", 500)
+    assert presets.gpu_hours_per_model("resnet14", 500, precision="amp_bf16", runs_per_task=4) == base
+    note = presets.cost_basis("resnet14", "amp_bf16", 4)
+    assert not note["measured"] and "no GPU measurement of amp_bf16 with 4 run(s)" in note["note"]
+    monkeypatch.setitem(presets.MEASURED, ("resnet14", "fp32", 4), (50_000.0, "test GPU"))
+    measured = presets.gpu_hours_per_model("resnet14", 500, runs_per_task=4)
+    # 500 epochs x 50,000 images at 50,000 images/s = 500 s of training, plus the evaluation share
+    assert 500 / 3600 < measured < 501 / 3600 and presets.cost_basis("resnet14", "fp32", 4)["measured"]
