@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.baseline:
         modes["before (threads=0, serial)"] = ["train.threads=0", "hydra.launcher.n_jobs=1"]
     times: dict[str, list[float]] = {m: [] for m in modes}
+    par = f"n_jobs={a.n_jobs}"
     print(f"demo: {6 * a.seeds} runs of {a.epochs} epochs, {len(os.sched_getaffinity(0))} cores, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     identical, detail = True, ""
@@ -79,15 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(a.repeats):
             order = list(modes) if r % 2 == 0 else list(reversed(modes))  # alternate against load drifts
             for m in order:
-                out = root / f"{m.replace(' ', '_').replace('=', '')}-{r}"
+                out = root / ("serial" if m == "serial" else f"n_jobs{a.n_jobs}" if m == par else "before") / str(r)
                 times[m].append(run_demo(out, a.seeds, a.epochs, modes[m]))
                 print(f"  round {r + 1}: {m}: {times[m][-1]:.1f} s", flush=True)
-            ok, detail = same_results(root / f"serial-{r}", root / f"n_jobs{a.n_jobs}-{r}")
+            ok, detail = same_results(root / "serial" / str(r), root / f"n_jobs{a.n_jobs}" / str(r))
             identical &= ok
     finally:
         shutil.rmtree(root, ignore_errors=True)
     med = {m: statistics.median(t) for m, t in times.items()}
-    par = f"n_jobs={a.n_jobs}"
     res = {"runs": 6 * a.seeds, "epochs": a.epochs, "wall_s": med, "speedup_vs_serial": med["serial"] / med[par],
            "identical": identical, "detail": detail, "load_avg_at_end": os.getloadavg()}
     line = f"serial {med['serial']:.1f} s, {par} {med[par]:.1f} s: {res['speedup_vs_serial']:.2f}x"
