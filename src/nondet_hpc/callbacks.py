@@ -11,7 +11,8 @@ from hydra_plugins.nondet_hpc_launcher.config import NondetSlurmLauncherConf
 from omegaconf import DictConfig
 
 # the launcher whose sweeps return before their jobs ran (it queues a reducer job instead); after
-# any other launcher (the local preset: Hydra's basic launcher) the jobs are over at sweep end
+# any other launcher (the local preset: hydra_plugins.nondet_hpc_launcher.local, which calls
+# on_job_end here for every job, also those its worker processes ran) the jobs are over at sweep end
 SLURM_LAUNCHER = NondetSlurmLauncherConf._target_
 
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .presets import PRESETS, describe, gpu_hours_per_model
+from .presets import MEASURED, PRESETS, cost_basis, describe, gpu_hours_per_model
 
 __all__ = ["plan", "main"]
 
@@ -57,8 +57,11 @@ def plan(name: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
         params = dict(OmegaConf.to_container(base.hydra.sweeper.params or {}, resolve=False))
         groups = set(base.hydra.runtime.choices)
         # command-line overrides replace the preset's sweep values of the same key, as in Hydra
+        packing = 1
         for o in overrides:
             k, _, v = o.partition("=")
+            if k.lstrip("+~") == "hydra.launcher.runs_per_task" and v.isdigit():
+                packing = int(v)  # changes the cost per model, not what a run computes
             if k.lstrip("+~").startswith("hydra"):  # launcher settings: no effect on what a run computes
                 continue
             params[k.lstrip("+~")] = v
@@ -77,9 +80,12 @@ def plan(name: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
                 if k not in groups:
                     OmegaConf.update(cfg, k, v, merge=False)
             rd = run_dir(cfg)
+            precision = str(OmegaConf.select(cfg, "train.precision", default="fp32"))
             hours = gpu_hours_per_model(cfg.model.name, int(cfg.train.epochs), num_classes=int(cfg.data.num_classes),
-                                        snapshots=int(cfg.train.snapshots), views=list(cfg.eval.views))
+                                        snapshots=int(cfg.train.snapshots), views=list(cfg.eval.views),
+                                        precision=precision, runs_per_task=packing)
             jobs.append({"run_id": run_id(cfg), "run_dir": str(rd), "done": is_done(rd), "gpu_hours": hours,
+                         "cost_basis": cost_basis(cfg.model.name, precision, packing)["note"],
                          "overrides": [f"{k}={v}" for k, v in job.items()], "experiment": cfg.experiment,
                          "data": cfg.data.name})
     return jobs
@@ -90,14 +96,17 @@ def plan(name: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
 
 
 def _table() -> str:
-    rows = [("preset", "groups x models", "epochs", "V100 GPU-h", "out_dir", "table")]
+    rows = [("preset", "groups x models", "epochs", "V100 GPU-h*", "out_dir", "table")]
     for k, p in PRESETS.items():
         ep = p["epochs"]
         eps = ",".join(map(str, ep)) if isinstance(ep, (list, tuple)) else str(ep)
         cost = f"{p['gpu_hours']:g}" + (f" ({p['gpu_hours_alone']:g} alone)" if p["reuses"] else "")
         rows.append((k, f"{p['groups']} x {p['models']}", eps, cost, p["out_dir"], p["table"].split(" (")[0]))
     w = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w[i]) if i < 5 else c for i, c in enumerate(r)) for r in rows)
+    text = "\n".join("  ".join(c.ljust(w[i]) if i < 5 else c for i, c in enumerate(r)) for r in rows)
+    measured = "none of these figures was measured on a GPU" if not MEASURED else \
+        f"GPU measurements exist for {len(MEASURED)} (model, precision, runs per GPU) settings: see plan NAME"
+    return text + f"\n* {cost_basis()['note']} ({measured})."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cost = (f"about {hours:,.0f} V100 GPU-hours to go" if any(j["data"] != "digits" for j in jobs) else
             "digits: a CPU does it in seconds per run, no GPU needed")
     print(f"{len(jobs)} runs in {', '.join(folders)}: {len(done)} DONE, {len(todo)} to train; {cost}.")
+    if jobs and jobs[0]["data"] != "digits":
+        print(f"Cost basis: {jobs[0]['cost_basis']}.")
     return 0
 
 

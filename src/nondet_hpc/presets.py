@@ -19,6 +19,13 @@ view's forward passes (10,000 test images x distinct transforms x evaluations, o
 one per snapshot) against training's 3 x epochs x 50,000 image passes (forward + backward ~ 3
 forwards). Scaling by FLOPs is pessimistic for big models: ResNet-14 keeps a V100 far from its peak,
 ResNet-34 much less so, so the ResNet-34 figure is an upper bound (see docs/experiments/README.md).
+
+Precision (``train.precision``) and runs per GPU (``hydra.launcher.runs_per_task``) change the cost
+only through a measurement: ``MEASURED`` holds aggregate training images/s of K packed runs on one
+GPU, measured by benchmarks/packing.py / gpu_check.sh on a lent GPU. Where a (model, precision, K)
+has one, a model costs ``epochs x 50,000 / images-per-s`` GPU-seconds (the K runs share the GPU);
+where it has none, the fp32, one-model-per-GPU estimate above is used and ``cost_basis`` says so
+(an upper bound: packing and lower precision only make a run cheaper).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 from .run.viewspec import view_transforms
 
-__all__ = ["PRESETS", "BASE_HOURS", "MACS", "describe", "describe_sweep", "gpu_hours_per_model",
+__all__ = ["PRESETS", "BASE_HOURS", "MACS", "MEASURED", "cost_basis", "describe", "describe_sweep", "gpu_hours_per_model",
            "transforms_per_image", "model_macs"]
 
 #: V100 GPU-hours of one ResNet-14 / CIFAR-10 / 500-epoch model (report: 490 h for 700 models).
@@ -41,6 +48,24 @@ MACS: dict[str, tuple[int, int]] = {
     "resnet34": (1_159_397_376, 512),
 }
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+#: (model, precision, runs_per_task) -> (aggregate training images/s on one GPU, which GPU). Only
+#: figures measured on a GPU go here (none yet: no GPU was lent when packing was added).
+MEASURED: dict[tuple[str, str, int], tuple[float, str]] = {}
+
+
+def cost_basis(model: str = "resnet14", precision: str = "fp32", runs_per_task: int = 1) -> dict[str, Any]:
+    """Where a model's cost figure comes from: a GPU measurement or the report-based estimate."""
+    key = (model, precision, int(runs_per_task))
+    if key in MEASURED:
+        images_per_s, gpu = MEASURED[key]
+        return {"measured": True, "images_per_s": images_per_s,
+                "note": f"measured on a {gpu}: {images_per_s:,.0f} training images/s with {runs_per_task} run(s) "
+                        f"per GPU, {precision}"}
+    extra = "" if (precision, int(runs_per_task)) == ("fp32", 1) else \
+        f"; no GPU measurement of {precision} with {runs_per_task} run(s) per GPU yet, so an upper bound"
+    return {"measured": False, "images_per_s": None,
+            "note": f"estimate from the report's {BASE_HOURS:g} V100-hours per fp32 ResNet-14 run, one model per "
+                    f"GPU{extra}"}
 
 
 def model_macs(model: str, num_classes: int = 10) -> int:
@@ -58,9 +83,14 @@ def transforms_per_image(views: Iterable[str], pad: int = 4) -> int:
 
 def gpu_hours_per_model(model: str = "resnet14", epochs: int = BASE_EPOCHS, *, num_classes: int = 10,
                         snapshots: int = 1, views: Sequence[str] = ("plain",), n_train: int = CIFAR_TRAIN,
-                        n_test: int = CIFAR_TEST) -> float:
-    """Estimated V100 GPU-hours of one run (module docstring: how)."""
-    train = BASE_HOURS * epochs / BASE_EPOCHS * model_macs(model, num_classes) / model_macs("resnet14", 10)
+                        n_test: int = CIFAR_TEST, precision: str = "fp32", runs_per_task: int = 1) -> float:
+    """GPU-hours of one run: measured where ``cost_basis`` has a figure, else the V100 estimate
+    (module docstring: how)."""
+    basis = cost_basis(model, precision, runs_per_task)
+    if basis["measured"]:
+        train = epochs * n_train / basis["images_per_s"] / 3600
+    else:
+        train = BASE_HOURS * epochs / BASE_EPOCHS * model_macs(model, num_classes) / model_macs("resnet14", 10)
     evaluations = 1 + (snapshots if snapshots > 1 else 0)
     eval_share = evaluations * transforms_per_image(views) * n_test / (3 * epochs * n_train)
     return train * (1 + eval_share)

@@ -1,13 +1,17 @@
-"""Hydra launcher plugin of nondet_hpc: SLURM arrays through submitit, returns at once.
+"""Hydra launcher plugins of nondet_hpc: SLURM arrays (return at once) and local parallel jobs.
 
 Hydra imports every module under the ``hydra_plugins`` namespace package at start-up; importing
 this package registers the launcher's structured config (``hydra/launcher=nondet_slurm_schema``,
-extended by conf/hydra/launcher/slurm*.yaml). The launcher class lives in ``.launcher`` and does
-the work in :mod:`nondet_hpc.cluster` (submit, manifest, client).
+extended by conf/hydra/launcher/slurm*.yaml) and the local launcher's
+(``hydra/launcher/nondet_local_schema``, extended by conf/hydra/launcher/local.yaml). The SLURM
+launcher class lives in ``.launcher`` and does the work in :mod:`nondet_hpc.cluster` (submit,
+manifest, client); the local one in ``.local``.
 """
 
 from .config import NondetSlurmLauncherConf, ReducerConf, register
+from .local import NondetLocalLauncherConf, register as register_local
 
 register()
+register_local()
 
-__all__ = ["NondetSlurmLauncherConf", "ReducerConf"]
+__all__ = ["NondetLocalLauncherConf", "NondetSlurmLauncherConf", "ReducerConf"]

@@ -66,7 +66,7 @@ class NondetSlurmLauncherConf:
     max_requeue: int = 20
 
     # --- arrays
-    array_parallelism: Optional[int] = None  # at most this many tasks of the sweep at once
+    array_parallelism: Optional[int] = None  # at most this many tasks of the sweep at once (K runs each)
     max_array_size: Optional[int] = None  # null: MaxArraySize of `scontrol show config`
     max_submit: Optional[int] = None  # null: your MaxSubmitJobs (sacctmgr); 0: no limit
     hold: bool = False  # submit held (release with `scontrol release JOBID`)
@@ -83,6 +83,14 @@ class NondetSlurmLauncherConf:
     # name = job_name, max_num_timeout = max_requeue; setting both to different values is refused
     name: Optional[str] = None
     max_num_timeout: Optional[int] = None
+
+    # --- several runs per array task: K processes on the task's one allocation (GPU and CPUs,
+    # which they split), each run bit-identical to its solo run; the array has ceil(n / K) tasks.
+    # Raise K for small models that leave a GPU idle (docs/slurm.md, "Several runs per task").
+    runs_per_task: int = 1
+    # CUDA MPS daemon for a task with K > 1 on a GPU: auto = where nvidia-cuda-mps-control exists
+    # and a GPU is visible; true = required (the task fails without it); false = never
+    mps: str = "auto"
 
     # --- sweep folder consistency: the identity keys of a run (nondet_hpc.config.identity_items)
     # must match earlier submissions of the folder, except those a sweep varies, run_keys and

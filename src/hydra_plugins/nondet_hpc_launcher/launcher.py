@@ -89,6 +89,7 @@ class NondetSlurmLauncher(Launcher):
 
         code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (config, rundir))).hexdigest()
         return json.dumps([__version__, code, os.getcwd(), str(self.sweep_dir), self.params.get("cpus_per_task"),
+                           self.params.get("runs_per_task"),
                            sorted(self.params.get("ignore_keys") or [])])
 
     def _plan_key(self, overrides: Sequence[str]) -> str | None:
@@ -218,7 +219,8 @@ class NondetSlurmLauncher(Launcher):
         # keys left out of the config hash beyond the bookkeeping keys, which are never in a run's
         # identity (nondet_hpc.config.BOOKKEEPING_KEYS)
         ignore = list(self.params.get("ignore_keys") or [])
-        threads = int(self.params.get("cpus_per_task") or 1)
+        # a task's CPUs are split between its runs_per_task runs (cluster/pack.py does the same)
+        threads = max(1, int(self.params.get("cpus_per_task") or 1) // int(self.params.get("runs_per_task") or 1))
         task_name = str(self.config.hydra.job.name)
         for i, (overrides, key) in enumerate(zip(job_overrides, keys)):
             job_cfg = self._job_config(overrides, initial_job_idx + i)

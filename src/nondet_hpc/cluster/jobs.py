@@ -1,6 +1,7 @@
 """What runs on the compute nodes: the callables submitit pickles into each job.
 
-``RunJob`` trains one run (one array task), ``ReduceJob`` runs the reducer. The only cluster
+``RunJob`` trains one run (one array task), ``ReduceJob`` runs the reducer; ``pack.PackJob``
+trains K runs of one task as K processes (``hydra.launcher.runs_per_task``). The only cluster
 module that imports the trainer (:mod:`nondet_hpc.run`), and only inside the job, so submitting
 and status never import torch. ``nondet_hpc.slurm`` re-exports both under their old import path
 for job pickles written before the cluster code moved.
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .client import run_command
 
@@ -38,55 +39,95 @@ class RunJob:
         self.max_requeue = max_requeue
 
     def __call__(self) -> dict:
-        received: list[int] = []
-        stop = threading.Event()
-
-        def on_signal(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal API
-            # only flags: the training loop checkpoints at its next iteration boundary
-            received.append(signum)
-            stop.set()
-
-        # replace submitit's handlers (which would checkpoint inside the handler) first thing
-        usr = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
-        signal.signal(usr, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        signals = StopSignals()
+        signals.install()  # replace submitit's handlers (which would checkpoint inside the handler) first thing
 
         from ..run import task, train
 
-        def keep_stopping() -> None:
-            # a signal that arrives while torch is imported or before the loop starts must not be
-            # lost (task.run clears the stop flag before training): re-assert it until the end
-            stop.wait()
-            while True:
-                train.request_stop()
-                time.sleep(0.2)
-
-        threading.Thread(target=keep_stopping, name="nondet-stop", daemon=True).start()
+        signals.keep_stopping(train.request_stop)
         _log(f"run {self.run_id} -> {self.run_dir} (job {_job_label()}, "
              f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')})")
         try:
             out = task.run(_as_config(self.cfg))
         except train.Preempted:
-            if signal.SIGTERM in received or usr not in received:
-                _log("stopped by SIGTERM (cancelled or preempted): checkpoint saved, not requeueing")
-                raise
-            restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-            if restarts >= self.max_requeue:
-                _log(f"time limit again after {restarts} requeues (max_requeue={self.max_requeue}): "
-                     "checkpoint saved; rerun the sweep command to resume")
-                raise
-            job = os.environ.get("SLURM_JOB_ID", "")
-            res = run_command(["scontrol", "requeue", job], timeout=60)
-            if not res.ok:
-                _log(f"`scontrol requeue {job}` failed: {res.message()}")
-                raise
-            _log(f"time limit near: checkpoint saved, job {job} requeued (restart {restarts + 1})")
-            sys.stdout.flush()
-            sys.stderr.flush()
-            # no result file: the job is not over; SLURM starts it again and it resumes
-            os._exit(0)
+            if requeue_after_stop(signals, self.max_requeue):
+                # no result file: the job is not over; SLURM starts it again and it resumes
+                os._exit(0)
+            raise
         _log(f"run {self.run_id}: {out.get('state') if isinstance(out, dict) else out}")
         return out
+
+
+class StopSignals:
+    """USR2 (time limit near) and SIGTERM (scancel, preemption) only set a flag.
+
+    The training loop checkpoints at its next iteration boundary and raises ``Preempted``; what
+    follows (requeue or not) depends on which signals came: :func:`requeue_after_stop`.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.event = threading.Event()
+        self.usr = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+        self._forward: list[Callable[[int], None]] = []
+
+    @property
+    def signums(self) -> tuple[int, int]:
+        return self.usr, signal.SIGTERM
+
+    def install(self, forward: Callable[[int], None] | None = None) -> None:
+        """Handlers for USR2 and SIGTERM; ``forward(signum)`` is also called (the packer passes
+        the signal on to its runs)."""
+        if forward is not None:
+            self._forward.append(forward)
+        for signum in self.signums:
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal API
+        # only flags: the training loop checkpoints at its next iteration boundary
+        self.received.append(signum)
+        self.event.set()
+        for fn in self._forward:
+            fn(signum)
+
+    @property
+    def time_limit(self) -> bool:
+        """USR2 came and SIGTERM did not: the job may requeue itself."""
+        return self.usr in self.received and signal.SIGTERM not in self.received
+
+    def keep_stopping(self, request_stop: Callable[[], None]) -> None:
+        """A signal that arrives while torch is imported or before the loop starts must not be
+        lost (task.run clears the stop flag before training): re-assert it until the end."""
+        def loop() -> None:
+            self.event.wait()
+            while True:
+                request_stop()
+                time.sleep(0.2)
+
+        threading.Thread(target=loop, name="nondet-stop", daemon=True).start()
+
+
+def requeue_after_stop(signals: StopSignals, max_requeue: int) -> bool:
+    """After the run(s) checkpointed on a stop signal: requeue this job (``scontrol requeue``)
+    when the signal was the time-limit warning and the requeue budget is left. True = requeued
+    (the caller exits 0 without a result); False = stay stopped (the caller raises)."""
+    if not signals.time_limit:
+        _log("stopped by SIGTERM (cancelled or preempted): checkpoint saved, not requeueing")
+        return False
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if restarts >= max_requeue:
+        _log(f"time limit again after {restarts} requeues (max_requeue={max_requeue}): "
+             "checkpoint saved; rerun the sweep command to resume")
+        return False
+    job = os.environ.get("SLURM_JOB_ID", "")
+    res = run_command(["scontrol", "requeue", job], timeout=60)
+    if not res.ok:
+        _log(f"`scontrol requeue {job}` failed: {res.message()}")
+        return False
+    _log(f"time limit near: checkpoint saved, job {job} requeued (restart {restarts + 1})")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return True
 
 
 class ReduceJob:

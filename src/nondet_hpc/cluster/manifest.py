@@ -12,12 +12,15 @@ every launch that submits appends one submission record::
                       "base_config", "varying_keys", "run_values", "runs": [RUN_ID...],
                       "skipped": {"done", "active", "over_limit", "duplicates"},
                       "arrays": [{"job_id", "offset", "size", "parallelism", "dependency",
-                                  "script", "command"}],
+                                  "script", "command", "runs_per_task", "n_runs", "tasks"}],
                       "reducer": {"job_id", "dependency", "script", "command"} | null,
                       "error": str (when sbatch refused)}],
      "cancellations": [{"time", "job_ids"}]}
 
-Array task ``i`` of an array with ``offset o`` runs ``submission["runs"][o + i]``.
+Array task ``i`` of an array with ``offset o`` (counted in runs) and ``runs_per_task K`` holds
+``submission["runs"][o + i*K : o + (i+1)*K]``, also listed as ``tasks[i]``; with K > 1 the runs
+of one task share its job id and their job records carry their ``slot`` in the task. Manifests
+written before runs_per_task existed have neither key: one run per task (:func:`task_runs`).
 
 Also here: a run's configuration as the manifest compares it (``PlannedRun``, its config hash)
 and the check that a sweep folder never mixes runs of two configurations.
@@ -94,6 +97,17 @@ def latest_job(run_rec: Mapping | None) -> dict | None:
     if not run_rec or not run_rec.get("jobs"):
         return None
     return run_rec["jobs"][-1]
+
+
+def task_runs(submission: Mapping, array: Mapping) -> list[list[str]]:
+    """The run ids each task of ``array`` holds (task i -> list), for old and new manifests."""
+    if array.get("tasks") is not None:
+        return [list(t) for t in array["tasks"]]
+    k = int(array.get("runs_per_task", 1))
+    runs = submission.get("runs", [])
+    o, n = int(array["offset"]), int(array.get("n_runs", array["size"] * k))
+    mine = runs[o:o + n]
+    return [mine[i:i + k] for i in range(0, len(mine), k)]
 
 
 def submission_folders(manifest: Mapping) -> dict[int, str | None]:

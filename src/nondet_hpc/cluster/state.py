@@ -138,7 +138,11 @@ def _classify(st: RunStatus, has_job: bool, q: JobInfo | None, a: JobInfo | None
     elif not has_job:
         st.state = "unsubmitted"
     elif q and q.state in ACTIVE_STATES:
-        if q.state in RUNNING_STATES:
+        if q.state in RUNNING_STATES and st.run_state == "failed":
+            # a task of runs_per_task > 1 runs on while one of its runs has failed
+            st.state = "failed"
+            st.note = "failed while its task runs on (the task's other runs continue)"
+        elif q.state in RUNNING_STATES:
             st.state = "running"
         elif q.state in REQUEUE_STATES or st.restarts > 0 or st.run_state == "preempted":
             st.state = "requeued"
@@ -185,6 +189,8 @@ def _run_status(run_id: str, rec: Mapping, folders: Mapping[Any, Any], default_f
     elif a:
         st.slurm_state = a.state
     _classify(st, bool(job), q, a, seen.queue is not None)
+    if job and "slot" in job and not st.note:
+        st.note = f"run {job['slot'] + 1} of the runs packed in task {job['job_id']}"
     if st.state == "running" or (st.state == "unknown" and st.run_state == "running"):
         hb = info.get("heartbeat") or {}
         apply_heartbeat(st, hb, now, stale_s)

@@ -23,6 +23,7 @@ from ..rundir import is_done
 from .client import (ACTIVE_STATES, DEFAULT_TIMEOUT_S, JobInfo, SlurmError, SubmissionError, current_user,
                      max_array_size, query_squeue, require_sbatch, run_command, sbatch, submit_limit)
 from .jobs import ReduceJob, RunJob
+from .pack import PackJob, check_packing
 from .manifest import (PlannedRun, check_compatible, latest_job, load_manifest, manifest_from_runs, manifest_path,
                        new_manifest, now_iso, submission_folders, sweep_lock, varying_keys, write_manifest)
 from .script import sbatch_script
@@ -253,26 +254,44 @@ def _check_reducer_place(launch: _Launch) -> None:
         raise SubmissionError(f"reducer job (hydra.launcher.reducer.*): {e}") from None
 
 
+def _task_job(launch: _Launch, runs: list[PlannedRun]) -> Callable[[], Any]:
+    """What one array task executes: its one run (RunJob), or its K runs at once (PackJob)."""
+    max_requeue = int(launch.params.get("max_requeue", 20))
+    # the plain resolved config where the launcher has it (fast to pickle and to load), else the config
+    jobs = [RunJob(run.container if run.container is not None else run.cfg, run.run_id, str(run.run_dir),
+                   max_requeue) for run in runs]
+    if int(launch.params.get("runs_per_task") or 1) == 1:
+        return jobs[0]
+    return PackJob(jobs, mps=str(launch.params.get("mps", "auto")), max_requeue=max_requeue)
+
+
 def _submit_array(launch: _Launch, c: int, runs: list[PlannedRun], offset: int, parallelism: int | None,
                   dependency: str | None) -> dict:
-    """Write one array's script and pickles, sbatch it, record its tasks in the manifest."""
+    """Write one array's script and pickles, sbatch it, record its tasks in the manifest.
+
+    Task i holds ``runs[i*K:(i+1)*K]`` (K = runs_per_task; the last task may hold fewer)."""
     p, folder, sub_n = launch.params, launch.folder, launch.record["n"]
+    k = int(p.get("runs_per_task") or 1)
+    tasks = [runs[i:i + k] for i in range(0, len(runs), k)]
     script_path = folder / f"sub{sub_n:03d}_array{c:02d}.sh"
-    script_path.write_text(sbatch_script(p, folder, array_size=len(runs), parallelism=parallelism,
+    script_path.write_text(sbatch_script(p, folder, array_size=len(tasks), parallelism=parallelism,
                                          dependency=dependency))
     max_requeue = int(p.get("max_requeue", 20))
-    tmp_pickles = [_pickle_job(folder, RunJob(run.container if run.container is not None else run.cfg, run.run_id,
-                                              str(run.run_dir), max_requeue),
-                               int(p.get("timeout_min", 60)), max_requeue) for run in runs]
+    tmp_pickles = [_pickle_job(folder, _task_job(launch, task), int(p.get("timeout_min", 60)), max_requeue)
+                   for task in tasks]
     array_id = sbatch(script_path, launch.timeout)
     for i, tmp in enumerate(tmp_pickles):
         tmp.rename(_job_pickle_path(folder, f"{array_id}_{i}"))
-    arr = {"job_id": array_id, "offset": offset, "size": len(runs), "parallelism": parallelism or len(runs),
-           "dependency": dependency, "script": str(script_path), "command": f"sbatch --parsable {script_path}"}
+    arr = {"job_id": array_id, "offset": offset, "size": len(tasks), "parallelism": parallelism or len(tasks),
+           "dependency": dependency, "script": str(script_path), "command": f"sbatch --parsable {script_path}",
+           "runs_per_task": k, "n_runs": len(runs), "tasks": [[r.run_id for r in task] for task in tasks]}
     launch.record["arrays"].append(arr)
-    for i, run in enumerate(runs):
-        launch.manifest["runs"][run.run_id]["jobs"].append(
-            {"submission": sub_n, "job_id": f"{array_id}_{i}", "array_job_id": array_id, "index": i})
+    for i, task in enumerate(tasks):
+        for slot, run in enumerate(task):
+            job = {"submission": sub_n, "job_id": f"{array_id}_{i}", "array_job_id": array_id, "index": i}
+            if k > 1:
+                job["slot"] = slot  # the task's K runs share its job id
+            launch.manifest["runs"][run.run_id]["jobs"].append(job)
     launch.save()
     return arr
 
@@ -282,10 +301,12 @@ def _submit_arrays(launch: _Launch, todo: list[PlannedRun], result: SubmissionRe
     """Chunk to MaxArraySize; with array_parallelism the chunks run one after another (afterany),
     so the cap holds for the whole sweep."""
     size = int(launch.params.get("max_array_size") or max_array_size(launch.timeout))
-    parts = chunks(len(todo), max(1, size))
+    k = int(launch.params.get("runs_per_task") or 1)
+    # MaxArraySize counts tasks; each task holds k runs
+    parts = [(o * k, min(n * k, len(todo) - o * k)) for o, n in chunks(-(-len(todo) // k), max(1, size))]
     par = launch.params.get("array_parallelism")
     par = int(par) if par else None
-    chain = par is not None and len(parts) > 1 and par < len(todo)
+    chain = par is not None and len(parts) > 1 and par < -(-len(todo) // k)
     prev_array = None
     try:
         for c, (offset, n) in enumerate(parts):
@@ -352,6 +373,7 @@ def submit_sweep(sweep_dir: str | os.PathLike, planned: Sequence[PlannedRun], pa
     after sbatch has accepted the arrays and the reducer job; never waits for a job.
     """
     params = dict(params)
+    params["runs_per_task"], params["mps"] = check_packing(params)
     require_sbatch()
     sweep_dir = Path(sweep_dir).absolute()
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -407,8 +429,11 @@ def describe_submission(res: SubmissionResult, params: Mapping[str, Any]) -> str
         dep = f", after {a['dependency']}" if a.get("dependency") else ""
         # a cap is news only when it holds tasks back (not for a 1-task chunk, or a cap >= size)
         cap = f", at most {a['parallelism']} at once" if a["parallelism"] < a["size"] else ""
-        runs = f"run {a['offset']}" if a["size"] == 1 else f"runs {a['offset']}-{a['offset'] + a['size'] - 1}"
-        lines.append(f"  array job {a['job_id']}: {a['size']} task{'s' if a['size'] != 1 else ''} ({runs} of "
+        k = int(a.get("runs_per_task", 1))
+        packed = f" of {k} runs each" if k > 1 else ""
+        last = a["offset"] + a.get("n_runs", a["size"]) - 1
+        runs = f"run {a['offset']}" if last == a["offset"] else f"runs {a['offset']}-{last}"
+        lines.append(f"  array job {a['job_id']}: {a['size']} task{'s' if a['size'] != 1 else ''}{packed} ({runs} of "
                      f"submission {res.submission}{cap}), partition {part}{dep}")
     if res.reducer:
         rpart = (params.get("reducer") or {}).get("partition") or part

@@ -1,0 +1,230 @@
+"""The local launcher (``hydra/launcher=local``, the default): a sweep's jobs on this machine,
+``n_jobs`` at a time, each in its own process with the thread count its config fixes.
+
+Why our own and not hydra-joblib-launcher: Hydra runs ``on_job_end`` callbacks inside the job,
+which in a worker process is a copy of the callback: ``ReduceAtSweepEnd`` would never see a
+failed run. Here the workers run the job without callbacks and this process calls every
+callback's ``on_job_start`` / ``on_job_end`` with each job's config and JobReturn, so the
+end-of-sweep report and the exit code see every job, as with Hydra's basic launcher.
+
+- ``n_jobs=1`` runs the jobs in this process, one after another (Hydra's basic launcher's way).
+- ``n_jobs>1``: a pool of ``spawn`` processes (no fork of a process holding torch threads), reused
+  for job after job. Each job's output goes to ``<sweep>/.hydra/job-N/job.log`` and is printed
+  here as one block when the job ends, so parallel jobs never interleave their lines.
+- A job's result depends on its thread count (``train.threads``, part of the run identity), never
+  on how many jobs run beside it: a run trained alone or beside others gives the same logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+JOB_LOG = "job.log"  # in the job's Hydra folder (hydra.sweep.subdir)
+
+
+@dataclass
+class NondetLocalLauncherConf:
+    _target_: str = "hydra_plugins.nondet_hpc_launcher.local.NondetLocalLauncher"
+    # jobs at once; null = cores // train.threads (at least 1). train.threads=0 (torch's default
+    # pool, which already spans every core) gives 1: jobs one after another, as before.
+    n_jobs: Optional[int] = None
+
+
+def register() -> None:
+    ConfigStore.instance().store(group="hydra/launcher", name="nondet_local_schema",
+                                 node=NondetLocalLauncherConf, provider="nondet_hpc")
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (affinity, e.g. inside a SLURM allocation), else os.cpu_count()."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def default_n_jobs(threads: Sequence[int], cores: int) -> int:
+    """cores // the largest train.threads of the sweep, at least 1; 1 when a job keeps torch's
+    default thread pool (train.threads=0), which uses every core by itself."""
+    if not threads or min(threads) <= 0:
+        return 1
+    return max(1, cores // max(threads))
+
+
+class _WorkerCallbacks:
+    """The callbacks a worker's run_job calls: none; the launching process calls the real ones."""
+
+    def on_job_start(self, **kwargs: Any) -> None:
+        pass
+
+    def on_job_end(self, **kwargs: Any) -> None:
+        pass
+
+
+def _job_dir(config: DictConfig) -> Path:
+    return Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+
+
+def _work(payload: bytes) -> JobReturn:
+    """In a worker: run one job (its config composed by the launcher) with output to its job.log."""
+    import cloudpickle  # pickles the task function by value (it lives in __main__)
+
+    task_function, config = cloudpickle.loads(payload)
+    job_dir = _job_dir(config)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(job_dir / JOB_LOG, "wb") as f:
+        # file descriptors, not sys.stdout: torch's and numpy's C-level output lands there too
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            setup_globals()
+            ret = run_job(hydra_context=HydraContext(config_loader=None, callbacks=_WorkerCallbacks()),  # type: ignore[arg-type]
+                          task_function=task_function, config=config, job_dir_key="hydra.sweep.dir",
+                          job_subdir_key="hydra.sweep.subdir")
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+    if ret.hydra_cfg is not None:
+        # plain nodes: its structured-config classes may be another import of the same module here
+        # (Hydra's plugin scan) and then do not pickle by reference
+        ret.hydra_cfg = OmegaConf.create(OmegaConf.to_container(ret.hydra_cfg, resolve=False))
+    if ret.status == JobStatus.FAILED:
+        # the exception may not pickle (or unpickle) in the launcher: send its text
+        ret.return_value = RuntimeError(f"{type(ret._return_value).__name__}: {ret._return_value}")
+    return ret
+
+
+def _lost_job(config: DictConfig, overrides: Sequence[str], error: str) -> JobReturn:
+    """The JobReturn of a job whose worker died (killed, out of memory): a failed run the
+    end-of-sweep report lists, like any failure task.run catches."""
+    task_cfg = copy.deepcopy(config)
+    with open_dict(task_cfg):
+        del task_cfg["hydra"]
+    return JobReturn(overrides=list(overrides), cfg=task_cfg, hydra_cfg=None, working_dir=os.getcwd(),
+                     task_name=str(config.hydra.job.name), status=JobStatus.COMPLETED,
+                     _return_value={"state": "failed", "error": error})
+
+
+class NondetLocalLauncher(Launcher):
+    def __init__(self, n_jobs: Optional[int] = None) -> None:
+        self.n_jobs = n_jobs
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.task_function: TaskFunction | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    def _compose(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[DictConfig]:
+        assert self.hydra_context is not None and self.config is not None
+        configs = []
+        for i, overrides in enumerate(job_overrides):
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = initial_job_idx + i
+                sweep_config.hydra.job.num = initial_job_idx + i
+            configs.append(sweep_config)
+        return configs
+
+    def resolve_n_jobs(self, configs: Sequence[DictConfig]) -> int:
+        if self.n_jobs is not None:
+            if int(self.n_jobs) < 1:
+                raise SystemExit(f"nondet_hpc: error: hydra.launcher.n_jobs={self.n_jobs} is invalid: run at least "
+                                 "1 job at a time (null = cores // train.threads).")
+            return int(self.n_jobs)
+        threads = [int(OmegaConf.select(c, "train.threads", default=0) or 0) for c in configs]
+        return default_n_jobs(threads, usable_cores())
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        setup_globals()
+        assert self.hydra_context is not None and self.config is not None and self.task_function is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        configs = self._compose(job_overrides, initial_job_idx)
+        n_jobs = min(self.resolve_n_jobs(configs), max(1, len(configs)))
+        threads = sorted({int(OmegaConf.select(c, "train.threads", default=0) or 0) for c in configs})
+        log.info(f"Launching {len(configs)} jobs locally, {n_jobs} at a time (train.threads={threads}, "
+                 f"{usable_cores()} cores)")
+        if n_jobs > 1 and 0 in threads:
+            log.warning("train.threads=0: every job uses torch's default thread pool (all cores), so "
+                        f"{n_jobs} jobs at once compete for the cores; set train.threads=N")
+        try:
+            if n_jobs == 1:
+                return self._serial(configs, job_overrides)
+            return self._parallel(configs, job_overrides, n_jobs)
+        finally:
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+
+    def _serial(self, configs: list[DictConfig], job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
+        assert self.hydra_context is not None and self.config is not None and self.task_function is not None
+        runs = []
+        for config, overrides in zip(configs, job_overrides):
+            log.info(f"\t#{config.hydra.job.num} : {' '.join(filter_overrides(overrides))}")
+            runs.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
+                                job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return runs
+
+    def _parallel(self, configs: list[DictConfig], job_overrides: Sequence[Sequence[str]],
+                  n_jobs: int) -> list[JobReturn]:
+        import cloudpickle
+
+        assert self.hydra_context is not None and self.task_function is not None
+        callbacks = self.hydra_context.callbacks
+        results: list[JobReturn | None] = [None] * len(configs)
+        futures: dict[Future, int] = {}
+        with ProcessPoolExecutor(max_workers=n_jobs, mp_context=get_context("spawn")) as pool:
+            for i, config in enumerate(configs):
+                callbacks.on_job_start(config=config, task_function=self.task_function)
+                futures[pool.submit(_work, cloudpickle.dumps((self.task_function, config)))] = i
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in sorted(finished, key=lambda f: futures[f]):
+                    i = futures[fut]
+                    config, overrides = configs[i], job_overrides[i]
+                    try:
+                        ret = fut.result()
+                    except Exception as e:  # noqa: BLE001 - the worker died; the other jobs go on
+                        ret = _lost_job(config, overrides, f"worker process lost: {type(e).__name__}: {e}")
+                    self._echo(config, overrides, ret, len(configs) - len(pending))
+                    callbacks.on_job_end(config=config, job_return=ret)
+                    results[i] = ret
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _echo(config: DictConfig, overrides: Sequence[str], ret: JobReturn, n_finished: int) -> None:
+        """One block per finished job: a header, then what the job printed."""
+        path = _job_dir(config) / JOB_LOG
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        print(f"[nondet_hpc] --- job #{config.hydra.job.num} ({n_finished} finished): "
+              f"{' '.join(filter_overrides(overrides))}", flush=True)
+        if text:
+            print(text.rstrip("\n"), flush=True)
+        if ret.status == JobStatus.FAILED:
+            print(f"[nondet_hpc] job #{config.hydra.job.num} raised {ret._return_value}", flush=True)
