@@ -680,7 +680,7 @@ def test_local_run_uses_the_resolved_thread_count_in_its_id(tmp_path):
     from nondet_hpc.run import task
 
     cfg = job_cfgs(tmp_path, ("init",), (1,), "train.epochs=1", "data.train_subset=64", "data.test_subset=32",
-                   "train.batch_size=32")[0]
+                   "train.batch_size=32", "train.threads=0")[0]  # digits defaults to 1: ask for torch's own
     assert cfg.train.threads == 0
     out = task.run(cfg)
     want = job_cfgs(tmp_path, ("init",), (1,), "train.epochs=1", "data.train_subset=64", "data.test_subset=32",
@@ -696,8 +696,8 @@ def test_slurm_launcher_gives_threads_the_tasks_cpus(tmp_path):
     ids = {}
     for cpus in (1, 2):
         sweep = tmp_path / f"sw{cpus}"
-        run_cli(["-m", "nondet_hpc", "-m", "seed=1,2", f"out_dir={sweep}", "train.epochs=2", "hydra/launcher=slurm",
-                 f"hydra.launcher.cpus_per_task={cpus}"], env=env)
+        run_cli(["-m", "nondet_hpc", "-m", "seed=1,2", f"out_dir={sweep}", "train.epochs=2", "train.threads=0",
+                 "hydra/launcher=slurm", f"hydra.launcher.cpus_per_task={cpus}"], env=env)
         cfgs = _pickled_cfgs(sweep / "slurm")
         assert [c.train.threads for c in cfgs] == [cpus, cpus]
         ids[cpus] = {Path(r["run_dir"]).name for r in json.loads((sweep / "sweep.json").read_text())["runs"].values()}
@@ -718,17 +718,17 @@ def _local_runs(out_dir: Path, runs: list) -> None:
 
 def test_identity_check_without_sweep_json_uses_run_json(fake, tmp_path):
     sweep = tmp_path / "local"
-    _local_runs(sweep, plan(sweep, seeds=(1, 2)))
+    _local_runs(sweep, plan(sweep, "train.threads=0", seeds=(1, 2)))  # as recorded before the thread identity
     assert not (sweep / "sweep.json").exists()
     with pytest.raises(manifest.SweepConfigMismatch, match=r"train.lr: 0.4 \(recorded\) != 0.1 \(now\)") as e:
-        submit.submit_sweep(sweep, plan(sweep, "train.lr=0.1", seeds=(3,)), params_for(sweep))
+        submit.submit_sweep(sweep, plan(sweep, "train.lr=0.1", "train.threads=0", seeds=(3,)), params_for(sweep))
     assert "run.json; no sweep.json" in str(e.value)
     with pytest.raises(manifest.SweepConfigMismatch, match=r"train.threads: 0 \(recorded\) != 1 \(now\)") as e:
         submit.submit_sweep(sweep, plan(sweep, "train.threads=1", seeds=(3,)), params_for(sweep))
     assert "train.threads=0 was not resolved" in str(e.value)  # runs of before the thread identity
     assert fake.calls("sbatch") == [] and not (sweep / "sweep.json").exists()
     # the same configuration, new seeds: allowed, as for a SLURM folder
-    res = submit.submit_sweep(sweep, plan(sweep, seeds=(3,)), params_for(sweep))
+    res = submit.submit_sweep(sweep, plan(sweep, "train.threads=0", seeds=(3,)), params_for(sweep))
     assert len(res.submitted) == 2
 
 
