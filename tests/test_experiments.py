@@ -391,3 +391,20 @@ def test_experiments_cli_lists_every_preset(capsys):
     listing = capsys.readouterr().out
     for name, entry in presets.PRESETS.items():
         assert re.search(rf"^{name}\s+{entry['groups']} x {entry['models']}\s", listing, re.M)
+
+
+def test_bill_scales_each_table_with_n_and_counts_shared_runs_once():
+    from nondet_hpc.experiments import bill, main
+    from nondet_hpc.presets import PRESETS
+
+    def hours(text: str) -> dict[str, float]:
+        return {ln.split()[0]: float(ln.split()[-1].replace(",", "")) for ln in text.splitlines()[1:]
+                if ln.split() and ln.split()[0] in {*PRESETS, "total"}}
+
+    at_100, at_50 = hours(bill(100)), hours(bill(50))
+    assert at_100["sources"] == PRESETS["sources"]["gpu_hours"] and at_50["sources"] == at_100["sources"] / 2
+    assert at_100["nmodels"] == 0  # it reuses the sources runs
+    assert at_100["cifar100"] == round(PRESETS["cifar100"]["gpu_hours"] * 100 / 25)
+    assert abs(at_50["total"] - sum(v for k, v in at_50.items() if k != "total")) <= len(at_50)  # rounding
+    with pytest.raises(SystemExit, match="at least 2"):
+        main(["--models", "1"])

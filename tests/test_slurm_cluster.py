@@ -245,3 +245,65 @@ def test_rejected_partition_shows_slurms_message(cluster, tmp_path):
     assert "invalid partition specified: no_such_partition" in p.stderr
     assert "command: sbatch --parsable" in p.stderr and "Traceback" not in p.stderr
     assert manifest(sweep)["submissions"][0]["status"] == "failed"
+
+
+def _seeds_of(sweep: Path) -> list[int]:
+    """The seed of every run sweep.json records (one entry per run id, so a seed twice shows)."""
+    return sorted(int(o.split("=")[1]) for r in manifest(sweep)["runs"].values() for o in r["overrides"]
+                  if o.startswith("seed="))
+
+
+def test_waves_stop_at_max_continue_after_a_lost_reducer_and_never_resubmit(cluster, tmp_path):
+    """A study whose target needs more than one wave (unreachable here, so N = the maximum, 3 waves of
+    3): the reducer of wave 1 is cancelled while the wave waits behind a job holding every CPU, the
+    rerun queues a reducer alone, which continues the waves; seeds 1..9 exactly once; then nothing."""
+    from nondet_hpc import metrics as M
+    from nondet_hpc.analysis.planning import sweep_groups
+
+    sweep = tmp_path / "waves"
+    args = ["-m", "nondet_hpc", "-m", "source=init", "seed=range(1,21)", f"out_dir={sweep}", "train.epochs=1",
+            "train.warmup_epochs=1", "train.threads=1", "hydra/launcher=slurm", "study.target.acc_sd_se=1e-9",
+            "study.wave=3", "study.max_models=9"]
+    cpus = sh("sinfo", "-h", "-p", "debug", "-o", "%c").split()[0]
+    blocker = sh("sbatch", "--parsable", "-c", cpus, "-o", "/dev/null", "--wrap", "sleep 600").strip()
+    try:
+        wait_for(lambda: "RUNNING" in sh("squeue", "-h", "-j", blocker, "-o", "%T"), 120, what="blocker running")
+        p = run_cli(args)
+        assert "3 submitted now" in p.stdout and "stop rule: acc_sd_se <= 1e-09, wave 3, max 9" in p.stdout
+        reducer = manifest(sweep)["submissions"][0]["reducer"]["job_id"]
+        sh("scancel", reducer)
+        subprocess.run(["scancel", blocker], timeout=30)
+        # wave 1 trains; with its reducer gone nothing decides it
+        wait_progressing(lambda: sweep_status(sweep)["counts"]["done"] == 3 or None,
+                         lambda: [heartbeat(Path(r["run_dir"])) for r in manifest(sweep)["runs"].values()],
+                         stall=300, interval=2, what="wave 1 to finish")
+        st = manifest(sweep)["study"]
+        assert len(st["waves"]) == 1 and not st["waves"][0]["decided"] and st["status"] == "running"
+        # the rerun: every run done, no reducer queued -> a reducer alone, which decides wave 1
+        p = run_cli(args)
+        assert "0 submitted now" in p.stdout and "reducer job" in p.stdout
+        wait_progressing(lambda: manifest(sweep)["study"]["status"] != "running" or None,
+                         lambda: (len(manifest(sweep)["runs"]), sweep_status(sweep)["counts"]["done"],
+                                  [heartbeat(Path(r["run_dir"])) for r in manifest(sweep)["runs"].values()]),
+                         stall=300, interval=3, what="the waves to stop")
+        st = manifest(sweep)["study"]
+        assert st["status"] == "done", st["stop_reason"]
+        assert "maximum reached (9 models)" in st["stop_reason"] and len(st["waves"]) == 3
+        assert _seeds_of(sweep) == list(range(1, 10))
+        assert [w["groups"] for w in st["waves"]] == [{"(all)": [1, 2, 3]}, {"(all)": [4, 5, 6]}, {"(all)": [7, 8, 9]}]
+        wait_sweep_over(sweep, 300)
+        # the last reducer reduced all 9 models: the SE it measured is the report's SE of the final N
+        (g,) = [g for g in sweep_groups(sweep) if g.view_id == "plain"]
+        assert len(g.frame) == 9
+        se = M.bootstrap_sd_se(g.frame["acc"].to_numpy(float), n_boot=10_000, seed=[0, g.seed_key])
+        assert st["groups"]["(all)"]["precision"]["acc_sd_se"] == pytest.approx(se, rel=1e-12)
+        assert "## Study grown in waves" in (sweep / "report" / "report.md").read_text()
+        # the same command again: nothing submitted, no seed twice, no run deleted
+        n_subs = len(manifest(sweep)["submissions"])
+        p = run_cli(args)
+        assert "9 done, 0 queued/running, 0 submitted now" in p.stdout
+        assert len(manifest(sweep)["submissions"]) == n_subs and our_queue(sweep) == []
+        assert _seeds_of(sweep) == list(range(1, 10)) and len(list((sweep / "runs").iterdir())) == 9
+    finally:
+        subprocess.run(["scancel", blocker], timeout=30)
+        cleanup(sweep)

@@ -104,6 +104,24 @@ class EvalConfig:
 
 
 @dataclass
+class StudyTargetConfig:
+    # Precision targets of a study grown in waves (docs/experiments/planning.md, "Waves"); a group
+    # stops when every target set here is met. null = no such target.
+    acc_sd_se: Optional[float] = None  # bootstrap SE of the accuracy SD, in percentage points
+    ce_sd_se: Optional[float] = None  # bootstrap SE of the cross-entropy SD, in nats
+
+
+@dataclass
+class StudyConfig:
+    # Grow a SLURM sweep in waves until its precision target is met (cluster/waves.py). Off while no
+    # target is set: the sweep is submitted whole, as always. Bookkeeping: never part of a run's identity.
+    target: StudyTargetConfig = field(default_factory=StudyTargetConfig)
+    wave: int = 10  # seeds per group per wave: the first `wave` seeds of the sweep, then the next ones
+    # most models per group; null = every seed the sweep names (min(max_models, seeds swept) when both)
+    max_models: Optional[int] = None
+
+
+@dataclass
 class Config:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
@@ -114,6 +132,7 @@ class Config:
     out_dir: str = "outputs/default"  # the sweep folder: runs go to out_dir/runs/<run id>/
     force: bool = False  # retrain a run even if it is DONE (its old folder is moved aside, never deleted)
     experiment: Optional[str] = None  # name of the experiment preset, if one was used (set by the preset)
+    study: StudyConfig = field(default_factory=StudyConfig)  # waves until a precision target (SLURM sweeps)
 
 
 def register_configs() -> None:
@@ -125,14 +144,14 @@ def register_configs() -> None:
 
 
 #: Top-level config nodes that can decide what a run computes; every other top-level key
-#: (out_dir, force, eval, experiment) is bookkeeping.
+#: (out_dir, force, eval, experiment, study) is bookkeeping.
 IDENTITY_ROOTS = ("data", "model", "source", "train", "seed")
 
 #: Config keys that never change the trained model, so they are never part of a run's identity:
 #: moving a sweep, adding an evaluation view or changing the checkpoint interval keeps run ids,
 #: and the SLURM launcher never compares them between submissions of one sweep folder. The ONE
 #: list: identity_items and the launcher both use it.
-BOOKKEEPING_KEYS = ("force", "out_dir", "experiment", "eval", "train.checkpoint_every", "data.root",
+BOOKKEEPING_KEYS = ("force", "out_dir", "experiment", "study", "eval", "train.checkpoint_every", "data.root",
                     "data.download", "data.verify_md5")
 
 

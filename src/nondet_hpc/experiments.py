@@ -1,6 +1,8 @@
 """`python -m nondet_hpc.experiments`: the ready studies of conf/experiment/, and what one costs.
 
     python -m nondet_hpc.experiments                    # every preset: table, groups x models, GPU-hours
+    python -m nondet_hpc.experiments --models 60         # the whole study's bill at N = 60 models per group
+    python -m nondet_hpc.experiments --plan SWEEP --target acc_sd_se=0.02   # N from the planner
     python -m nondet_hpc.experiments sources [KEY=VALUE ...]
                                                         # one preset: what it tests, and how many of its
                                                         # runs are already DONE in its out_dir
@@ -109,6 +111,48 @@ def _table() -> str:
     return text + f"\n* {cost_basis()['note']} ({measured})."
 
 
+def bill(n: int) -> str:
+    """Every preset's V100 GPU-hours with N models per group beside its figure at the preset's N.
+
+    Runs shared between tables are counted once (a preset that reuses another's runs, e.g. nmodels
+    and the 500-epoch rows of epochs, counts only its own), as in the presets' figures."""
+    rows = [("preset", "models", "V100 GPU-h at its N", f"at N={n}")]
+    total_p = total_n = 0.0
+    for k, p in PRESETS.items():
+        if k == "sources_clean":
+            continue  # our variant, not a table of the report
+        at_n = p["gpu_hours"] * n / p["models"]
+        total_p, total_n = total_p + p["gpu_hours"], total_n + at_n
+        rows.append((k, str(p["models"]), f"{p['gpu_hours']:,.0f}", f"{at_n:,.0f}"))
+    rows.append(("total", "", f"{total_p:,.0f}", f"{total_n:,.0f}"))
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    out = "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows)
+    note = ("\nCost model: presets.gpu_hours_per_model (0.7 V100-h per 500-epoch ResNet-14). The nmodels "
+            "ablation subsamples the sources runs, so it needs N >= its largest subset." if n < 100 else "")
+    return out + note
+
+
+def _bill_n(a: argparse.Namespace) -> int:
+    if a.models is not None:
+        if a.models < 2:
+            raise SystemExit("nondet_hpc.experiments: error: --models must be at least 2 (an SD needs 2 models)")
+        return int(a.models)
+    from .analysis.planning import PlanError, parse_target, plan_sweep
+
+    try:
+        targets = dict(parse_target(t) for t in a.target or [])
+        plan_ = plan_sweep(a.plan, targets, check=False)
+    except PlanError as e:
+        raise SystemExit(f"nondet_hpc.experiments: error: {e}") from None
+    need = [t["common_n_needed"] for t in plan_["study"]["targets"].values()]
+    if not need or not all(math.isfinite(x) for x in need):
+        raise SystemExit(f"nondet_hpc.experiments: error: the planner cannot predict N from {a.plan} for "
+                         f"{', '.join(a.target)}; see python -m nondet_hpc.plan {a.plan} --target ...")
+    n = int(max(need))
+    print(f"N = {n} models per group: the planner's prediction from {a.plan} for {', '.join(a.target)}")
+    return n
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m nondet_hpc.experiments",
@@ -119,7 +163,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                "Cost model and every preset: docs/experiments/README.md.")
     p.add_argument("name", nargs="?", help="a preset (or NAME_quick); omit to list them all")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides as on the sweep command line, e.g. out_dir=X")
+    p.add_argument("--models", type=int, help="print the whole study's bill at this many models per group")
+    p.add_argument("--plan", metavar="SWEEP_DIR", help="the bill at the N the planner predicts from this pilot sweep")
+    p.add_argument("--target", action="append", help="with --plan: a target as in python -m nondet_hpc.plan, "
+                                                     "e.g. acc_sd_se=0.02 (repeatable)")
     a = p.parse_args(argv)
+    if a.models is not None or a.plan:
+        if a.plan and not a.target:
+            p.error("--plan needs --target, e.g. --target acc_sd_se=0.02")
+        print(bill(_bill_n(a)))
+        return 0
     if not a.name:
         print(_table())
         return 0

@@ -154,6 +154,9 @@ class NondetSlurmLauncher(Launcher):
         assert self.config is not None and self.sweep_dir is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = self.sweep_dir
+        rule = self._study_rule()
+        if rule is not None:
+            return self._launch_study(job_overrides, initial_job_idx, sweep_dir, rule)
         try:
             keys = self._plan_keys(job_overrides)
             res = self._identical_rerun(job_overrides, keys, sweep_dir)
@@ -169,6 +172,55 @@ class NondetSlurmLauncher(Launcher):
             # a clean message and exit code 1, not Hydra's traceback of the launcher
             raise SystemExit(f"nondet_hpc: error: {e}") from None
         print(submit.describe_submission(res, self.params), flush=True)
+        self._fill_returns(res, planned, returns, sweep_dir)
+        return returns
+
+    # ------------------------------------------------------------------ a study grown in waves
+    def _study_rule(self) -> dict | None:
+        from nondet_hpc.cluster.waves import rule_from_config
+        from nondet_hpc.config import ConfigError
+
+        assert self.config is not None
+        try:
+            return rule_from_config(self.config.get("study"))
+        except ConfigError as e:
+            raise SystemExit(f"nondet_hpc: error: {e}\nNothing was submitted.") from None
+
+    def _launch_study(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, sweep_dir: Path,
+                      rule: dict) -> Sequence[JobReturn]:
+        """Submit the first wave of each group (a rerun: every recorded seed not done or queued, or a
+        reducer job to decide a wave whose reducer was lost); cluster/waves.py grows the rest."""
+        from nondet_hpc.cluster import client, manifest, submit, waves
+        from nondet_hpc.config import ConfigError
+
+        try:
+            groups = waves.group_jobs(job_overrides)
+            recorded = waves.load_study(sweep_dir)
+            wanted = waves.seeds_to_plan(rule, groups, recorded)
+        except (ConfigError, waves.StudyMismatch) as e:
+            raise SystemExit(f"nondet_hpc: error: {e}\nNothing was submitted.") from None
+        chosen = [(label, ov) for label, jobs in groups.items() for s, ov in jobs if s in set(wanted[label])]
+        if self.composer is not None:
+            self.composer.known = {}  # every job of the wave is composed for real
+        planned, returns = self._plan([ov for _, ov in chosen], initial_job_idx, sweep_dir, [None] * len(chosen))
+        by_label: dict[str, list] = {}
+        for (label, _), run in zip(chosen, planned):
+            by_label.setdefault(label, []).append(run)
+        try:
+            study = waves.record_first_waves(sweep_dir, rule, groups, by_label, self.params,
+                                             list(self.params.get("ignore_keys") or []))
+            res = submit.submit_sweep(sweep_dir, planned, self.params, argv=sys.argv)
+            if study["status"] == "running":
+                if not res.submitted:  # all done or queued: a lost reducer is queued again to decide
+                    red = submit.submit_reducer_only(sweep_dir, self.params, argv=sys.argv)
+                    if red is not None:
+                        res.submission, res.reducer = red.submission, red.reducer
+                waves.mark_submitted(sweep_dir, res.submission)
+        except (client.SlurmError, manifest.SweepConfigMismatch) as e:
+            waves.mark_submitted(sweep_dir, None, str(e))
+            raise SystemExit(f"nondet_hpc: error: {e}") from None
+        print(submit.describe_submission(res, self.params), flush=True)
+        print("\n".join("  " + line for line in waves.describe(waves.load_study(sweep_dir) or study)), flush=True)
         self._fill_returns(res, planned, returns, sweep_dir)
         return returns
 

@@ -143,6 +143,12 @@ def _load(sweep: Path) -> list[_Group]:
     return groups
 
 
+def sweep_groups(sweep: Path) -> list[_Group]:
+    """The reducer's groups of a sweep (one per group and view) with their per-model values, its
+    bootstrap seed (``seed_key``) and run.json facts: what cluster/waves.py measures between waves."""
+    return _load(Path(sweep))
+
+
 def _cost(g: _Group) -> tuple[float, str, str]:
     """(cost of one model, unit, how it was obtained)."""
     from ..presets import MACS, gpu_hours_per_model

@@ -273,6 +273,9 @@ def _extra_sections(res: _Results) -> str:
         parts += ["## Mixed environments (--allow-mixed)", "",
                   "These groups average over runs computed in different environments:", ""]
         parts += [f"    {ln}" for m in res.mixes for ln in m.describe()] + [""]
+    from ..cluster.waves import report_section  # torch-free; the study's record in sweep.json
+
+    parts += report_section(res.sweep)
     return "\n" + "\n".join(parts) if parts else ""
 
 

@@ -131,7 +131,8 @@ def requeue_after_stop(signals: StopSignals, max_requeue: int) -> bool:
 
 
 class ReduceJob:
-    """The reducer job: ``python -m nondet_hpc.reduce SWEEP_DIR``; fails when that fails."""
+    """The reducer job: ``python -m nondet_hpc.reduce SWEEP_DIR``; fails when that fails. In a
+    study grown in waves it then decides the wave and submits the next (cluster/waves.py)."""
 
     def __init__(self, sweep_dir: str) -> None:
         self.sweep_dir = str(sweep_dir)
@@ -141,8 +142,13 @@ class ReduceJob:
         _log(f"running {shlex.join(cmd)}")
         sys.stdout.flush()
         rc = subprocess.call(cmd)
+        from .waves import after_reduce  # a study grown in waves: decide this wave, submit the next
+
+        study_rc = after_reduce(self.sweep_dir, rc, by=f"reducer job {_job_label()}")
         if rc != 0:
             raise RuntimeError(f"{shlex.join(cmd)} exited with {rc}")
+        if study_rc != 0:
+            raise RuntimeError("the study stopped (message above and in sweep.json)")
         return rc
 
 

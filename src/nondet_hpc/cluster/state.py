@@ -259,7 +259,17 @@ def sweep_status(sweep_dir: str | os.PathLike, *, timeout: float | None = None, 
                   "squeue+run folder" if seen.queue is not None else "run folder")
     return {"sweep_dir": str(sweep_dir), "time": now_iso(), "counts": _counts(runs),
             "runs": [dataclasses.asdict(r) for r in runs], "reducer": _reducer_status(manifest, sweep_dir, seen),
-            "submissions": len(manifest["submissions"]), "errors": seen.errors, "accounting": accounting}
+            "submissions": len(manifest["submissions"]), "errors": seen.errors, "accounting": accounting,
+            "study": _study_summary(manifest.get("study"))}
+
+
+def _study_summary(study: Mapping | None) -> dict | None:
+    """A study grown in waves (cluster/waves.py) without the configs and launcher settings it keeps."""
+    if not study:
+        return None
+    out = {k: v for k, v in study.items() if k not in ("params", "ignore_keys", "groups")}
+    out["groups"] = {label: {k: v for k, v in g.items() if k != "config"} for label, g in study["groups"].items()}
+    return out
 
 
 def _local_status(sweep_dir: Path, stale_s: float) -> dict:

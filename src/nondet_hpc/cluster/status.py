@@ -52,6 +52,10 @@ def format_status(st: dict, *, show_done: bool = True, tail: bool = True) -> str
     lines = [head, f"  {sum(c.values())} runs:  {counts}"]
     for cmd, err in st.get("errors", {}).items():
         lines.append(f"  note: {cmd} unavailable: {err}")
+    if st.get("study"):
+        from .waves import describe
+
+        lines += ["  " + line for line in describe(st["study"])]
     runs = sorted(st["runs"], key=lambda r: (ORDER.get(r["state"], 9), r["run_id"]))
     if not show_done:
         runs = [r for r in runs if r["state"] != "done"]

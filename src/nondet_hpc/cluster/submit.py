@@ -339,7 +339,8 @@ def _reducer_dependency(launch: _Launch) -> tuple[str, list[str]]:
         rq = launch.queue.get(red.get("job_id", ""))
         if rq and rq.state == "PENDING" and rq.belongs_to(s.get("folder")):
             earlier_reducers.append(red["job_id"])
-    return "afterany:" + ":".join(dict.fromkeys(deps)), earlier_reducers
+    # no array left to wait for (a reducer-only submission after them all): no dependency
+    return ("afterany:" + ":".join(dict.fromkeys(deps))) if deps else "", earlier_reducers
 
 
 def _submit_reducer(launch: _Launch, result: SubmissionResult) -> None:
@@ -411,6 +412,37 @@ def submit_sweep(sweep_dir: str | os.PathLike, planned: Sequence[PlannedRun], pa
         _submit_arrays(launch, todo, result, echo)
         if want_reducer:
             _submit_reducer(launch, result)
+        launch.record["status"] = "submitted"
+        launch.save()
+    return result
+
+
+def submit_reducer_only(sweep_dir: str | os.PathLike, params: Mapping[str, Any], *,
+                        argv: Sequence[str] | None = None) -> SubmissionResult | None:
+    """Queue a reducer job and no runs (a study whose reducer was lost between waves: the new one
+    decides the wave, cluster/waves.py); None when a reducer of this sweep is still queued/running.
+    It waits (afterany) for every array of the sweep SLURM still lists."""
+    params = dict(params)
+    require_sbatch()
+    sweep_dir = Path(sweep_dir).absolute()
+    with sweep_lock(sweep_dir):
+        recorded = load_manifest(sweep_dir)
+        if recorded is None:
+            return None
+        launch = _Launch(sweep_dir, params, _submitit_folder(sweep_dir, params),
+                         float(params.get("command_timeout_s") or DEFAULT_TIMEOUT_S), current_user(), recorded)
+        launch.queue = query_squeue(launch.user, launch.timeout)
+        for sub in recorded["submissions"]:
+            q = launch.queue.get((sub.get("reducer") or {}).get("job_id", ""))
+            if q and q.state in ACTIVE_STATES and q.belongs_to(sub.get("folder")):
+                return None
+        launch.record = _new_record(launch, [], [], {"done": [], "active": [], "over_limit": [], "duplicates": []},
+                                    argv)
+        _private_folder(launch.folder, print)
+        launch.manifest["submissions"].append(launch.record)
+        launch.save()
+        result = SubmissionResult(sweep_dir, launch.record["n"], [], [], [], [], [], None)
+        _submit_reducer(launch, result)
         launch.record["status"] = "submitted"
         launch.save()
     return result

@@ -1,0 +1,413 @@
+"""A SLURM sweep grown in waves until its precision target is met (issue 13, part 2).
+
+``study.target.acc_sd_se=0.02 study.wave=10 study.max_models=100``: the launcher submits the
+first ``wave`` seeds of each group (the seeds in the sweep's order) and records the stop rule in
+sweep.json (``"study"``) BEFORE anything is queued. The reducer job after each wave
+(:class:`.jobs.ReduceJob`) calls :func:`advance`: it measures each group's precision (the
+bootstrap SE of its SD, the reducer's own number) and submits the next seeds of the groups that
+have not met the target and are below the maximum, through :func:`.submit.submit_sweep` (chunking,
+submit limits, the afterany reducer), so every guarantee of a plain submission holds.
+
+The reducer job has no Hydra context, so sweep.json holds per group everything needed to build
+the next seeds' configs: the group's resolved config as plain data (its first run's) and the seed
+key; :func:`.manifest.plan_run` makes the run id exactly as the launcher does.
+
+Safety: the decision is taken under the sweep lock, and a wave is recorded (seeds and all) before
+it is submitted, so a second reducer run (or a rerun of the sweep command) never submits a seed
+twice. A failed sbatch stops the study with its message in the reducer's log and in sweep.json;
+rerunning the sweep command continues it. Record in sweep.json::
+
+    "study": {"rule": {"targets": {...}, "wave": W, "max_models": M}, "status": "running|done|stopped",
+              "stop_reason": str | null, "params": {launcher settings}, "ignore_keys": [...],
+              "groups": {LABEL: {"overrides", "seeds", "submitted", "run_ids": {seed: id},
+                                 "config", "precision", "n_models", "state"}},
+              "waves": [{"n", "time", "by", "groups": {LABEL: [seeds]}, "status", "submission",
+                         "decided", "error"}]}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from ..config import ConfigError
+from ..rundir import is_done
+from .client import SlurmError
+from .manifest import PlannedRun, load_manifest, new_manifest, now_iso, plan_run, sweep_lock, write_manifest
+
+SEED_KEY = "seed"
+#: study target -> per-model column of report/per_model.csv (the planner's names, analysis/planning.py)
+TARGET_COLUMNS = {"acc_sd_se": "acc", "ce_sd_se": "ce"}
+MIN_WAVE = 2  # an SD needs 2 models
+
+
+class StudyMismatch(ValueError):
+    """The sweep folder holds a study with another stop rule."""
+
+
+# =============================================================================== the stop rule
+def rule_from_config(study: Any) -> dict | None:
+    """The stop rule of a ``study`` config node, or None when no target is set (waves off)."""
+    if study is None:
+        return None
+    targets = {k: float(v) for k, v in dict(study.get("target") or {}).items() if v is not None}
+    if not targets:
+        return None
+    for k, v in targets.items():
+        if k not in TARGET_COLUMNS:
+            raise ConfigError(f"study.target.{k} is not a wave target; valid: "
+                              f"{', '.join('study.target.' + t for t in TARGET_COLUMNS)}")
+        if not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"study.target.{k}={v}: a target must be a positive number (e.g. 0.02)")
+    wave = int(study.get("wave") or 0)
+    if wave < MIN_WAVE:
+        raise ConfigError(f"study.wave={wave}: a wave must give each group at least {MIN_WAVE} models "
+                          "(an SD needs 2; the planner wants 5); set study.wave=10, say")
+    mx = study.get("max_models")
+    if mx is not None and int(mx) < wave:
+        raise ConfigError(f"study.max_models={mx} is below study.wave={wave}: raise max_models or lower the wave")
+    return {"targets": targets, "wave": wave, "max_models": None if mx is None else int(mx)}
+
+
+def split_seed(overrides: Sequence[str]) -> tuple[list[str], int]:
+    """(the job's overrides without its seed, the seed); a study needs a swept seed."""
+    rest, seed = [], None
+    for o in overrides:
+        key, sep, value = o.lstrip("+").partition("=")
+        if key == SEED_KEY and sep:
+            try:
+                seed = int(value)
+            except ValueError:
+                raise ConfigError(f"seed={value}: a study needs integer seeds") from None
+        else:
+            rest.append(o)
+    if seed is None:
+        raise ConfigError("study.target is set but the sweep does not vary the seed: sweep it, e.g. "
+                          "seed=range(1,101); the waves take its seeds in order")
+    return rest, seed
+
+
+def group_label(rest: Sequence[str]) -> str:
+    return " ".join(rest) or "(all)"
+
+
+def group_jobs(job_overrides: Sequence[Sequence[str]]) -> dict[str, list[tuple[int, list[str]]]]:
+    """Group label -> [(seed, the job's overrides)] in the sweep's order, each seed once."""
+    out: dict[str, list[tuple[int, list[str]]]] = {}
+    split = [split_seed(o) for o in job_overrides]
+    # a group is named by what differs between groups (source=init), not by what every job shares
+    common = set.intersection(*[set(rest) for rest, _ in split]) if split else set()
+    for overrides, (rest, seed) in zip(job_overrides, split):
+        jobs = out.setdefault(group_label([o for o in rest if o not in common]), [])
+        if all(s != seed for s, _ in jobs):
+            jobs.append((seed, list(overrides)))
+    return out
+
+
+# =============================================================================== the launcher's side
+def load_study(sweep_dir: str | Path) -> dict | None:
+    m = load_manifest(sweep_dir)
+    return (m or {}).get("study")
+
+
+def seeds_to_plan(rule: Mapping, groups: Mapping[str, list[tuple[int, list[str]]]],
+                  recorded: Mapping | None) -> dict[str, list[int]]:
+    """Which seeds the launcher composes: every seed a recorded wave holds (a rerun resubmits what
+    is missing), and the first wave of a group the study does not have yet."""
+    if recorded is not None and recorded.get("rule") != dict(rule):
+        raise StudyMismatch(
+            f"this sweep folder's study has the stop rule {recorded.get('rule')}, fixed before its first wave; "
+            f"the command asks for {dict(rule)}. Pass the recorded study.* values to continue it, or use another "
+            "out_dir for a new study.")
+    out = {}
+    for label, jobs in groups.items():
+        rec = (recorded or {}).get("groups", {}).get(label)
+        out[label] = list(rec["submitted"]) if rec else [s for s, _ in jobs[:rule["wave"]]]
+    return out
+
+
+def record_first_waves(sweep_dir: str | Path, rule: Mapping, groups: Mapping[str, list[tuple[int, list[str]]]],
+                       planned: Mapping[str, list[PlannedRun]], params: Mapping[str, Any],
+                       ignore_keys: Sequence[str]) -> dict:
+    """Write the study (rule, groups, their configs, wave 1 of new groups) to sweep.json, under the
+    sweep lock, before anything is submitted; a wave of a rerun is marked submitted again."""
+    from .submit import _jsonable
+
+    with sweep_lock(sweep_dir):
+        manifest = load_manifest(sweep_dir) or new_manifest(sweep_dir)
+        study = manifest.setdefault("study", {"rule": dict(rule), "status": "running", "stop_reason": None,
+                                              "groups": {}, "waves": []})
+        study["params"], study["ignore_keys"] = _jsonable(dict(params)), list(ignore_keys)
+        new = {}
+        for label, jobs in groups.items():
+            if label in study["groups"] or not planned.get(label):
+                continue
+            cap = rule["max_models"] if rule["max_models"] is not None else len(jobs)
+            first = planned[label][0]
+            seeds = [s for s, _ in jobs][:cap]
+            wave = seeds[:rule["wave"]]
+            study["groups"][label] = {
+                "overrides": split_seed(first.overrides)[0], "seeds": seeds, "submitted": wave,
+                "run_ids": {str(s): r.run_id for s, r in zip(wave, planned[label])},
+                "config": _jsonable(first.container), "precision": {}, "n_models": 0, "state": "growing"}
+            new[label] = wave
+        if new:
+            study["waves"].append({"n": len(study["waves"]) + 1, "time": now_iso(), "by": "launcher",
+                                   "groups": new, "status": "recorded", "submission": None, "decided": False})
+        elif study["status"] == "stopped" and study["waves"]:
+            study["waves"][-1]["status"] = "recorded"  # the rerun submits what it missed
+        if study["status"] == "stopped":
+            study["status"], study["stop_reason"] = "running", None
+        write_manifest(sweep_dir, manifest)
+        return study
+
+
+def mark_submitted(sweep_dir: str | Path, submission: int | None, error: str | None = None) -> None:
+    """The newest wave was submitted (``submission``) or refused (``error``: the study stops)."""
+    with sweep_lock(sweep_dir):
+        manifest = load_manifest(sweep_dir)
+        if not manifest or not manifest.get("study", {}).get("waves"):
+            return
+        study = manifest["study"]
+        wave = study["waves"][-1]
+        if error is None:
+            wave["status"] = "submitted"
+            if submission is not None:
+                wave["submission"] = submission
+        else:
+            wave.update(status="failed", error=error)
+            study["status"] = "stopped"
+            study["stop_reason"] = (f"submission of wave {wave['n']} failed: {error}. Rerun the same sweep command "
+                                    "to continue (it submits only the seeds not yet done or queued)")
+        write_manifest(sweep_dir, manifest)
+
+
+# =============================================================================== the reducer job's side
+def measure(sweep_dir: str | Path, study: Mapping) -> dict[str, dict[str, float]]:
+    """Group label -> {target: precision now}: the bootstrap SE of the SD, as the reducer computes it
+    (analysis/planning.py: same resamples, same seed), the worst over the group's views."""
+    from .. import metrics as M
+    from ..analysis.planning import sweep_groups
+
+    owner = {rid: label for label, g in study["groups"].items() for rid in g["run_ids"].values()}
+    out: dict[str, dict[str, float]] = {label: {} for label in study["groups"]}
+    for g in sweep_groups(Path(sweep_dir)):
+        labels = {owner.get(str(r)) for r in g.frame["run_id"]} - {None}
+        for label in labels:
+            part = g.frame[[owner.get(str(r)) == label for r in g.frame["run_id"]]]
+            for name in study["rule"]["targets"]:
+                col = TARGET_COLUMNS[name]
+                se = M.bootstrap_sd_se(part[col].to_numpy(float), n_boot=10_000,
+                                       seed=[0, g.seed_key] + ([1] if col == "ce" else []))
+                out[label][name] = max(out[label].get(name, 0.0), float(se))
+    return out
+
+
+def decide(study: dict, precision: Mapping[str, Mapping[str, float]]) -> dict[str, list[int]]:
+    """Update each group's state from its precision; the next seeds of the groups that go on."""
+    rule = study["rule"]
+    nxt: dict[str, list[int]] = {}
+    for label, g in study["groups"].items():
+        now = dict(precision.get(label, {}))
+        g["precision"], g["n_models"] = now, len(g["submitted"])
+        missing = [t for t in rule["targets"] if t not in now]
+        met = not missing and all(now[t] <= v for t, v in rule["targets"].items())
+        left = [s for s in g["seeds"] if s not in set(g["submitted"])]
+        if met:
+            g["state"] = "target met"
+        elif not left:
+            g["state"] = f"maximum reached ({len(g['submitted'])} models)"
+        else:
+            g["state"] = "growing"
+            nxt[label] = left[:rule["wave"]]
+    return nxt
+
+
+def _not_done(sweep_dir: Path, study: Mapping, manifest: Mapping) -> list[str]:
+    out = []
+    for g in study["groups"].values():
+        for rid in g["run_ids"].values():
+            rec = manifest["runs"].get(rid) or {}
+            if not is_done(Path(rec.get("run_dir") or sweep_dir / "runs" / rid)):
+                out.append(rid)
+    return out
+
+
+def _still_queued(run_ids: Sequence[str], manifest: Mapping) -> bool:
+    """Any of these runs' newest jobs still in SLURM's queue (squeue; our jobs only)."""
+    from .client import ACTIVE_STATES, DEFAULT_TIMEOUT_S, current_user, query_squeue
+    from .manifest import latest_job
+
+    queue = query_squeue(current_user(), DEFAULT_TIMEOUT_S)
+    for rid in run_ids:
+        job = latest_job(manifest["runs"].get(rid))
+        q = queue.get(job["job_id"]) if job else None
+        if q and q.state in ACTIVE_STATES:
+            return True
+    return False
+
+
+def plan_next(study: Mapping, nxt: Mapping[str, list[int]]) -> dict[str, list[PlannedRun]]:
+    """The next seeds' PlannedRuns from each group's recorded config: the launcher's plan_run."""
+    planned: dict[str, list[PlannedRun]] = {}
+    for label, seeds in nxt.items():
+        g = study["groups"][label]
+        for s in seeds:
+            cfg = copy.deepcopy(g["config"])
+            cfg[SEED_KEY] = s
+            planned.setdefault(label, []).append(
+                plan_run(cfg, [*g["overrides"], f"{SEED_KEY}={s}"], study.get("ignore_keys") or []))
+    return planned
+
+
+@contextlib.contextmanager
+def _outside_this_job() -> Iterator[None]:
+    """Submit as from the login node: sbatch exports the caller's environment to the new jobs, and
+    this reducer job's SLURM_* variables (SLURM_MEM_PER_NODE, SLURM_JOB_ID, ...) would leak into
+    them (srun in the new task refuses SLURM_MEM_PER_CPU beside SLURM_MEM_PER_NODE)."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("SLURM_")}
+    for k in saved:
+        del os.environ[k]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _stop(study: dict, status: str, reason: str) -> None:
+    study["status"], study["stop_reason"] = status, reason
+
+
+def advance(sweep_dir: str | Path, *, by: str = "reducer job", echo: Callable[[str], None] = print) -> int:
+    """After the reducer: decide the newest wave and submit the next one. 0 = fine, 1 = stopped
+    on an error (the message is in sweep.json and printed). Safe to run twice."""
+    from .submit import submit_sweep
+
+    sweep_dir = Path(sweep_dir).absolute()
+    with sweep_lock(sweep_dir):
+        manifest = load_manifest(sweep_dir)
+        study = (manifest or {}).get("study")
+        if not study or not study["waves"]:
+            return 0
+        last = study["waves"][-1]
+        if study["status"] != "running" or last.get("decided") or last["status"] != "submitted":
+            echo(f"nondet_hpc: study: nothing to decide (status {study['status']}, wave {last['n']} "
+                 f"{'decided' if last.get('decided') else last['status']})")
+            return 0
+        missing = _not_done(sweep_dir, study, manifest)
+        if missing and _still_queued(missing, manifest):
+            # a repeated or early reducer run: the reducer queued behind this wave decides it
+            echo(f"nondet_hpc: study: wave {last['n']} still has runs queued or running; its reducer decides it")
+            return 0
+        if missing:
+            _stop(study, "stopped", f"wave {last['n']}: {len(missing)} run(s) not done ({', '.join(missing[:5])}"
+                                    f"{' ...' if len(missing) > 5 else ''}); see python -m nondet_hpc.status "
+                                    f"{sweep_dir}, then rerun the same sweep command to resubmit them")
+            write_manifest(sweep_dir, manifest)
+            echo(f"nondet_hpc: study stopped: {study['stop_reason']}")
+            return 1
+        nxt = decide(study, measure(sweep_dir, study))
+        last["decided"] = True
+        if not nxt:
+            states = sorted({g["state"] for g in study["groups"].values()})
+            _stop(study, "done", f"after {len(study['waves'])} wave(s): every group stopped ({'; '.join(states)})")
+            write_manifest(sweep_dir, manifest)
+            echo(f"nondet_hpc: study done: {study['stop_reason']}")
+            return 0
+        by_group = plan_next(study, nxt)
+        for label, seeds in nxt.items():
+            g = study["groups"][label]
+            g["submitted"] = [*g["submitted"], *seeds]
+            g["run_ids"].update({str(s): r.run_id for s, r in zip(seeds, by_group[label])})
+        planned = [r for runs in by_group.values() for r in runs]
+        study["waves"].append({"n": len(study["waves"]) + 1, "time": now_iso(), "by": by, "groups": nxt,
+                               "status": "recorded", "submission": None, "decided": False})
+        write_manifest(sweep_dir, manifest)  # recorded before submitting: never submitted twice
+        params = dict(study["params"])
+    n = study["waves"][-1]["n"]
+    try:
+        with _outside_this_job():
+            res = submit_sweep(sweep_dir, planned, params, argv=[by, f"wave {n}"], echo=echo)
+    except (SlurmError, OSError, ValueError) as e:
+        mark_submitted(sweep_dir, None, f"{type(e).__name__}: {e}")
+        echo(f"nondet_hpc: study stopped: submission of wave {n} failed: {e}. Rerun the same sweep command to "
+             "continue.")
+        return 1
+    mark_submitted(sweep_dir, res.submission)
+    echo(f"nondet_hpc: study: wave {n} submitted: " + "; ".join(f"{k}: seeds {v[0]}-{v[-1]}" for k, v in nxt.items()))
+    return 0
+
+
+def after_reduce(sweep_dir: str | Path, reducer_rc: int, *, by: str = "reducer job",
+                 echo: Callable[[str], None] = print) -> int:
+    """The reducer job's last step: nothing without a study; a failed reducer stops the study."""
+    sweep_dir = Path(sweep_dir).absolute()
+    try:
+        if load_study(sweep_dir) is None:
+            return 0
+    except (OSError, ValueError) as e:
+        echo(f"nondet_hpc: study: cannot read {sweep_dir / 'sweep.json'}: {e}")
+        return 1
+    if reducer_rc == 0:
+        return advance(sweep_dir, by=by, echo=echo)
+    with sweep_lock(sweep_dir):
+        manifest = load_manifest(sweep_dir)
+        study = manifest["study"]
+        if study["status"] == "running":
+            _stop(study, "stopped", f"the reducer exited with {reducer_rc} after wave {len(study['waves'])} (its "
+                                    "log says why); fix that and rerun the same sweep command to continue")
+            write_manifest(sweep_dir, manifest)
+            echo(f"nondet_hpc: study stopped: {study['stop_reason']}")
+    return 1
+
+
+# =============================================================================== showing it
+def describe(study: Mapping) -> list[str]:
+    """Lines for status and the launcher: the rule, the waves, each group's precision and state."""
+    rule = study["rule"]
+    tg = ", ".join(f"{k} <= {v:g}" for k, v in rule["targets"].items())
+    mx = rule["max_models"] if rule["max_models"] is not None else "all seeds swept"
+    lines = [f"study: {study['status']} after {len(study['waves'])} wave(s); stop rule: {tg}, wave {rule['wave']}, "
+             f"max {mx} per group"]
+    if study.get("stop_reason"):
+        lines.append(f"  stop reason: {study['stop_reason']}")
+    for w in study["waves"]:
+        groups = "; ".join(f"{k} {v[0]}-{v[-1]}" for k, v in w["groups"].items())
+        err = f" ERROR {w['error']}" if w.get("error") else ""
+        lines.append(f"  wave {w['n']} ({w['by']}, {w['status']}, submission {w.get('submission')}): seeds {groups}{err}")
+    for label, g in study["groups"].items():
+        prec = ", ".join(f"{k} {v:.4g}" for k, v in g["precision"].items()) or "not measured yet"
+        lines.append(f"  group {label}: {len(g['submitted'])} seeds submitted (max {len(g['seeds'])}); "
+                     f"{prec}; {g['state']}")
+    return lines
+
+
+def report_section(sweep_dir: str | Path) -> list[str]:
+    """report.md's "Study grown in waves" section: the stop rule, the waves run, and the caveat."""
+    try:
+        study = load_study(sweep_dir)
+    except (OSError, ValueError):
+        return []
+    if not study:
+        return []
+    rule = study["rule"]
+    tg = ", ".join(f"`{k}` <= {v:g}" for k, v in rule["targets"].items())
+    mx = rule["max_models"] if rule["max_models"] is not None else "every seed swept"
+    lines = ["## Study grown in waves", "",
+             f"Stop rule, fixed in sweep.json before the first wave: each group grows by {rule['wave']} seeds a "
+             f"wave until {tg} (the bootstrap SE of the SD over the group's models, as in metrics.csv) or "
+             f"{mx} models. Waves run: {len(study['waves'])}. Per group:", ""]
+    for label, g in study["groups"].items():
+        lines.append(f"- {label}: {len(g['submitted'])} models (seeds {g['submitted'][0]}-{g['submitted'][-1]}); "
+                     f"{g['state']}")
+    lines += ["",
+              "Caveat: when a study stops depends on its data, so N is itself random and a group stopped early may "
+              "have an SE that happened to be small. What the package does about it: the stopping rule uses only "
+              "the SE of an SD (a precision, not a test), every number here is recomputed by the bootstrap of the "
+              "final N models, and no hypothesis test is used to decide when to stop; a p-value or a claim verdict "
+              "computed on a sweep stopped this way is conditional on the stop and is not corrected for it.", ""]
+    return lines
