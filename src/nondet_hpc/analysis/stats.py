@@ -87,8 +87,10 @@ def reduce_group(g: Group, sweep: Path, excluded: list[Exclusion], warnings: lis
     features = _features(g, used, sweep, warnings) if g.view_id == "plain" else None
     labels = used[0][0].labels
     try:
+        # a progress line on stderr once a group takes more than a few seconds (large sweeps)
         g.stats = M.pairwise_stats([a for _, a, _ in used], labels, summaries=[s for _, _, s in used],
-                                   features=features, block_bytes=block_bytes)
+                                   features=features, block_bytes=block_bytes,
+                                   progress=M.progress_line(f"{g.row_name}: pairwise metrics"))
     except BadFile as e:  # a file replaced or truncated while we read it (a job still writing?)
         g.used = []
         g.notes.append(f"stopped: {e}")
