@@ -48,3 +48,22 @@ def cli_env() -> dict:
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def interrupt_run(cfg, monkeypatch, at_step: int) -> None:
+    """Train ``cfg`` until optimizer step ``at_step``, then stop it as a SLURM signal would: the run
+    checkpoints and raises Preempted. The trainer is restored afterwards."""
+    from nondet_hpc.run import task, train
+
+    real = train.Trainer.set_lr
+
+    def set_lr(self, step):
+        if step == at_step:
+            train.request_stop()
+        return real(self, step)
+    monkeypatch.setattr(train.Trainer, "set_lr", set_lr)
+    try:
+        with pytest.raises(train.Preempted):
+            task.run(cfg)
+    finally:
+        monkeypatch.setattr(train.Trainer, "set_lr", real)

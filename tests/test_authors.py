@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from conftest import make_cfg
+from conftest import interrupt_run, make_cfg
 from nondet_hpc.config import ConfigError
 from nondet_hpc.rundir import group_key, run_dir, run_id
 from nondet_hpc.run import data as data_mod, task, train
-from nondet_hpc.run.data import Dataset, augment_batch, crop_flip, draw_augment, epoch_augment, epoch_order
+from nondet_hpc.run.data import Dataset, crop_flip, draw_augment, epoch_augment, epoch_order
 from nondet_hpc.run.models import build_model, init_weights
 from nondet_hpc.run.sources import FP32_PRECISIONS, Streams, configure_precision, resolve_seeds
 from nondet_hpc.run.train import lr_factor, param_groups, small_lr_names
@@ -237,17 +237,7 @@ def test_mid_epoch_resume_is_bit_exact_under_both_variants(cfg_factory, monkeypa
     args = (f"variant={variant}", "source=all", "seed=3", "train.epochs=2", "train.checkpoint_every=1")
     ref = task.run(cfg_factory(*args, out="ref"))
     cfg = cfg_factory(*args, out="interrupted")
-    real = train.Trainer.set_lr
-
-    def set_lr(self, step):
-        if step == 6:  # 4 steps per epoch: mid-epoch 2
-            train.request_stop()
-        return real(self, step)
-
-    monkeypatch.setattr(train.Trainer, "set_lr", set_lr)
-    with pytest.raises(train.Preempted):
-        task.run(cfg)
-    monkeypatch.setattr(train.Trainer, "set_lr", real)
+    interrupt_run(cfg, monkeypatch, 6)  # 4 steps per epoch: mid-epoch 2
     out = task.run(cfg)
     rec = json.load(open(run_dir(cfg) / "run.json"))
     assert rec["resumed_from"] == {**rec["resumed_from"], "epoch": 1, "batch": 3}

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from nondet_hpc.run import task, train
+from conftest import interrupt_run
+from nondet_hpc.run import task
 from nondet_hpc.rundir import run_dir
 from nondet_hpc.config import ConfigError
 
@@ -56,19 +57,9 @@ def test_resume_from_checkpoint_is_bit_exact(cfg_factory, monkeypatch, stop_at_s
     args = ("source=all", "seed=3", "train.epochs=3", "train.checkpoint_every=1", "eval.features=true")
     ref = task.run(cfg_factory(*args, out="ref"))
     cfg = cfg_factory(*args, out="interrupted")
-    real = train.Trainer.set_lr
-
-    def set_lr(self, step):
-        if step == stop_at_step:
-            train.request_stop()
-        return real(self, step)
-
-    monkeypatch.setattr(train.Trainer, "set_lr", set_lr)
-    with pytest.raises(train.Preempted):
-        task.run(cfg)
+    interrupt_run(cfg, monkeypatch, stop_at_step)
     rec = json.load(open(run_dir(cfg) / "run.json"))
     assert rec["state"] == "preempted" and not (run_dir(cfg) / "DONE").exists()
-    monkeypatch.setattr(train.Trainer, "set_lr", real)
     out = task.run(cfg)
     rec = json.load(open(run_dir(cfg) / "run.json"))
     assert rec["resumed_from"]["epoch"] * 4 + rec["resumed_from"]["batch"] == stop_at_step + 1
@@ -223,23 +214,10 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _interrupted(cfg, monkeypatch, at_step=3):
-    real = train.Trainer.set_lr
-
-    def set_lr(self, step):
-        if step == at_step:
-            train.request_stop()
-        return real(self, step)
-    monkeypatch.setattr(train.Trainer, "set_lr", set_lr)
-    with pytest.raises(train.Preempted):
-        task.run(cfg)
-    monkeypatch.setattr(train.Trainer, "set_lr", real)
-
-
 def test_a_planted_checkpoint_does_not_run_its_payload(cfg_factory, monkeypatch, tmp_path):
     import pickle
     cfg = cfg_factory("source=init", "seed=5")
-    _interrupted(cfg, monkeypatch)
+    interrupt_run(cfg, monkeypatch, 3)
     ckpt = run_dir(cfg) / "checkpoint.pt"
     marker = tmp_path / "payload-ran"
     ckpt.write_bytes(pickle.dumps({"run_id": run_dir(cfg).name, "model": _Payload(marker)}))
@@ -252,8 +230,8 @@ def test_a_planted_checkpoint_does_not_run_its_payload(cfg_factory, monkeypatch,
 
 def test_a_checkpoint_of_another_run_is_refused(cfg_factory, monkeypatch):
     a, b = cfg_factory("source=init", "seed=1"), cfg_factory("source=init", "seed=2")
-    _interrupted(a, monkeypatch)
-    _interrupted(b, monkeypatch)
+    interrupt_run(a, monkeypatch, 3)
+    interrupt_run(b, monkeypatch, 3)
     foreign = (run_dir(a) / "checkpoint.pt").read_bytes()
     (run_dir(b) / "checkpoint.pt").write_bytes(foreign)
     with pytest.raises(ConfigError, match=rf"belongs to run {run_dir(a).name}, not to {run_dir(b).name}"):

@@ -13,20 +13,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, cli_env, make_cfg
-from test_task import _interrupted
+from conftest import REPO, cli_env, interrupt_run, make_cfg
 from nondet_hpc.config import ConfigError
 from nondet_hpc.rundir import group_key, run_dir, run_id
 from nondet_hpc.run import data as data_mod, task, train
-from nondet_hpc.run.data import (Dataset, EpochImages, augment_batch, epoch_augment, epoch_order, load_dataset,
+from nondet_hpc.run.data import (EpochImages, augment_batch, epoch_augment, epoch_order, load_dataset,
                                  training_batches)
 from nondet_hpc.run.models import init_weights, model_from_config
 from nondet_hpc.run.sources import Streams, resolve_seeds
@@ -239,7 +236,7 @@ def test_mid_epoch_resume_is_bit_exact_for_amp(cfg_factory, monkeypatch, overrid
     args = ("source=all", "seed=2", "train.checkpoint_every=1", *overrides)
     ref = task.run(cfg_factory(*args, out="ref"))
     cfg = cfg_factory(*args, out="interrupted")
-    _interrupted(cfg, monkeypatch, at_step=6)  # mid-epoch 2 (4 batches per epoch)
+    interrupt_run(cfg, monkeypatch, 6)  # mid-epoch 2 (4 batches per epoch)
     out = task.run(cfg)
     load = lambda o: np.load(os.path.join(o["run_dir"], "logits", "plain.npy"))  # noqa: E731
     assert np.array_equal(load(ref), load(out))
