@@ -25,16 +25,6 @@ class ReduceAtSweepEnd(Callback):
     def __init__(self) -> None:
         self.failures: list[tuple[int, str]] = []
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # waves need a launcher that returns and a reducer job that decides (cluster/waves.py); the
-        # local launcher would train every seed swept, silently ignoring the stop rule
-        if config.hydra.launcher.get("_target_") == SLURM_LAUNCHER or not config.get("study"):
-            return
-        if any(v is not None for v in dict(config.study.get("target") or {}).values()):
-            raise SystemExit("nondet_hpc: error: study.target.* (waves until a precision target) needs "
-                             "hydra/launcher=slurm; the local launcher does not run waves yet. Run the waves on a "
-                             "SLURM cluster, or sweep a fixed N locally and plan it with python -m nondet_hpc.plan.")
-
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         # a job that raised is Hydra's to report (return_value re-raises it); a run that failed
         # returns its state, as task.run does for every failure it catches

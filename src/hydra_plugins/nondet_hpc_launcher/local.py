@@ -13,6 +13,8 @@ end-of-sweep report and the exit code see every job, as with Hydra's basic launc
   here as one block when the job ends, so parallel jobs never interleave their lines.
 - A job's result depends on its thread count (``train.threads``, part of the run identity), never
   on how many jobs run beside it: a run trained alone or beside others gives the same logits.
+- ``study.target.*`` (a study grown in waves): the waves run here in sequence, recorded, measured
+  and decided by cluster/waves.py as a SLURM study's reducer job does (``_launch_waves``).
 """
 
 from __future__ import annotations
@@ -165,7 +167,83 @@ class NondetLocalLauncher(Launcher):
         assert self.hydra_context is not None and self.config is not None and self.task_function is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        from nondet_hpc.cluster.waves import rule_from_config
+        from nondet_hpc.config import ConfigError
+
+        try:
+            rule = rule_from_config(self.config.get("study"))
+        except ConfigError as e:
+            raise SystemExit(f"nondet_hpc: error: {e}\nNothing was run.") from None
+        if rule is not None:
+            return self._launch_waves(job_overrides, initial_job_idx, rule)
+        return self._launch_jobs(job_overrides, initial_job_idx)
+
+    # ------------------------------------------------------------------ a study grown in waves
+    def _launch_waves(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+                      rule: dict) -> list[JobReturn]:
+        """The waves in sequence, with cluster/waves.py's record, measurement and decision: run the
+        recorded seeds (a new study: wave 1 of each group; a rerun: every seed recorded, the finished
+        ones skipped by the task), reduce, measure, decide, run the next seeds; job numbers go on."""
+        from nondet_hpc.analysis import reduce
+        from nondet_hpc.cluster import waves
+        from nondet_hpc.config import ConfigError
+
+        assert self.config is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
+        try:
+            groups = waves.group_jobs(job_overrides)
+            wanted = waves.seeds_to_plan(rule, groups, waves.load_study(sweep_dir))
+        except (ConfigError, waves.StudyMismatch) as e:
+            raise SystemExit(f"nondet_hpc: error: {e}\nNothing was run.") from None
+        jobs = {label: dict(seed_jobs) for label, seed_jobs in groups.items()}
+        chosen = [ov for label, seed_jobs in groups.items() for s, ov in seed_jobs if s in set(wanted[label])]
+        returns = self._launch_jobs(chosen, initial_job_idx, record=(rule, groups))
+        while True:
+            try:
+                reduce.reduce_sweep(sweep_dir)  # measure() reads the reducer's per-model values
+                error = None
+            except Exception as e:  # noqa: BLE001 - the runs are safe; the study stops with the reason
+                error = f"{type(e).__name__}: {e}"
+            nxt = waves.decide_local(sweep_dir, error, echo=lambda line: log.info(line))
+            if not nxt:
+                break
+            log.info("nondet_hpc: study: next wave: " + "; ".join(f"{k}: seeds {v[0]}-{v[-1]}" for k, v in nxt.items()))
+            chosen = [jobs[label][s] for label, seeds in nxt.items() for s in seeds]
+            returns += self._launch_jobs(chosen, initial_job_idx + len(returns))
+        study = waves.load_study(sweep_dir)
+        if study:
+            print("\n".join("[nondet_hpc] " + line for line in waves.describe(study)), flush=True)
+        return returns
+
+    def _record_first_waves(self, configs: Sequence[DictConfig], job_overrides: Sequence[Sequence[str]],
+                            rule: dict, groups: dict) -> None:
+        """sweep.json's study record (stop rule, groups, their configs, wave 1) before any job runs,
+        with each job's run id as the task computes it."""
+        from hydra.core.hydra_config import HydraConfig
+        from nondet_hpc.cluster import waves
+        from nondet_hpc.cluster.manifest import plan_run
+
+        assert self.config is not None
+        label_of = {tuple(ov): label for label, seed_jobs in groups.items() for _, ov in seed_jobs}
+        by_label: dict[str, list] = {}
+        for config, overrides in zip(configs, job_overrides):
+            job_cfg = copy.deepcopy(config)
+            HydraConfig.instance().set_config(job_cfg)  # ${hydra:...} resolves per job
+            with open_dict(job_cfg):
+                del job_cfg["hydra"]
+            OmegaConf.resolve(job_cfg)
+            by_label.setdefault(label_of[tuple(overrides)], []).append(plan_run(job_cfg, list(overrides)))
+        waves.record_first_waves(self.config.hydra.sweep.dir, rule, groups, by_label,
+                                 {"launcher": "local", "n_jobs": self.n_jobs}, [])
+
+    def _launch_jobs(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+                     record: tuple[dict, dict] | None = None) -> list[JobReturn]:
+        assert self.config is not None
         configs = self._compose(job_overrides, initial_job_idx)
+        if record is not None:
+            self._record_first_waves(configs, job_overrides, *record)
+        if not configs:
+            return []
         n_jobs = min(self.resolve_n_jobs(configs), max(1, len(configs)))
         threads = sorted({int(OmegaConf.select(c, "train.threads", default=0) or 0) for c in configs})
         log.info(f"Launching {len(configs)} jobs locally, {n_jobs} at a time (train.threads={threads}, "

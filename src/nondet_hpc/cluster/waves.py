@@ -282,6 +282,61 @@ def _stop(study: dict, status: str, reason: str) -> None:
     study["status"], study["stop_reason"] = status, reason
 
 
+def _decide_locked(sweep_dir: Path, manifest: dict, by: str,
+                   echo: Callable[[str], None]) -> tuple[int, dict[str, list[int]], list[PlannedRun]]:
+    """Under the sweep lock, the newest wave's runs over: measure, decide, and record the next wave
+    (seeds and run ids, before anything runs it). (rc, the next seeds per group, their PlannedRuns);
+    no next seeds = the study stopped (rc 1: runs not done) or is done (rc 0)."""
+    study = manifest["study"]
+    last = study["waves"][-1]
+    missing = _not_done(sweep_dir, study, manifest)
+    if missing:
+        _stop(study, "stopped", f"wave {last['n']}: {len(missing)} run(s) not done ({', '.join(missing[:5])}"
+                                f"{' ...' if len(missing) > 5 else ''}); see python -m nondet_hpc.status "
+                                f"{sweep_dir}, then rerun the same sweep command to run them again")
+        write_manifest(sweep_dir, manifest)
+        echo(f"nondet_hpc: study stopped: {study['stop_reason']}")
+        return 1, {}, []
+    nxt = decide(study, measure(sweep_dir, study))
+    last["decided"] = True
+    if not nxt:
+        states = sorted({g["state"] for g in study["groups"].values()})
+        _stop(study, "done", f"after {len(study['waves'])} wave(s): every group stopped ({'; '.join(states)})")
+        write_manifest(sweep_dir, manifest)
+        echo(f"nondet_hpc: study done: {study['stop_reason']}")
+        return 0, {}, []
+    by_group = plan_next(study, nxt)
+    for label, seeds in nxt.items():
+        g = study["groups"][label]
+        g["submitted"] = [*g["submitted"], *seeds]
+        g["run_ids"].update({str(s): r.run_id for s, r in zip(seeds, by_group[label])})
+    study["waves"].append({"n": len(study["waves"]) + 1, "time": now_iso(), "by": by, "groups": nxt,
+                           "status": "recorded", "submission": None, "decided": False})
+    write_manifest(sweep_dir, manifest)  # recorded before it runs: never run or submitted twice
+    return 0, nxt, [r for runs in by_group.values() for r in runs]
+
+
+def decide_local(sweep_dir: str | Path, reducer_error: str | None, *, by: str = "local launcher",
+                 echo: Callable[[str], None] = print) -> dict[str, list[int]]:
+    """The local launcher's step between waves (it ran the newest wave and the reducer itself):
+    the same measurement and decision as a reducer job's :func:`advance`, and the next wave
+    recorded in sweep.json; the next seeds per group to run here, {} when the study is over."""
+    sweep_dir = Path(sweep_dir).absolute()
+    with sweep_lock(sweep_dir):
+        manifest = load_manifest(sweep_dir)
+        study = (manifest or {}).get("study")
+        if not study or not study["waves"] or study["status"] != "running" or study["waves"][-1].get("decided"):
+            return {}
+        study["waves"][-1]["status"] = "submitted"  # ran here: "submitted" is the state advance decides
+        if reducer_error is not None:
+            _stop(study, "stopped", f"the reducer failed after wave {len(study['waves'])} ({reducer_error}); fix "
+                                    "that and rerun the same sweep command to continue")
+            write_manifest(sweep_dir, manifest)
+            echo(f"nondet_hpc: study stopped: {study['stop_reason']}")
+            return {}
+        return _decide_locked(sweep_dir, manifest, by, echo)[1]
+
+
 def advance(sweep_dir: str | Path, *, by: str = "reducer job", echo: Callable[[str], None] = print) -> int:
     """After the reducer: decide the newest wave and submit the next one. 0 = fine, 1 = stopped
     on an error (the message is in sweep.json and printed). Safe to run twice."""
@@ -303,30 +358,9 @@ def advance(sweep_dir: str | Path, *, by: str = "reducer job", echo: Callable[[s
             # a repeated or early reducer run: the reducer queued behind this wave decides it
             echo(f"nondet_hpc: study: wave {last['n']} still has runs queued or running; its reducer decides it")
             return 0
-        if missing:
-            _stop(study, "stopped", f"wave {last['n']}: {len(missing)} run(s) not done ({', '.join(missing[:5])}"
-                                    f"{' ...' if len(missing) > 5 else ''}); see python -m nondet_hpc.status "
-                                    f"{sweep_dir}, then rerun the same sweep command to resubmit them")
-            write_manifest(sweep_dir, manifest)
-            echo(f"nondet_hpc: study stopped: {study['stop_reason']}")
-            return 1
-        nxt = decide(study, measure(sweep_dir, study))
-        last["decided"] = True
-        if not nxt:
-            states = sorted({g["state"] for g in study["groups"].values()})
-            _stop(study, "done", f"after {len(study['waves'])} wave(s): every group stopped ({'; '.join(states)})")
-            write_manifest(sweep_dir, manifest)
-            echo(f"nondet_hpc: study done: {study['stop_reason']}")
-            return 0
-        by_group = plan_next(study, nxt)
-        for label, seeds in nxt.items():
-            g = study["groups"][label]
-            g["submitted"] = [*g["submitted"], *seeds]
-            g["run_ids"].update({str(s): r.run_id for s, r in zip(seeds, by_group[label])})
-        planned = [r for runs in by_group.values() for r in runs]
-        study["waves"].append({"n": len(study["waves"]) + 1, "time": now_iso(), "by": by, "groups": nxt,
-                               "status": "recorded", "submission": None, "decided": False})
-        write_manifest(sweep_dir, manifest)  # recorded before submitting: never submitted twice
+        rc, nxt, planned = _decide_locked(sweep_dir, manifest, by, echo)
+        if rc or not nxt:
+            return rc
         params = dict(study["params"])
     n = study["waves"][-1]["n"]
     try:
