@@ -145,6 +145,7 @@ def test_snapshot_ensembling_writes_one_logits_file_per_cycle(cfg_factory):
     ("train.snapshots=3", "must be >= 1 and divide train.epochs"),
     ("eval.views=[plain,crop99]", r"unknown view\(s\) \['crop99'\]"),
     ("eval.batch_size=0", "eval.batch_size=0 is invalid"),
+    ("source=[]", r"no source chosen \(an empty list such as source=\[\] selects none\); choose one of all, "),
     ("train.threads=-1", "train.threads=-1 is invalid"),
     ("data.test_subset=0", "data.test_subset=0 is invalid"),
     ("data.train_subset=-5", "data.train_subset=-5 is invalid"),
@@ -156,8 +157,8 @@ def test_bad_input_is_refused_before_anything_is_written(cfg_factory, tmp_path, 
     cfg = cfg_factory(override)
     with pytest.raises(ConfigError, match=match):
         task.run(cfg)
-    # nothing of the run exists: no run folder, so no run.json, no config.yaml, no DONE
-    assert not run_dir(cfg).exists() and not list((tmp_path / "sweep").glob("runs/*"))
+    # nothing of the run exists: no run folder (of any id), so no run.json, no config.yaml, no DONE
+    assert not list((tmp_path / "sweep").glob("runs/*"))
 
 
 def test_unwritable_output_folder(cfg_factory, tmp_path):

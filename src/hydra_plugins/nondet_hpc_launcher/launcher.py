@@ -274,8 +274,16 @@ class NondetSlurmLauncher(Launcher):
         # a task's CPUs are split between its runs_per_task runs (cluster/pack.py does the same)
         threads = max(1, int(self.params.get("cpus_per_task") or 1) // int(self.params.get("runs_per_task") or 1))
         task_name = str(self.config.hydra.job.name)
+        from nondet_hpc.config import ConfigError
+        from nondet_hpc.run.task import check_groups_chosen
+
         for i, (overrides, key) in enumerate(zip(job_overrides, keys)):
             job_cfg = self._job_config(overrides, initial_job_idx + i)
+            try:  # a group left unset (source=[]) has no run id: say so before computing one
+                check_groups_chosen(job_cfg)
+            except ConfigError as e:
+                raise SystemExit(f"nondet_hpc: error: job {' '.join(filter_overrides(overrides))}: {e}\n"
+                                 "Nothing was submitted.") from None
             out_dir = Path(str(job_cfg.get("out_dir", sweep_dir))).absolute()
             if "out_dir" in job_cfg:
                 # the job may start in another directory than this one (SLURM falls back to /tmp

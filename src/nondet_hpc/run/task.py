@@ -90,6 +90,21 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def check_groups_chosen(cfg) -> None:
+    """``source=[]`` (an empty sweep list) leaves a config group unset: say so, not OmegaConf's
+    'Missing mandatory value'."""
+    conf = Path(__file__).resolve().parents[1] / "conf"  # an installed wheel
+    if not conf.is_dir():
+        conf = Path(__file__).resolve().parents[3] / "conf"  # the repository (editable install)
+    for group, example in (("source", "source=init, or -m source=init,shuffle"), ("data", "data=digits"),
+                           ("model", "model=resnet14")):
+        missing = OmegaConf.is_missing(cfg, group) if isinstance(cfg, DictConfig) else cfg.get(group) == "???"
+        if missing:
+            options = ", ".join(sorted(p.stem for p in (conf / group).glob("*.yaml"))) or f"the {group} options"
+            raise ConfigError(f"no {group} chosen (an empty list such as {group}=[] selects none); choose one of "
+                              f"{options}, e.g. {example}.")
+
+
 def validate(cfg, *, check_device: bool = True) -> None:
     """Reject bad input before anything is written (messages name the key and the fix).
 
@@ -97,6 +112,7 @@ def validate(cfg, *, check_device: bool = True) -> None:
     build), so a job on a wrong node fails before it creates its run folder. The SLURM launcher
     passes False: the submitting host is not the node the job will run on.
     """
+    check_groups_chosen(cfg)
     resolve_seeds(list(cfg.source.vary), cfg.seed, cfg.source.deterministic_kernels)
     t = cfg.train
     for key, new_key in RETIRED_KEYS.items():
