@@ -5,6 +5,7 @@
 #             sync-free epochs (torch.cuda.set_sync_debug_mode), fp32/TF32 flags, arch check
 #   step_modes - ResNet-14 images/s at batch 512 per mode (fp32 NCHW/NHWC, tf32, amp_fp16,
 #             amp_bf16, graph), deterministic kernels, ratios to fp32 NCHW (benchmarks/step_modes.py)
+#   packing - K = 1/2/4 runs per GPU vs K runs in turn, with/without MPS, bit-identity (benchmarks/packing.py)
 # Results go to $OUT/gpu_check.json when OUT is set, else ./gpu_check.json; each section's log
 # and exit status are kept in the JSON too, so a failing section does not hide the others.
 #
@@ -85,6 +86,15 @@ section_step_modes() {
   fi
 }
 
+section_packing() {  # K = 1/2/4 runs per GPU (with an MPS row where nvidia-cuda-mps-control exists),
+  # each packed run checked bit-identical to its solo run; digits, since the lent machine has no CIFAR
+  if [[ "$MODE" == cpu-smoke ]]; then
+    "$PY" "$REPO/benchmarks/packing.py" --device cpu --epochs 1 --ks 1,2 --repeats 1 --json "$PARTS/packing.json"
+  else
+    "$PY" "$REPO/benchmarks/packing.py" --device cuda --epochs 3 --ks 1,2,4 --repeats 1 --json "$PARTS/packing.json"
+  fi
+}
+
 merge() {
   "$PY" - "$PARTS" "$DEST" "$MODE" <<'PYEOF'
 import json, os, sys, time
@@ -111,7 +121,6 @@ PYEOF
 run_section device 60 section_device
 run_section gpu_tests 300 section_gpu_tests
 run_section step_modes 120 section_step_modes
-# Issue 12 section 2 (K runs per allocation) appends its packing section here, e.g.
-#   run_section packing 90 section_packing    (K = 1/2/4 runs per GPU, with and without MPS)
+run_section packing 150 section_packing
 merge
 exit $FAILED

@@ -353,3 +353,7 @@ def test_gpu_check_script_parses_and_its_cpu_smoke_writes_every_cpu_mode(tmp_pat
     for name in ("fp32_nchw", "fp32_nhwc", "tf32", "amp_fp16", "amp_bf16"):
         assert modes[name]["steps"] == 2 and modes[name]["images_per_s"] > 0 and modes[name]["finite_loss"]
     assert res["gpu_tests"]["skipped"].startswith("cpu-smoke") and "sections" in res
+    # the packing section: K = 1, 2 packed runs, each bit-identical to its solo run
+    rows = res["packing"]["rows"]
+    assert [r["k"] for r in rows] == [1, 2] and all(r["bit_identical_to_solo"] for r in rows)
+    assert res["sections"]["packing"]["rc"] == 0
