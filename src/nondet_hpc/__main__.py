@@ -12,23 +12,13 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .config import register_configs
-
-
-def conf_dir() -> str:
-    """conf/ inside an installed wheel, else the repository's top-level conf/ (editable install)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parents[1] / "conf"):
-        if (candidate / "config.yaml").exists():
-            return str(candidate)
-    raise FileNotFoundError(f"nondet_hpc: no conf/config.yaml beside {here}; reinstall the package.")
+from .config import conf_dir, register_configs  # noqa: F401 - conf_dir: tests and experiments import it from here
 
 
 register_configs()

@@ -9,6 +9,7 @@ them per group.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from omegaconf import MISSING
@@ -133,6 +134,15 @@ class Config:
     force: bool = False  # retrain a run even if it is DONE (its old folder is moved aside, never deleted)
     experiment: Optional[str] = None  # name of the experiment preset, if one was used (set by the preset)
     study: StudyConfig = field(default_factory=StudyConfig)  # waves until a precision target (SLURM sweeps)
+
+
+def conf_dir() -> str:
+    """conf/ inside an installed wheel, else the repository's top-level conf/ (editable install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "config.yaml").exists():
+            return str(candidate)
+    raise FileNotFoundError(f"nondet_hpc: no conf/config.yaml beside {here}; reinstall the package.")
 
 
 def register_configs() -> None:

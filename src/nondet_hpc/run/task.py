@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__
-from ..config import RETIRED_KEYS, ConfigError, identity_items
+from ..config import RETIRED_KEYS, ConfigError, conf_dir, identity_items
 from .data import AUGMENT_DRAWS, load_dataset
 from .models import init_weights, model_from_config
 from ..rundir import (DONE, RunRecord, group_key, is_done, logits_path, run_dir, run_id, run_lock, write_json, write_npy,
@@ -93,9 +93,7 @@ def resolve_device(spec: str) -> torch.device:
 def check_groups_chosen(cfg) -> None:
     """``source=[]`` (an empty sweep list) leaves a config group unset: say so, not OmegaConf's
     'Missing mandatory value'."""
-    conf = Path(__file__).resolve().parents[1] / "conf"  # an installed wheel
-    if not conf.is_dir():
-        conf = Path(__file__).resolve().parents[3] / "conf"  # the repository (editable install)
+    conf = Path(conf_dir())
     for group, example in (("source", "source=init, or -m source=init,shuffle"), ("data", "data=digits"),
                            ("model", "model=resnet14")):
         missing = OmegaConf.is_missing(cfg, group) if isinstance(cfg, DictConfig) else cfg.get(group) == "???"
