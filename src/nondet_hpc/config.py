@@ -136,6 +136,27 @@ class Config:
     study: StudyConfig = field(default_factory=StudyConfig)  # waves until a precision target (SLURM sweeps)
 
 
+def threads_for(threads: int, *, cpus: int | None = None, runs_per_task: int = 1,
+                local_default: int | None = None) -> int:
+    """The thread count a run computes with: THE rule, used wherever a run id is made.
+
+    ``train.threads`` > 0 is taken as it is. ``train.threads=0`` resolves, on SLURM (``cpus`` =
+    the task's ``cpus_per_task``), to the run's share of the task's CPUs, ``cpus // runs_per_task``
+    (at least 1; K packed runs split one allocation), and elsewhere to ``local_default``, torch's
+    pool size in the process that trains (its default, or OMP_NUM_THREADS). On CPU the thread
+    count changes results, so the resolved count is part of the run's identity (run ids).
+    """
+    if threads < 0:
+        raise ConfigError(f"train.threads={threads} is invalid: 0 keeps torch's default, N >= 1 sets N threads.")
+    if threads > 0:
+        return int(threads)
+    if cpus is not None:
+        return max(1, int(cpus) // max(1, int(runs_per_task)))
+    if local_default is None:
+        raise ValueError("threads_for: train.threads=0 needs cpus (SLURM) or local_default (torch's pool size)")
+    return int(local_default)
+
+
 def conf_dir() -> str:
     """conf/ inside an installed wheel, else the repository's top-level conf/ (editable install)."""
     here = Path(__file__).resolve().parent
