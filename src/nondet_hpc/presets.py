@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-from .run.viewspec import view_transforms
+from .viewspec import view_transforms
 
 __all__ = ["PRESETS", "BASE_HOURS", "MACS", "MEASURED", "cost_basis", "describe", "describe_sweep", "gpu_hours_per_model",
            "transforms_per_image", "model_macs"]

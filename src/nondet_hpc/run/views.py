@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .data import normalize
-from .viewspec import VIEWS, Transform, _check_name, _check_pad, view_count, view_transforms
+from ..viewspec import VIEWS, Transform, _check_name, _check_pad, view_count, view_transforms
 
 __all__ = [
     "VIEWS",
