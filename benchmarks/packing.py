@@ -36,8 +36,8 @@ import numpy as np
 def compose_cfg(out: Path, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from nondet_hpc.__main__ import conf_dir
-    from nondet_hpc.config import register_configs
+    from nondet_hpc.config import conf_dir
+    from nondet_hpc.registry.options import register_configs
 
     register_configs()
     with initialize_config_dir(conf_dir(), version_base="1.3"):

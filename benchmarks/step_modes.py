@@ -38,7 +38,7 @@ def time_mode(name: str, device: torch.device, batch: int, steps: int, warmup: i
     plan = StepPlan(precision=precision, autocast_dtype=AUTOCAST_DTYPE.get(precision),
                     grad_scaler=precision == "amp_fp16", channels_last=channels_last, cuda_graph=graph,
                     static=graph or precision == "amp_fp16")
-    model = build_model("resnet14", [16, 32, 64], [2, 2, 2], 10, 3, "A")
+    model = build_model("resnet14", 10, 3)
     init_weights(model, make_generator("init", 1))
     model.to(device=device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).train()
     opt = make_optimizer(param_groups(model, 0.4, 0.1, 5e-4, "authors"), 0.9, plan)

@@ -56,7 +56,7 @@ class PILCifar(torch.utils.data.Dataset):
 
 
 def make_model(device, channels_last: bool):
-    model = build_model("resnet14", [16, 32, 64], [2, 2, 2], 10, 3, "A")
+    model = build_model("resnet14", 10, 3)
     init_weights(model, make_generator("init", 1))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device=device, memory_format=fmt).train()

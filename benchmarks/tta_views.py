@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nondet_hpc.run.views import VIEWS, evaluate_views, view_transforms
+from nondet_hpc.run.views import evaluate_views
+from nondet_hpc.viewspec import VIEWS, view_transforms
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)

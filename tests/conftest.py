@@ -9,8 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from nondet_hpc.__main__ import conf_dir
-from nondet_hpc.config import register_configs
+from nondet_hpc.config import conf_dir
+from nondet_hpc.registry.options import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 

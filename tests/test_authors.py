@@ -43,7 +43,7 @@ ARCHS = {  # name: (widths, blocks, shortcut, channels of each shortcut BN)
 
 def _model(name):
     widths, blocks, shortcut, _ = ARCHS[name]
-    m = build_model(name, widths, blocks, 10, 3, shortcut)
+    m = build_model(name, 10, 3, widths=widths, blocks=blocks, shortcut=shortcut)
     init_weights(m, torch.Generator().manual_seed(0))
     return m
 
@@ -214,7 +214,7 @@ def _fed_to_model(monkeypatch, tmp_path, rule, shuffle_seed, n=96):
     cfg = make_cfg(tmp_path, f"data.augment_draw={rule}", "train.epochs=1", "train.batch_size=32")
     streams = Streams.from_seeds(resolve_seeds([], 1, True))
     streams.shuffle.manual_seed(shuffle_seed)
-    model = build_model("resnet14", [16, 32, 64], [2, 2, 2], 10, 1, "A")
+    model = build_model("resnet14", 10, 1)
     init_weights(model, streams.init)
     t = train.Trainer(model, data, streams, cfg.train, cfg.data, torch.device("cpu"),
                       tmp_path / f"{rule}-{shuffle_seed}.pt", False)

@@ -32,8 +32,8 @@ from omegaconf import OmegaConf
 from conftest import REPO, cli_env, make_cfg
 from nondet_hpc import experiments, presets
 from nondet_hpc.run import evaluate, task
-from nondet_hpc.__main__ import conf_dir
-from nondet_hpc.config import register_configs
+from nondet_hpc.config import conf_dir
+from nondet_hpc.registry.options import register_configs
 from nondet_hpc.rundir import run_dir, run_id
 
 EXP_DIR = Path(conf_dir()) / "experiment"
@@ -122,8 +122,7 @@ def test_cost_model_constants_are_the_models_macs():
     from nondet_hpc.run.models import build_model
 
     for name, (conv, fc_in) in presets.MACS.items():
-        m = OmegaConf.load(Path(conf_dir()) / "model" / f"{name}.yaml")
-        model = build_model(name, m.widths, m.blocks, 10, 3, m.shortcut).eval()
+        model = build_model(name, 10, 3).eval()
         macs = []
 
         def hook(mod, inp, out):

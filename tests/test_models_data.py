@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from nondet_hpc.run.data import augment_batch, draw_augment, load_dataset, training_batches
+from nondet_hpc.run.data import crop_flip, draw_augment, load_dataset, pad_images, training_batches
 from nondet_hpc.run.models import BasicBlock, ShortcutA, build_model, init_weights
 from nondet_hpc.config import ConfigError
 from nondet_hpc.run.train import lr_factor, param_groups
 
 
 def _resnet(name, widths, blocks, shortcut, classes=10, ch=3):
-    m = build_model(name, widths, blocks, classes, ch, shortcut)
+    m = build_model(name, classes, ch, widths=widths, blocks=blocks, shortcut=shortcut)
     init_weights(m, torch.Generator().manual_seed(0))
     return m
 
@@ -63,16 +63,16 @@ def test_init_depends_on_the_generator_only():
     torch.manual_seed(99)  # the global RNG must not matter
     b = _resnet("resnet14", [16, 32, 64], [2, 2, 2], "A").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c = build_model("resnet14", [16, 32, 64], [2, 2, 2], 10, 3, "A")
+    c = build_model("resnet14", 10, 3)
     init_weights(c, torch.Generator().manual_seed(1))
     assert not torch.equal(a["conv1.weight"], c.state_dict()["conv1.weight"])
 
 
-def test_augment_batch_equals_pad_crop_flip_per_image():
+def test_crop_flip_equals_pad_crop_flip_per_image():
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 256, (6, 3, 5, 7), generator=g, dtype=torch.uint8)
     aug = draw_augment(6, 2, True, g)
-    out = augment_batch(x, aug.dy, aug.dx, aug.flip, 2)
+    out = crop_flip(pad_images(x, 2), torch.arange(6), aug.dy, aug.dx, aug.flip, 5, 7)
     for i in range(6):
         padded = np.zeros((3, 9, 11), np.uint8)
         padded[:, 2:7, 2:9] = x[i].numpy()
@@ -85,7 +85,7 @@ def test_augment_batch_equals_pad_crop_flip_per_image():
 def test_augment_without_flip_and_center_offset_is_identity():
     x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
     c = torch.full((4,), 1)
-    assert torch.equal(augment_batch(x, c, c, torch.zeros(4, dtype=torch.bool), 1), x)
+    assert torch.equal(crop_flip(pad_images(x, 1), torch.arange(4), c, c, torch.zeros(4, dtype=torch.bool), 8, 8), x)
     aug = draw_augment(1000, 4, False, torch.Generator().manual_seed(0))
     assert not aug.flip.any() and aug.dy.min() == 0 and aug.dy.max() == 8
 

@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nondet_hpc.cluster import cancel, client, jobs, manifest, params as launcher_settings, script, state, submit
-from nondet_hpc.__main__ import conf_dir
-from nondet_hpc.config import ConfigError, register_configs
+from nondet_hpc.config import ConfigError, conf_dir
+from nondet_hpc.registry.options import register_configs
 from slurm_fixtures import FakeSlurm, cli_env, run_cli
 
 PY = "/opt/venv/bin/python"  # a fixed interpreter path makes the scripts comparable

@@ -9,7 +9,7 @@ from nondet_hpc.run.models import build_model, init_weights
 from nondet_hpc.config import ConfigError
 from nondet_hpc.run.sources import (Seeds, Streams, apply_bitflip, configure_kernels,
                                 make_generator, resolve_seeds)
-from nondet_hpc.run.task import check_gpu_arch, resolve_device
+from nondet_hpc.run.device import check_gpu_arch, resolve_device
 
 
 @pytest.mark.parametrize("vary,expect", [
@@ -45,7 +45,7 @@ def test_streams_with_equal_seeds_are_still_different_streams():
 def _draws(seeds: Seeds):
     """What each stream produces for a ResNet-14 run: initial weights, 3 epochs of orders and augs."""
     streams = Streams.from_seeds(seeds)
-    model = build_model("resnet14", [16, 32, 64], [2, 2, 2], 10, 3, "A")
+    model = build_model("resnet14", 10, 3)
     init_weights(model, streams.init)
     weights = torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
     orders = torch.stack([epoch_order(100, streams.shuffle) for _ in range(3)])
@@ -148,13 +148,14 @@ def test_cublas_workspace_is_fixed_on_import_before_any_cuda_work():
 
 
 def test_every_valid_seed_gives_each_stream_its_own_generator_seeds():
-    from nondet_hpc.run.sources import _STREAM_OFFSET, MAX_SEED
-    ranges = sorted((off + 1, off + MAX_SEED) for off in _STREAM_OFFSET.values())
+    from nondet_hpc.registry.sources import MAX_SEED, STREAMS
+    offset = {name: s.offset for name, s in STREAMS.items()}
+    ranges = sorted((off + 1, off + MAX_SEED) for off in offset.values())
     assert all(hi < lo_next for (_, hi), (lo_next, _) in zip(ranges, ranges[1:])), ranges
     with pytest.raises(ConfigError, match=r"seed=1000001 is too large.*1\.\.1000000"):
         resolve_seeds(["init"], MAX_SEED + 1, True)
     # the collision that motivated the bound: init seed 1_000_004 would equal shuffle seed 1
-    assert _STREAM_OFFSET["init"] + 1_000_004 == _STREAM_OFFSET["shuffle"] + 1
+    assert offset["init"] + 1_000_004 == offset["shuffle"] + 1
     with pytest.raises(ConfigError):
         resolve_seeds(["init"], 1_000_004, True)
     assert resolve_seeds(["init"], MAX_SEED, True).init == MAX_SEED

@@ -23,14 +23,30 @@ from conftest import REPO, cli_env, interrupt_run, make_cfg
 from nondet_hpc.config import ConfigError
 from nondet_hpc.rundir import group_key, run_dir, run_id
 from nondet_hpc.run import data as data_mod, task, train
-from nondet_hpc.run.data import (EpochImages, augment_batch, epoch_augment, epoch_order, load_dataset,
-                                 training_batches)
+from nondet_hpc.run.data import EpochImages, epoch_augment, epoch_order, load_dataset, training_batches
 from nondet_hpc.run.models import init_weights, model_from_config
 from nondet_hpc.run.sources import Streams, resolve_seeds
 from nondet_hpc.run.step import StaticStep, StepPlan, plan_step
 from nondet_hpc.run.train import lr_factor, param_groups
 
 CUDA = torch.cuda.is_available()
+
+
+def augment_batch(x_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+                  pad: int) -> torch.Tensor:
+    """The per-batch augmentation of the loop before EpochImages (the reference): random crop of the
+    zero-padded image plus horizontal flip, as one gather. Output pixel (i, j) of image b is padded
+    pixel (dy_b + i, dx_b + j), or (dy_b + i, dx_b + W-1-j) when flipped."""
+    b, c, h, w = x_u8.shape
+    padded = torch.nn.functional.pad(x_u8, (pad, pad, pad, pad))  # uint8 zeros = black
+    dev = x_u8.device
+    ar_h = torch.arange(h, device=dev)
+    ar_w = torch.arange(w, device=dev)
+    rows = dy.to(dev)[:, None] + ar_h[None, :]  # [B, H]
+    cols = torch.where(flip.to(dev)[:, None], (w - 1) - ar_w[None, :], ar_w[None, :]) + dx.to(dev)[:, None]
+    bi = torch.arange(b, device=dev)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def _setup(cfg):

@@ -9,14 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nondet_hpc.run.data import normalize
-from nondet_hpc.run.views import (
-    VIEWS,
-    crop_batch,
-    evaluate_views,
-    pad_black,
-    view_count,
-    view_transforms,
-)
+from nondet_hpc.run.views import crop_batch, evaluate_views, pad_black
+from nondet_hpc.viewspec import VIEWS, view_count, view_transforms
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)

@@ -18,10 +18,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .config import conf_dir, register_configs  # noqa: F401 - conf_dir: tests and experiments import it from here
+from .config import conf_dir
+from .registry.options import register_configs
 
-
-register_configs()
+register_configs()  # the schema, and every source and model option, before Hydra composes
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Structured configs: every knob of a run, with its meaning, in one place.
 
-The YAML files under conf/ pick values; these dataclasses fix the keys and types, so a misspelt
-key (``train.epoch=5``) or a wrong type fails when Hydra composes the config, before any work.
-Defaults are the paper's (docs/study.md, "Training"); data/model/source files override
-them per group.
+The YAML files under conf/ and the registries (registry/: every source and model option) pick
+values; these dataclasses fix the keys and types, so a misspelt key (``train.epoch=5``) or a wrong
+type fails when Hydra composes the config, before any work. Defaults are the paper's
+(docs/study.md, "Training"); the data, model and source options override them per group.
 """
 
 from __future__ import annotations
@@ -16,10 +16,6 @@ from omegaconf import MISSING
 
 class ConfigError(ValueError):
     """Bad user input: the message says what was wrong, what is valid, and what to do."""
-
-
-#: Sources whose random stream can take the replicate seed (docs/study.md "Sources and seeds").
-SEEDED_SOURCES = ("init", "shuffle", "augment", "bitflip")
 
 
 @dataclass
@@ -46,7 +42,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # resnet14 | resnet18 | resnet34 (CIFAR-style ResNets in models.py)
+    """What every model has; each family's schema below adds the keys of its builder.
+
+    Every key of ``model`` is part of the run id, so a family's keys are its own: adding a family
+    (a schema here, a builder in run/models.py, entries in registry/models.py) leaves the ids of
+    every other family's runs as they are.
+    """
+    name: str = MISSING  # the option model=NAME: an entry of registry/models.py (resnet14 | resnet18 | resnet34)
+
+
+@dataclass
+class ResNetConfig(ModelConfig):
+    """The "resnet" family: CIFAR-style ResNets (run/models.py, ResNet)."""
     widths: List[int] = MISSING  # channels of each stage; the stem has widths[0] channels
     blocks: List[int] = MISSING  # basic blocks per stage
     shortcut: str = "A"  # A: subsample + BN + zero channels (paper's ResNet-14); B: 1x1 conv + BN
@@ -54,7 +61,7 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    name: str = MISSING  # option name under conf/source/ (none, init, shuffle, ..., all)
+    name: str = MISSING  # the option source=NAME: an entry of registry/sources.py (none, init, ..., all)
     label: str = MISSING  # row name in the paper's tables, e.g. "Parameter Initialization"
     vary: List[str] = field(default_factory=list)  # streams seeded by the replicate seed; others get 1
     deterministic_kernels: bool = True  # GPU: deterministic cuDNN/cuBLAS (false = the cudnn source)
@@ -164,14 +171,6 @@ def conf_dir() -> str:
         if (candidate / "config.yaml").exists():
             return str(candidate)
     raise FileNotFoundError(f"nondet_hpc: no conf/config.yaml beside {here}; reinstall the package.")
-
-
-def register_configs() -> None:
-    """Register the root schema; conf/config.yaml names it first in its defaults list."""
-    from hydra.core.config_store import ConfigStore  # only the composer needs Hydra
-
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
 
 
 #: Top-level config nodes that can decide what a run computes; every other top-level key

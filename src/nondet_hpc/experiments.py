@@ -48,9 +48,9 @@ def plan(name: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .__main__ import conf_dir
+    from .config import conf_dir
     from .compose import GroupedComposer
-    from .config import register_configs
+    from .registry.options import register_configs
     from .rundir import is_done, run_dir, run_id
 
     register_configs()

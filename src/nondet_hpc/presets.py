@@ -14,10 +14,10 @@ Cost model (``gpu_hours_per_model``), V100 GPU-hours:
 
 0.7 h is the report's measurement for ResNet-14 on CIFAR-10, 500 epochs (490 GPU-hours for 700
 models, "about 40 min" per model). MACs are multiply-accumulates of one 32x32 forward pass, counted
-on models.build_model (ResNet-34 is 43.9x ResNet-14). The evaluation share counts every test-time
-view's forward passes (10,000 test images x distinct transforms x evaluations, one at the end plus
-one per snapshot) against training's 3 x epochs x 50,000 image passes (forward + backward ~ 3
-forwards). Scaling by FLOPs is pessimistic for big models: ResNet-14 keeps a V100 far from its peak,
+on models.build_model and declared with each model (registry/models.py; ResNet-34 is 43.9x
+ResNet-14). The evaluation share counts every test-time view's forward passes (10,000 test
+images x distinct transforms x evaluations, one at the end plus one per snapshot) against
+training's 3 x epochs x 50,000 image passes (forward + backward ~ 3 forwards). Scaling by FLOPs is pessimistic for big models: ResNet-14 keeps a V100 far from its peak,
 ResNet-34 much less so, so the ResNet-34 figure is an upper bound (see docs/experiments/README.md).
 
 Precision (``train.precision``) and runs per GPU (``hydra.launcher.runs_per_task``) change the cost
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
+from .registry.models import MODELS
 from .viewspec import view_transforms
 
 __all__ = ["PRESETS", "BASE_HOURS", "MACS", "MEASURED", "cost_basis", "describe", "describe_sweep", "gpu_hours_per_model",
@@ -40,13 +41,10 @@ __all__ = ["PRESETS", "BASE_HOURS", "MACS", "MEASURED", "cost_basis", "describe"
 #: V100 GPU-hours of one ResNet-14 / CIFAR-10 / 500-epoch model (report: 490 h for 700 models).
 BASE_HOURS = 0.7
 BASE_EPOCHS = 500
-#: Multiply-accumulates of one 32x32 forward pass without the classifier: (convolutions, fc inputs).
-#: The classifier adds fc_in x classes. Counted with forward hooks on models.build_model.
-MACS: dict[str, tuple[int, int]] = {
-    "resnet14": (26_394_624, 64),
-    "resnet18": (555_417_600, 512),
-    "resnet34": (1_159_397_376, 512),
-}
+#: Multiply-accumulates of one 32x32 forward pass without the classifier: (convolutions, fc inputs),
+#: of every registered model that has them counted (registry/models.py, ``Model.macs``): the models
+#: the cost model covers. The classifier adds fc_in x classes.
+MACS: dict[str, tuple[int, int]] = {m.name: m.macs for m in MODELS.values() if m.macs is not None}
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 #: (model, precision, runs_per_task) -> (aggregate training images/s on one GPU, which GPU). Only
 #: figures measured on a GPU go here (none yet: no GPU was lent when packing was added).

@@ -3,7 +3,8 @@
 SWEEP_DIR/runs/<run id>/ holds config.yaml, run.json, logits/<view>.npy, labels.npy,
 features.npy (optional), checkpoint.pt and DONE (written last). Every file is written to a
 temporary name in the same folder and renamed, so a job killed at any instant leaves either the
-old file or the new one, never half a file under the real name.
+old file or the new one, never half a file under the real name. Every other module names these
+files through the constants below (and ``logits_path``, ``snapshot_view``), never as literals.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ LABELS = "labels.npy"  # int64 [n_test]
 FEATURES = "features.npy"  # optional float32 [n_test, d] (penultimate features, for CKA)
 CHECKPOINT = "checkpoint.pt"  # latest training state (loaded with weights_only=True)
 LOGITS = "logits"  # folder of float32 [n_test, n_classes] arrays, one file per view
+LOCK = ".lock"  # flock'ed while a process trains or evaluates the run (run_lock)
 RUNS = "runs"  # SWEEP_DIR/runs/<run id>/
+REPLACED = ".replaced"  # SWEEP_DIR/runs/.replaced/: runs moved aside by force=true (never deleted)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -233,4 +236,4 @@ def file_lock(path: Path, busy: Callable[[], Exception], timeout: float = 0.0,
 
 def run_lock(path: Path, busy: Callable[[], Exception]) -> contextlib.AbstractContextManager[None]:
     """Hold the run folder's lock (training and evaluate take it); raise ``busy()`` if it is held."""
-    return file_lock(Path(path) / ".lock", busy)
+    return file_lock(Path(path) / LOCK, busy)

@@ -24,12 +24,14 @@ _SPEC: dict[str, tuple[bool, int | None]] = {
 }
 
 
-def _check_name(name: str) -> None:
+def check_view_name(name: str) -> None:
+    """Refuse a name that is not one of VIEWS (the message lists them)."""
     if name not in _SPEC:
         raise ValueError(f"unknown TTA view {name!r}; valid views: {', '.join(VIEWS)}")
 
 
-def _check_pad(pad: int) -> None:
+def check_pad(pad: int) -> None:
+    """Refuse a pad that is not a non-negative int."""
     if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
         raise ValueError(f"pad must be a non-negative int, got {pad!r}")
 
@@ -42,8 +44,8 @@ def view_transforms(name: str, pad: int = 4) -> list[Transform]:
     ``range(0, 2*pad + 1, stride)``. A crop view lists ``(False, pad, pad)`` twice when the grid
     contains (pad, pad): once as the original, once as the centre crop, as the study counted.
     """
-    _check_name(name)
-    _check_pad(pad)
+    check_view_name(name)
+    check_pad(pad)
     use_flip, stride = _SPEC[name]
     out: list[Transform] = [(False, pad, pad)]
     if stride is None:

@@ -14,18 +14,26 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Stream:
-    name: str
+    name: str  # a name source.vary may list; run.json `seeds` and checkpoints key the stream by it
     offset: int  # added to the seed: generators of two streams never share a seed (run/sources.py)
     drawn_by: str  # which code draws from it
+    # True: drawn from once, before training, and only when a source varies it (its seed is None
+    # otherwise: no bit change at all). False: a generator the training loop draws from all along,
+    # seeded 1 when not varied, and saved in every checkpoint (run/sources.py, Streams).
+    one_shot: bool = False
 
 
-#: The random streams of a run. Offsets keep streams apart even when two sources get the same
-#: integer seed; with seeds limited to 1..run.sources.MAX_SEED their ranges are disjoint.
+#: Largest replicate index (``seed``): below every gap between two offsets, so the generator seeds
+#: of two streams (offset + 1 .. offset + MAX_SEED) never meet.
+MAX_SEED = 1_000_000
+
+#: The random streams of a run, in the order run.json lists their seeds. Offsets keep streams
+#: apart even when two sources get the same integer seed.
 STREAMS: dict[str, Stream] = {s.name: s for s in (
     Stream("init", 0, "run/models.py: init_weights (every parameter and buffer)"),
     Stream("shuffle", 1_000_003, "run/data.py: epoch_order (each epoch's permutation)"),
     Stream("augment", 2_000_003, "run/data.py: epoch_augment (each epoch's crops and flips)"),
-    Stream("bitflip", 3_000_017, "run/sources.py: apply_bitflip (which weight, which direction)"),
+    Stream("bitflip", 3_000_017, "run/sources.py: apply_bitflip (which weight, which direction)", one_shot=True),
 )}
 
 

@@ -220,27 +220,6 @@ def epoch_augment(order: torch.Tensor, pad: int, flip: bool, augment_draw: str,
     raise ConfigError(f"data.augment_draw={augment_draw!r}: valid values are {list(AUGMENT_DRAWS)}.")
 
 
-def augment_batch(x_u8: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
-                  pad: int) -> torch.Tensor:
-    """Random crop of the zero-padded image plus horizontal flip, for a whole batch, as one gather.
-
-    The per-batch form (the training loop pads once and augments a whole epoch: ``EpochImages``,
-    which gives the same pixels). Equivalent to torchvision's RandomCrop(size, padding=pad) (zero fill) followed by
-    RandomHorizontalFlip applied per image: output pixel (i, j) of image b is padded pixel
-    (dy_b + i, dx_b + j), or (dy_b + i, dx_b + W-1-j) when flipped.
-    """
-    b, c, h, w = x_u8.shape
-    padded = torch.nn.functional.pad(x_u8, (pad, pad, pad, pad))  # uint8 zeros = black
-    dev = x_u8.device
-    ar_h = torch.arange(h, device=dev)
-    ar_w = torch.arange(w, device=dev)
-    rows = dy.to(dev)[:, None] + ar_h[None, :]  # [B, H]
-    cols = torch.where(flip.to(dev)[:, None], (w - 1) - ar_w[None, :], ar_w[None, :]) + dx.to(dev)[:, None]
-    bi = torch.arange(b, device=dev)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
-    return out.permute(0, 3, 1, 2).contiguous()
-
-
 def pad_images(x_u8: torch.Tensor, pad: int) -> torch.Tensor:
     """uint8 [N, C, H, W] -> zero-padded [N, H+2p, W+2p, C] (channels last: one gather reads whole pixels)."""
     padded = torch.nn.functional.pad(x_u8, (pad, pad, pad, pad))  # uint8 zeros = black
@@ -267,8 +246,10 @@ class EpochImages:
 
     ``epoch(order, aug)`` returns the uint8 images of all N positions of the epoch (entry k is image
     ``order[k]`` with draw k of ``aug``) and their labels, so a batch is a slice: no per-batch pad,
-    gather or index. Pixel for pixel what ``augment_batch(x[order[lo:hi]], ...)`` gives each batch
-    (integer copies only; tests/test_train_step.py checks both augment_draw rules).
+    gather or index. Pixel for pixel what torchvision's RandomCrop(size, padding=pad) (zero fill) and
+    RandomHorizontalFlip give each image with its draw (integer copies only; tests/test_models_data.py
+    checks one image at a time, tests/test_train_step.py the per-batch gather it replaced, both
+    augment_draw rules).
     """
 
     def __init__(self, x_u8: torch.Tensor, y: torch.Tensor, pad: int, memory_format: torch.memory_format):

@@ -26,9 +26,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..rundir import DONE, RunRecord, is_done, list_runs, read_json, run_lock, write_npy
 from ..config import ConfigError
-from .views import VIEWS
+from ..rundir import (CHECKPOINT, CONFIG, DONE, FEATURES, LABELS, RUN_JSON, RUNS, RunRecord, is_done, list_runs,
+                      logits_path, read_json, run_lock, write_npy)
+from ..viewspec import VIEWS
 
 __all__ = ["EvaluateError", "find_runs", "evaluate_run", "main"]
 
@@ -62,35 +63,35 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tupl
     runs: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     for p in map(Path, paths):
-        if (p / "runs").is_dir() and not (p / "config.yaml").exists():
+        if (p / RUNS).is_dir() and not (p / CONFIG).exists():
             found = list_runs(p)
             if not found:
-                raise EvaluateError(f"{p} is a sweep folder without runs (nothing under {p / 'runs'}).")
+                raise EvaluateError(f"{p} is a sweep folder without runs (nothing under {p / RUNS}).")
             for d in found:
                 if is_done(d):
                     runs.append(d)
                 else:
                     skipped.append((d, f"not DONE (state: {_state(d)})"))
-        elif (p / "config.yaml").exists() or (p / "run.json").exists():
+        elif (p / CONFIG).exists() or (p / RUN_JSON).exists():
             if not is_done(p):
                 raise EvaluateError(
-                    f"{p} is not a finished run (no {DONE} marker; run.json state: {_state(p)}). Only DONE runs "
+                    f"{p} is not a finished run (no {DONE} marker; {RUN_JSON} state: {_state(p)}). Only DONE runs "
                     f"can be evaluated: finish it first by rerunning its sweep command (it resumes from the "
                     f"checkpoint), see python -m nondet_hpc.status {p.parent.parent}.")
             runs.append(p)
         elif not p.exists():
             raise EvaluateError(f"{p} does not exist.")
         else:
-            raise EvaluateError(f"{p} is neither a run folder (config.yaml, run.json, DONE) nor a sweep folder "
-                                f"(runs/<run id>/).")
+            raise EvaluateError(f"{p} is neither a run folder ({CONFIG}, {RUN_JSON}, {DONE}) nor a sweep folder "
+                                f"({RUNS}/<run id>/).")
     return list(dict.fromkeys(runs)), skipped
 
 
 def _state(run: Path) -> str:
     try:
-        return str(read_json(run / "run.json").get("state", "unknown"))
+        return str(read_json(run / RUN_JSON).get("state", "unknown"))
     except (OSError, ValueError):
-        return "unknown (no readable run.json)"
+        return f"unknown (no readable {RUN_JSON})"
 
 
 def _locked(run: Path):
@@ -110,33 +111,20 @@ def evaluate_run(run: str | os.PathLike, views: Sequence[str], *, features: bool
     import torch
     from omegaconf import OmegaConf
 
+    from .device import resolve_device
     from .sources import configure_precision, fp32_flag_of
-    from .task import resolve_device
 
     rd = Path(run)
     views = _check_views(views)
     if not is_done(rd):
         raise EvaluateError(f"{rd} is not a finished run (no {DONE} marker; state: {_state(rd)}). Only DONE "
                             f"runs can be evaluated.")
-    rid = rd.name
-    skipped: list[str] = []
-    todo: list[str] = []
-    for v in views:
-        if (rd / "logits" / f"{v}.npy").exists() and not force:
-            skipped.append(v)
-            echo(f"[evaluate] {rid}: skipped {v}: logits/{v}.npy exists (--force recomputes it)")
-        else:
-            todo.append(v)
-    want_features = features and (force or not (rd / "features.npy").exists())
-    if features and not want_features:
-        skipped.append("features")
-        echo(f"[evaluate] {rid}: skipped features: features.npy exists (--force recomputes it)")
-    if not todo and not want_features:
-        return {"run_id": rid, "written": [], "skipped": skipped, "plain_max_abs_diff": None}
-
-    cfg = OmegaConf.load(rd / "config.yaml")
-    record = RunRecord(rd / "run.json")
-    info = record.data
+    work = _Work(rd, force, echo)
+    work.plan(views, features)
+    if work.nothing_to_do():
+        return work.result([], None)
+    cfg = OmegaConf.load(rd / CONFIG)
+    info = RunRecord(rd / RUN_JSON).data
     if data_root is not None:
         cfg.data.root = data_root
     dev = resolve_device(device)
@@ -145,8 +133,8 @@ def evaluate_run(run: str | os.PathLike, views: Sequence[str], *, features: bool
     configure_precision(fp32_flag_of(cfg.train), dev)
     trained_on = (info.get("device") or {}).get("type")
     if trained_on and trained_on != dev.type:
-        echo(f"[evaluate] {rid}: note: trained on {trained_on}, evaluating on {dev.type}; the logits can differ "
-             f"from what training would have written in the last bits.")
+        echo(f"[evaluate] {work.rid}: note: trained on {trained_on}, evaluating on {dev.type}; the logits can "
+             f"differ from what training would have written in the last bits.")
     channels_last = bool(info.get("channels_last", dev.type == "cuda")) if trained_on == dev.type \
         else dev.type == "cuda"
     bs = int(batch_size or cfg.eval.batch_size)
@@ -156,91 +144,143 @@ def evaluate_run(run: str | os.PathLike, views: Sequence[str], *, features: bool
     if dev.type == "cpu" and n_threads:
         torch.set_num_threads(int(n_threads))
     try:
-        return _evaluate_locked(rd, rid, cfg, record, dev, channels_last, bs, todo, want_features, skipped,
-                                force, echo)
+        with _locked(rd):
+            return _evaluate_locked(work, cfg, dev, channels_last, bs)
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _evaluate_locked(rd, rid, cfg, record, dev, channels_last, bs, todo, want_features, skipped, force, echo):
+class _Work:
+    """What one evaluate call writes into run ``rd`` and what it skips (files that exist, unless ``force``)."""
+
+    def __init__(self, rd: Path, force: bool, echo: Callable[[str], None]) -> None:
+        self.rd, self.rid, self.force, self.echo = rd, rd.name, force, echo
+        self.todo: list[str] = []
+        self.skipped: list[str] = []
+        self.features = False
+
+    def plan(self, views: list[str], features: bool) -> None:
+        for v in views:
+            if logits_path(self.rd, v).exists() and not self.force:
+                self.skipped.append(v)
+                self.echo(f"[evaluate] {self.rid}: skipped {v}: {_rel(logits_path(self.rd, v))} exists (--force "
+                          f"recomputes it)")
+            else:
+                self.todo.append(v)
+        self.features = features and (self.force or not (self.rd / FEATURES).exists())
+        if features and not self.features:
+            self.skipped.append("features")
+            self.echo(f"[evaluate] {self.rid}: skipped features: {FEATURES} exists (--force recomputes it)")
+
+    def recheck(self) -> None:
+        """Under the lock: another evaluate may have written some of it since ``plan`` looked."""
+        for v in [v for v in self.todo if not self.force and logits_path(self.rd, v).exists()]:
+            self.todo.remove(v)
+            self.skipped.append(v)
+            self.echo(f"[evaluate] {self.rid}: skipped {v}: {_rel(logits_path(self.rd, v))} was written meanwhile "
+                      f"(--force recomputes it)")
+        if not self.force and self.features and (self.rd / FEATURES).exists():
+            self.features = False
+            self.skipped.append("features")
+
+    def nothing_to_do(self) -> bool:
+        return not self.todo and not self.features
+
+    def result(self, written: list[str], diff: float | None) -> dict:
+        return {"run_id": self.rid, "written": written, "skipped": self.skipped, "plain_max_abs_diff": diff}
+
+
+def _rel(path: Path) -> str:
+    """A run file's name as the messages show it: relative to its run folder (logits/flip.npy)."""
+    return f"{path.parent.name}/{path.name}"
+
+
+def _evaluate_locked(work: _Work, cfg, dev, channels_last: bool, bs: int) -> dict:
+    import torch
+
+    from .views import evaluate_test_set
+
+    rd, rid = work.rd, work.rid
+    record = RunRecord(rd / RUN_JSON)  # re-read under the lock
+    work.recheck()
+    if work.nothing_to_do():
+        return work.result([], None)
+    model, data = _rebuild(rd, rid, cfg, record.data, dev, channels_last)
+    # The same function task.py calls at the end of training: plain first, then the views in order.
+    order = ["plain"] + [v for v in work.todo if v != "plain"]
+    t0 = time.time()
+    logits, feats = evaluate_test_set(model, data, cfg.data, order, batch_size=bs, device=dev,
+                                      channels_last=channels_last, with_features=work.features)
+    diff = _compare_with_training(rd, rid, data, logits["plain"], work.echo)
+    written = []
+    for v in work.todo:
+        write_npy(logits_path(rd, v), logits[v])
+        written.append(v)
+    if work.features and feats is not None:
+        write_npy(rd / FEATURES, feats)
+        written.append("features")
+    info = record.data
+    listed = [str(v) for v in info.get("views", []) or []]
+    history = list(info.get("evaluations", []) or [])
+    history.append({"time": time.time(), "written": written, "forced": bool(work.force), "device": dev.type,
+                    "threads": torch.get_num_threads(), "batch_size": bs, "channels_last": channels_last,
+                    "torch": torch.__version__, "host": socket.gethostname(),
+                    "plain_max_abs_diff": diff, "eval_s": round(time.time() - t0, 3)})
+    fields = {"views": listed + [v for v in work.todo if v not in listed], "evaluations": history}
+    if "features" in written:
+        fields["features"] = True
+    record.update(**fields)
+    work.echo(f"[evaluate] {rid}: wrote {', '.join(written)}"
+              + (f" (skipped {', '.join(work.skipped)})" if work.skipped else ""))
+    return work.result(written, diff)
+
+
+def _rebuild(rd: Path, rid: str, cfg, info: dict, dev, channels_last: bool):
+    """(the run's final model from its checkpoint, on ``dev`` in eval mode; the data it was trained on)."""
     import torch
 
     from .data import load_dataset
     from .models import model_from_config
     from .train import load_checkpoint_file
-    from .views import evaluate_test_set
 
-    with _locked(rd):
-        # re-read under the lock: another evaluate may have finished since we looked
-        record = RunRecord(rd / "run.json")
-        info = record.data
-        for v in [v for v in todo if not force and (rd / "logits" / f"{v}.npy").exists()]:
-            todo.remove(v)
-            skipped.append(v)
-            echo(f"[evaluate] {rid}: skipped {v}: logits/{v}.npy was written meanwhile (--force recomputes it)")
-        if not force and want_features and (rd / "features.npy").exists():
-            want_features = False
-            skipped.append("features")
-        if not todo and not want_features:
-            return {"run_id": rid, "written": [], "skipped": skipped, "plain_max_abs_diff": None}
-        ckpt_path = rd / "checkpoint.pt"
-        if not ckpt_path.exists():
-            raise EvaluateError(f"{rd} has no checkpoint.pt (deleted to save space?): the model cannot be rebuilt.")
-        state = load_checkpoint_file(ckpt_path, rid)
-        epoch = (state.get("progress") or {}).get("epoch")
-        if epoch != cfg.train.epochs:
-            raise EvaluateError(f"{ckpt_path} is from epoch {epoch}, not the final epoch {cfg.train.epochs}: it is "
-                                f"not the model this run's logits came from.")
-        data = load_dataset(cfg.data)
-        want_sha = (info.get("data") or {}).get("sha256")
-        if want_sha and data.info.get("sha256") != want_sha:
-            raise EvaluateError(f"the data loaded now (data.root={cfg.data.root!r}) differ from the data this run was "
-                                f"trained on (sha256 {data.info.get('sha256', '?')[:12]} != {want_sha[:12]}); point "
-                                f"--data-root at the same data set.")
-        model = model_from_config(cfg)
-        model.load_state_dict(state["model"])
-        model.to(device=dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        model.eval()
-        # The same function task.py calls at the end of training: plain first, then the views in order.
-        order = ["plain"] + [v for v in todo if v != "plain"]
-        t0 = time.time()
-        logits, feats = evaluate_test_set(model, data, cfg.data, order, batch_size=bs, device=dev,
-                                          channels_last=channels_last, with_features=want_features)
-        labels_path = rd / "labels.npy"
-        if labels_path.exists():
-            labels = np.load(labels_path, allow_pickle=False)
-            if not np.array_equal(labels, data.test_y.cpu().numpy()):
-                raise EvaluateError(f"{labels_path} differs from the test labels loaded now: wrong data set.")
-        diff = None
-        plain_path = rd / "logits" / "plain.npy"
-        if plain_path.exists():
-            old = np.load(plain_path, allow_pickle=False)
-            diff = float(np.max(np.abs(old.astype(np.float64) - logits["plain"]))) if old.shape == logits["plain"].shape \
-                else float("inf")
-            if diff != 0.0:
-                echo(f"[evaluate] {rid}: warning: recomputed plain logits differ from logits/plain.npy (max abs diff "
-                     f"{diff:.3g}): other device, thread count or torch build than training. The new views are "
-                     f"consistent with this evaluation, not bit-identical to training's.")
-        written = []
-        for v in todo:
-            write_npy(rd / "logits" / f"{v}.npy", logits[v])
-            written.append(v)
-        if want_features and feats is not None:
-            write_npy(rd / "features.npy", feats)
-            written.append("features")
-        listed = [str(v) for v in info.get("views", []) or []]
-        new_views = listed + [v for v in todo if v not in listed]
-        history = list(info.get("evaluations", []) or [])
-        history.append({"time": time.time(), "written": written, "forced": bool(force), "device": dev.type,
-                        "threads": torch.get_num_threads(), "batch_size": bs, "channels_last": channels_last,
-                        "torch": torch.__version__, "host": socket.gethostname(),
-                        "plain_max_abs_diff": diff, "eval_s": round(time.time() - t0, 3)})
-        fields = {"views": new_views, "evaluations": history}
-        if "features" in written:
-            fields["features"] = True
-        record.update(**fields)
-    echo(f"[evaluate] {rid}: wrote {', '.join(written)}" + (f" (skipped {', '.join(skipped)})" if skipped else ""))
-    return {"run_id": rid, "written": written, "skipped": skipped, "plain_max_abs_diff": diff}
+    ckpt_path = rd / CHECKPOINT
+    if not ckpt_path.exists():
+        raise EvaluateError(f"{rd} has no {CHECKPOINT} (deleted to save space?): the model cannot be rebuilt.")
+    state = load_checkpoint_file(ckpt_path, rid)
+    epoch = (state.get("progress") or {}).get("epoch")
+    if epoch != cfg.train.epochs:
+        raise EvaluateError(f"{ckpt_path} is from epoch {epoch}, not the final epoch {cfg.train.epochs}: it is "
+                            f"not the model this run's logits came from.")
+    data = load_dataset(cfg.data)
+    want_sha = (info.get("data") or {}).get("sha256")
+    if want_sha and data.info.get("sha256") != want_sha:
+        raise EvaluateError(f"the data loaded now (data.root={cfg.data.root!r}) differ from the data this run was "
+                            f"trained on (sha256 {data.info.get('sha256', '?')[:12]} != {want_sha[:12]}); point "
+                            f"--data-root at the same data set.")
+    model = model_from_config(cfg)
+    model.load_state_dict(state["model"])
+    model.to(device=dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model.eval()
+    return model, data
+
+
+def _compare_with_training(rd: Path, rid: str, data, plain: np.ndarray, echo: Callable[[str], None]) -> float | None:
+    """Check the labels, and how far the recomputed plain logits are from training's (None: no file)."""
+    labels_path = rd / LABELS
+    if labels_path.exists():
+        labels = np.load(labels_path, allow_pickle=False)
+        if not np.array_equal(labels, data.test_y.cpu().numpy()):
+            raise EvaluateError(f"{labels_path} differs from the test labels loaded now: wrong data set.")
+    plain_path = logits_path(rd, "plain")
+    if not plain_path.exists():
+        return None
+    old = np.load(plain_path, allow_pickle=False)
+    diff = float(np.max(np.abs(old.astype(np.float64) - plain))) if old.shape == plain.shape else float("inf")
+    if diff != 0.0:
+        echo(f"[evaluate] {rid}: warning: recomputed plain logits differ from {_rel(plain_path)} (max abs diff "
+             f"{diff:.3g}): other device, thread count or torch build than training. The new views are "
+             f"consistent with this evaluation, not bit-identical to training's.")
+    return diff
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,26 +1,37 @@
-"""CIFAR-style ResNets of the study (docs/study.md, "Training").
+"""The networks of the registered models (registry/models.py): one builder per family, one
+function per init rule.
 
-ResNet-14: 3x3 stem conv -> 16 + BN + ReLU, three stages of 2 basic blocks (16/32/64 channels,
-strides 1/2/2), option-A shortcuts, global average pool, linear 64 -> classes.
-ResNet-18/34: the same shape with four stages of 64/128/256/512 channels (2-2-2-2 / 3-4-6-3
-blocks) and option-B (1x1 conv + BN) shortcuts, as in the usual CIFAR ResNets.
+"resnet" family (docs/study.md, "Training"). ResNet-14: 3x3 stem conv -> 16 + BN + ReLU, three
+stages of 2 basic blocks (16/32/64 channels, strides 1/2/2), option-A shortcuts, global average
+pool, linear 64 -> classes. ResNet-18/34: the same shape with four stages of 64/128/256/512
+channels (2-2-2-2 / 3-4-6-3 blocks) and option-B (1x1 conv + BN) shortcuts, as in the usual CIFAR
+ResNets.
 
 Digits (1 x 8 x 8): the stem takes ``in_channels`` = 1 (1*16*9 = 144 stem weights instead of
 432); strides 1/2/2 give 8 -> 4 -> 2 pixel feature maps before the global pool, so the network
 is otherwise unchanged.
 
-Init (``init_weights``) draws only from the init stream's generator: kaiming normal (fan_out,
-relu) for convs, BN weight 1 / bias 0 except each block's second BN weight 0, and PyTorch's
-default init for the linear layer re-drawn from the same generator.
+Init rule "kaiming_zero_residual" (``init_kaiming_zero_residual``) draws only from the init
+stream's generator: kaiming normal (fan_out, relu) for convs, BN weight 1 / bias 0 except each
+block's second BN weight 0, and PyTorch's default init for the linear layer re-drawn from the same
+generator.
+
+A family's builder takes the family's keys of ``cfg.model`` (its schema in config.py) and
+``num_classes``, ``in_channels``; it returns a module with ``forward_features`` (penultimate
+features, for CKA) and ``fc`` (the classifier on them), which evaluation uses.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from ..registry.models import model_entry
 
 
 class ShortcutA(nn.Module):
@@ -65,7 +76,7 @@ class ResNet(nn.Module):
             raise ValueError(f"model.shortcut={shortcut!r}: valid values are 'A' and 'B'")
         if len(widths) != len(blocks):
             raise ValueError(f"model.widths {widths} and model.blocks {blocks} need the same length")
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)  # the bit-change target
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)  # the bit-change target (registry)
         self.bn1 = nn.BatchNorm2d(widths[0])
         layers, in_ch = [], widths[0]
         for i, (w, n) in enumerate(zip(widths, blocks)):
@@ -87,26 +98,38 @@ class ResNet(nn.Module):
         return self.fc(self.forward_features(x))
 
 
-def build_model(name: str, widths: list[int], blocks: list[int], num_classes: int,
-                in_channels: int, shortcut: str) -> ResNet:
-    """The network, with every parameter still at torch's (global-RNG) default: call init_weights."""
+#: family (registry/models.py FAMILIES) -> the builder of its network
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "resnet": ResNet,
+}
+
+
+def build_model(name: str, num_classes: int, in_channels: int, **options: Any) -> nn.Module:
+    """The network of registered model ``name``, every parameter still unset: call init_weights.
+
+    ``options``: the family's keys (``cfg.model`` without ``name``); the entry's options where
+    not given.
+    """
+    entry = model_entry(name)
+    spec = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in {**entry.options, **options}.items()}
     # Build on the meta device so construction consumes no random numbers from torch's global RNG;
     # init_weights then fills every tensor from the init stream.
     with torch.device("meta"):
-        model = ResNet(list(widths), list(blocks), num_classes, in_channels, shortcut)
+        model = BUILDERS[entry.family](num_classes=num_classes, in_channels=in_channels, **spec)
     model = model.to_empty(device="cpu")
     model.name = name  # type: ignore[attr-defined]
     return model
 
 
-def model_from_config(cfg) -> ResNet:
+def model_from_config(cfg) -> nn.Module:
     """The network that ``cfg.model`` and ``cfg.data`` describe (uninitialised: see init_weights)."""
-    m = cfg.model
-    return build_model(m.name, m.widths, m.blocks, cfg.data.num_classes, cfg.data.channels, m.shortcut)
+    spec = OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.is_config(cfg.model) else dict(cfg.model)
+    name = spec.pop("name")
+    return build_model(name, cfg.data.num_classes, cfg.data.channels, **spec)
 
 
 @torch.no_grad()
-def init_weights(model: ResNet, g: torch.Generator) -> None:
+def init_kaiming_zero_residual(model: nn.Module, g: torch.Generator) -> None:
     """Initialise every parameter and buffer from generator ``g`` (the init stream) alone."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -128,3 +151,19 @@ def init_weights(model: ResNet, g: torch.Generator) -> None:
     for m in model.modules():
         if isinstance(m, BasicBlock):
             m.bn2.weight.zero_()  # each block starts as the identity (zero-init residual)
+
+
+#: init rule (registry/models.py Model.init) -> the function that applies it
+INIT_RULES: dict[str, Callable[[nn.Module, torch.Generator], None]] = {
+    "kaiming_zero_residual": init_kaiming_zero_residual,
+}
+
+
+def init_weights(model: nn.Module, g: torch.Generator) -> None:
+    """Initialise a ``build_model`` network from the init stream ``g`` by its model's init rule."""
+    INIT_RULES[model_entry(model.name).init](model, g)
+
+
+def bitflip_target(model: nn.Module) -> torch.Tensor:
+    """The parameter the one-ulp bit change moves: the one its registry entry names."""
+    return model.get_parameter(model_entry(model.name).bitflip)

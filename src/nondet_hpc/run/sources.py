@@ -8,8 +8,11 @@ other seed is 1.
 - init:    model weights (models.init_weights) draw from ``Streams.init``.
 - shuffle: each epoch's permutation (data.epoch_order) draws from ``Streams.shuffle``.
 - augment: each epoch's crops and flips (data.epoch_augment) draw from ``Streams.augment``.
-- bitflip: one float32 ulp of one stem weight (apply_bitflip), chosen by its own generator.
+- bitflip: one float32 ulp of one weight (apply_bitflip; which parameter: the model's registry
+           entry), chosen by its own generator.
 - cudnn:   not a stream but a switch (configure_kernels).
+
+The streams themselves (names, offsets, which are one-shot) are declared in registry/sources.py.
 
 ``configure_precision`` is not a source: it pins what "fp32" means on the GPU (IEEE or TF32), so
 runs on a V100 and on an H100 compute the same kind of float32 unless told otherwise. Which flag
@@ -24,24 +27,26 @@ from typing import Optional
 
 import torch
 
-from ..config import SEEDED_SOURCES, ConfigError
-
-
-#: Largest replicate index: below every gap between the stream offsets (see _STREAM_OFFSET).
-MAX_SEED = 1_000_000
+from ..config import ConfigError
+from ..registry.sources import MAX_SEED, STREAMS
 
 
 @dataclass(frozen=True)
 class Seeds:
-    init: int
-    shuffle: int
-    augment: int
-    bitflip: Optional[int]  # None = no bit change
+    """The generator seed of every stream of one run (registry STREAMS), and the kernel switch."""
+    streams: dict[str, Optional[int]]  # stream name -> seed; None = a one-shot stream left off (no bit change)
     deterministic_kernels: bool
 
+    def __getattr__(self, stream: str) -> Optional[int]:
+        """``seeds.init``, ``seeds.bitflip``: the seed of one stream by name."""
+        try:
+            return self.__dict__["streams"][stream]
+        except KeyError:
+            raise AttributeError(stream) from None
+
     def as_dict(self) -> dict:
-        return {"init": self.init, "shuffle": self.shuffle, "augment": self.augment,
-                "bitflip": self.bitflip, "deterministic_kernels": self.deterministic_kernels}
+        """run.json ``seeds``: every stream in the registry's order, then the kernel switch."""
+        return {**self.streams, "deterministic_kernels": self.deterministic_kernels}
 
 
 def resolve_seeds(vary: list[str], seed: int, deterministic_kernels: bool) -> Seeds:
@@ -53,49 +58,51 @@ def resolve_seeds(vary: list[str], seed: int, deterministic_kernels: bool) -> Se
         raise ConfigError(f"seed={seed} is too large: replicate indices go up to {MAX_SEED:,}, the range in which "
                           f"every source's random stream is distinct from every other's (a larger init seed would "
                           f"reproduce a shuffle seed's numbers). Use seed=1..{MAX_SEED}.")
-    unknown = sorted(set(vary) - set(SEEDED_SOURCES))
+    unknown = sorted(set(vary) - set(STREAMS))
     if unknown:
-        raise ConfigError(f"source.vary has unknown stream(s) {unknown}; valid: {list(SEEDED_SOURCES)} "
+        raise ConfigError(f"source.vary has unknown stream(s) {unknown}; valid: {list(STREAMS)} "
                           f"(the cuDNN source is source.deterministic_kernels=false, not a stream).")
-    pick = lambda s: seed if s in vary else 1  # noqa: E731
-    return Seeds(init=pick("init"), shuffle=pick("shuffle"), augment=pick("augment"),
-                 bitflip=seed if "bitflip" in vary else None,
+    off = {True: None, False: 1}  # the seed of a stream the source does not vary
+    return Seeds({s.name: seed if s.name in vary else off[s.one_shot] for s in STREAMS.values()},
                  deterministic_kernels=deterministic_kernels)
-
-
-# Offsets keep streams apart even if two sources get the same integer seed: generator(init=1) and
-# generator(shuffle=1) must not produce the same numbers. With seeds limited to 1..MAX_SEED the
-# generator seeds of different streams lie in disjoint ranges, so no seed of one source can ever
-# equal a seed of another (tests/test_sources.py checks the ranges).
-_STREAM_OFFSET = {"init": 0, "shuffle": 1_000_003, "augment": 2_000_003, "bitflip": 3_000_017}
 
 
 def make_generator(stream: str, seed: int) -> torch.Generator:
     """A CPU generator for one stream. CPU draws are identical on every machine and device."""
     g = torch.Generator(device="cpu")
-    g.manual_seed(_STREAM_OFFSET[stream] + seed)
+    g.manual_seed(STREAMS[stream].offset + seed)
     return g
 
 
-@dataclass
+#: The streams the training loop draws from all along (not one-shot): Streams holds their generators.
+LIVE_STREAMS = tuple(s.name for s in STREAMS.values() if not s.one_shot)
+
+
 class Streams:
-    """The live generators of one run; checkpointed and restored as a unit."""
-    init: torch.Generator
-    shuffle: torch.Generator
-    augment: torch.Generator
+    """The live generators of one run, by stream name; checkpointed and restored as a unit.
+
+    ``streams.shuffle`` is the shuffle stream's generator (attribute access by stream name).
+    """
+
+    def __init__(self, generators: dict[str, torch.Generator]) -> None:
+        self.generators = generators
+
+    def __getattr__(self, stream: str) -> torch.Generator:
+        try:
+            return self.__dict__["generators"][stream]
+        except KeyError:
+            raise AttributeError(stream) from None
 
     @classmethod
     def from_seeds(cls, seeds: Seeds) -> "Streams":
-        return cls(init=make_generator("init", seeds.init),
-                   shuffle=make_generator("shuffle", seeds.shuffle),
-                   augment=make_generator("augment", seeds.augment))
+        return cls({name: make_generator(name, seeds.streams[name]) for name in LIVE_STREAMS})
 
     def state(self) -> dict:
-        return {k: getattr(self, k).get_state() for k in ("init", "shuffle", "augment")}
+        return {k: g.get_state() for k, g in self.generators.items()}
 
     def load_state(self, state: dict) -> None:
         for k, s in state.items():
-            getattr(self, k).set_state(s)
+            self.generators[k].set_state(s)
 
 
 def apply_bitflip(weight: torch.Tensor, bitflip_seed: int) -> dict:

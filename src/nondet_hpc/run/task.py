@@ -21,15 +21,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__
-from ..config import RETIRED_KEYS, ConfigError, conf_dir, identity_items
+from ..config import RETIRED_KEYS, ConfigError, conf_dir, identity_items, threads_for
+from ..registry.models import MODELS, model_entry
+from ..registry.sources import SOURCES
+from ..rundir import (CHECKPOINT, CONFIG, DONE, FEATURES, LABELS, REPLACED, RUN_JSON, RUNS, RunRecord, group_key,
+                      is_done, logits_path, run_dir, run_id, run_lock, snapshot_view, write_json, write_npy, write_text)
+from ..viewspec import VIEWS
 from .data import AUGMENT_DRAWS, load_dataset
-from .models import init_weights, model_from_config
-from ..rundir import (DONE, RunRecord, group_key, is_done, logits_path, run_dir, run_id, run_lock, write_json, write_npy,
-                     write_text)
+from .device import resolve_device
+from .models import bitflip_target, init_weights, model_from_config
 from .sources import Streams, apply_bitflip, configure_kernels, precision_record, resolve_seeds
 from .step import PRECISIONS, plan_step, tristate
 from .train import PARAM_GROUP_RULES, Preempted, Trainer, clear_stop
-from .views import VIEWS, evaluate_test_set
+from .views import evaluate_test_set
 
 #: bytes the out_dir probe writes and syncs before training (a checkpoint of ResNet-14 is ~1 MiB)
 PROBE_BYTES = 1 << 20
@@ -42,63 +46,17 @@ SLURM_ENV = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM
 
 
 # --- input checks ----------------------------------------------------------------------------
-def check_gpu_arch(capability: tuple[int, int], arch_list: list[str], gpu_name: str,
-                   torch_version: str, cuda_version: str | None) -> None:
-    """Fail early when the installed torch has no kernels for this GPU.
-
-    A cubin for sm_XY runs on sm_XZ with Z >= Y (same major); PTX for compute_XY can be JIT
-    compiled for any newer GPU. CUDA 13 builds of torch dropped sm_70 (V100).
-    """
-    major, minor = capability
-    for arch in arch_list:
-        kind, _, num = arch.partition("_")
-        if not num.isdigit():
-            continue
-        a_major, a_minor = int(num[:-1]), int(num[-1])
-        if kind == "sm" and a_major == major and a_minor <= minor:
-            return
-        if kind == "compute" and (a_major, a_minor) <= (major, minor):
-            return
-    raise ConfigError(
-        f"GPU '{gpu_name}' has compute capability {major}.{minor} (sm_{major}{minor}), but the installed "
-        f"torch {torch_version} (CUDA {cuda_version}) only has kernels for {arch_list or 'no GPU'}. "
-        f"Install a torch build that includes sm_{major}{minor}: for V100 (sm_70) use a CUDA 12.6 build, "
-        f"e.g. pip install 'torch<=2.14.1' torchvision --index-url https://download.pytorch.org/whl/cu126 "
-        f"(CUDA 13 builds have no sm_70 kernels). See docs/v100.md.")
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as e:
-        raise ConfigError(f"train.device={spec!r} is not a device ({e}); valid: auto, cpu, cuda, cuda:N.") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"train.device={spec} but this machine has no usable CUDA GPU (torch {torch.__version__}, "
-                f"built for CUDA {torch.version.cuda}). Use train.device=cpu (or auto), or run on a GPU node, "
-                f"e.g. hydra/launcher=slurm_v100.")
-        index = device.index or 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device={spec} but only {torch.cuda.device_count()} GPU(s) are visible.")
-        check_gpu_arch(torch.cuda.get_device_capability(index), torch.cuda.get_arch_list(),
-                       torch.cuda.get_device_name(index), torch.__version__, torch.version.cuda)
-    elif device.type != "cpu":
-        raise ConfigError(f"train.device={spec!r}: valid values are auto, cpu, cuda, cuda:N.")
-    return device
-
-
 def check_groups_chosen(cfg) -> None:
     """``source=[]`` (an empty sweep list) leaves a config group unset: say so, not OmegaConf's
     'Missing mandatory value'."""
-    conf = Path(conf_dir())
+    registered = {"source": SOURCES, "model": MODELS}  # the other groups are folders of conf/
     for group, example in (("source", "source=init, or -m source=init,shuffle"), ("data", "data=digits"),
                            ("model", "model=resnet14")):
         missing = OmegaConf.is_missing(cfg, group) if isinstance(cfg, DictConfig) else cfg.get(group) == "???"
         if missing:
-            options = ", ".join(sorted(p.stem for p in (conf / group).glob("*.yaml"))) or f"the {group} options"
+            names = registered[group] if group in registered else \
+                [p.stem for p in (Path(conf_dir()) / group).glob("*.yaml")]
+            options = ", ".join(sorted(names)) or f"the {group} options"
             raise ConfigError(f"no {group} chosen (an empty list such as {group}=[] selects none); choose one of "
                               f"{options}, e.g. {example}.")
 
@@ -111,15 +69,23 @@ def validate(cfg, *, check_device: bool = True) -> None:
     passes False: the submitting host is not the node the job will run on.
     """
     check_groups_chosen(cfg)
+    model_entry(cfg.model.name)
     resolve_seeds(list(cfg.source.vary), cfg.seed, cfg.source.deterministic_kernels)
-    t = cfg.train
     for key, new_key in RETIRED_KEYS.items():
         value = OmegaConf.select(cfg, key)
         if value is not None:
             raise ConfigError(f"{key}={value!r} was replaced by {new_key}: write e.g. train.precision=tf32 instead "
                               f"(docs/configuration.md).")
     if check_device:
-        plan_step(t, resolve_device(t.device))  # refuses e.g. train.cuda_graph=true on a CPU
+        plan_step(cfg.train, resolve_device(cfg.train.device))  # refuses e.g. train.cuda_graph=true on a CPU
+    _check_sizes(cfg)
+    _check_choices(cfg)
+    _probe_out_dir(cfg.out_dir)
+
+
+def _check_sizes(cfg) -> None:
+    """Counts and sizes: epochs, snapshot cycles, batches, threads, data subsets."""
+    t = cfg.train
     if t.epochs < 1:
         raise ConfigError(f"train.epochs={t.epochs} is invalid: train for at least 1 epoch (paper: 500).")
     if t.snapshots < 1 or t.epochs % t.snapshots:
@@ -130,8 +96,7 @@ def validate(cfg, *, check_device: bool = True) -> None:
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.batch_size={cfg.eval.batch_size} is invalid: images per forward pass must be "
                           f">= 1 (default 500).")
-    if t.threads < 0:
-        raise ConfigError(f"train.threads={t.threads} is invalid: 0 keeps torch's default, N >= 1 sets N threads.")
+    threads_for(t.threads, local_default=torch.get_num_threads())  # refuses a negative count
     d = cfg.data
     for key in ("train_subset", "test_subset"):
         value = d.get(key)
@@ -141,6 +106,11 @@ def validate(cfg, *, check_device: bool = True) -> None:
         raise ConfigError(f"data.test_size={d.test_size} is out of range for digits (1,797 images, 10 classes): "
                           f"choose {DIGITS_TEST_SIZES[0]}..{DIGITS_TEST_SIZES[1]} so both splits hold every class "
                           f"(default 497).")
+
+
+def _check_choices(cfg) -> None:
+    """Keys with a fixed set of values, and the evaluation views."""
+    t = cfg.train
     for key, value, valid in (("train.param_groups", t.param_groups, PARAM_GROUP_RULES),
                               ("data.augment_draw", cfg.data.augment_draw, AUGMENT_DRAWS),
                               ("train.precision", t.precision, PRECISIONS)):
@@ -151,11 +121,15 @@ def validate(cfg, *, check_device: bool = True) -> None:
     bad = [v for v in cfg.eval.views if v not in VIEWS]
     if bad:
         raise ConfigError(f"eval.views has unknown view(s) {bad}; valid: {list(VIEWS)}.")
-    out = Path(cfg.out_dir)
+
+
+def _probe_out_dir(out_dir: str) -> None:
+    """Write and sync real bytes under out_dir/runs/: an empty file can be created on a full disk."""
+    runs = Path(out_dir) / RUNS
     try:
-        (out / "runs").mkdir(parents=True, exist_ok=True)
-        probe = out / "runs" / f".write-test-{os.getpid()}"
-        try:  # real bytes, synced: an empty file can be created on a full disk
+        runs.mkdir(parents=True, exist_ok=True)
+        probe = runs / f".write-test-{os.getpid()}"
+        try:
             with open(probe, "wb") as f:
                 f.write(b"\0" * PROBE_BYTES)
                 f.flush()
@@ -163,7 +137,7 @@ def validate(cfg, *, check_device: bool = True) -> None:
         finally:
             probe.unlink(missing_ok=True)
     except OSError as e:
-        raise ConfigError(f"out_dir={cfg.out_dir!r} is not writable ({e.strerror}: {e.filename}). "
+        raise ConfigError(f"out_dir={out_dir!r} is not writable ({e.strerror}: {e.filename}). "
                           f"Choose a folder you can write with out_dir=PATH.") from e
 
 
@@ -200,16 +174,16 @@ def provenance(device: torch.device) -> dict:
 # --- the job ---------------------------------------------------------------------------------
 def _move_aside(path: Path) -> Path:
     """force=true: keep the finished run under runs/.replaced/ instead of deleting it."""
-    dest = path.parent / ".replaced" / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+    dest = path.parent / REPLACED / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(path, dest)
     return dest
 
 
-def _save_views(dest: Path, logits: dict[str, np.ndarray], prefix: str = "") -> None:
+def _save_views(dest: Path, logits: dict[str, np.ndarray], snapshot: int | None = None) -> None:
+    """logits/<view>.npy of each view; of snapshot cycle ``snapshot``'s model when given."""
     for view, arr in logits.items():
-        name = prefix if (prefix and view == "plain") else f"{prefix}_{view}" if prefix else view
-        write_npy(dest / "logits" / f"{name}.npy", arr)
+        write_npy(logits_path(dest, view if snapshot is None else snapshot_view(snapshot, view)), arr)
 
 
 def _skipped(cfg: DictConfig, rd: Path, rid: str) -> dict:
@@ -228,10 +202,10 @@ def resolve_threads(cfg: DictConfig) -> None:
     """``train.threads=0`` -> the count torch uses in this process (its default, OMP_NUM_THREADS).
 
     On CPU the thread count changes results, so it is part of the run's identity: a run id never
-    stands for two counts. The SLURM launcher sets it to cpus_per_task when it plans the sweep.
+    stands for two counts. The SLURM launcher resolves it with the same rule (config.threads_for)
+    from cpus_per_task when it plans the sweep.
     """
-    if cfg.train.threads == 0:
-        cfg.train.threads = torch.get_num_threads()
+    cfg.train.threads = threads_for(cfg.train.threads, local_default=torch.get_num_threads())
 
 
 def run(cfg: DictConfig) -> dict:
@@ -256,81 +230,10 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
-    record = RunRecord(rd / "run.json")
-    attempts = record.data.get("attempts", 0) + 1
+    """The run's record around the work: running, then done, preempted or failed (run.json)."""
+    record = RunRecord(rd / RUN_JSON)
     try:
-        t0 = time.time()
-        device = resolve_device(cfg.train.device)
-        if cfg.train.threads > 0:
-            torch.set_num_threads(cfg.train.threads)
-        kernels = configure_kernels(cfg.source.deterministic_kernels, device)
-        precision = precision_record(cfg.train.precision, device)
-        seeds = resolve_seeds(list(cfg.source.vary), cfg.seed, cfg.source.deterministic_kernels)
-        plan = plan_step(cfg.train, device)
-        channels_last = plan.channels_last
-        write_text(rd / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        record.update(run_id=rid, state="running", attempts=attempts, seed=cfg.seed, experiment=cfg.experiment,
-                      group_key=group_key(cfg), group_label=cfg.source.label,
-                      identity={k: v for k, v in identity_items(cfg).items() if k != "seed"},
-                      source=OmegaConf.to_container(cfg.source), seeds=seeds.as_dict(), kernels=kernels,
-                      precision=precision, step=plan.record(), augment_draw=cfg.data.augment_draw,
-                      channels_last=channels_last, started=record.data.get("started", t0),
-                      **provenance(device))
-        data = load_dataset(cfg.data)
-        record.update(data=data.info)
-        data = data.to(device)
-
-        streams = Streams.from_seeds(seeds)
-        model = model_from_config(cfg)
-        init_weights(model, streams.init)
-        bitflip = apply_bitflip(model.conv1.weight, seeds.bitflip) if seeds.bitflip is not None else None
-        record.update(bitflip=bitflip, n_parameters=sum(p.numel() for p in model.parameters()))
-
-        views = ["plain"] + [v for v in cfg.eval.views if v != "plain"]
-
-        def evaluate(with_features: bool):
-            return evaluate_test_set(model, data, cfg.data, views, batch_size=cfg.eval.batch_size, device=device,
-                                     channels_last=channels_last, with_features=with_features)
-
-        last_snapshot: dict = {}
-
-        def on_snapshot(k: int) -> None:
-            if cfg.train.snapshots > 1:
-                logits = evaluate(False)[0]
-                _save_views(rd, logits, prefix=f"snapshot-{k}")
-                if k == cfg.train.snapshots:  # the last cycle ends with the final model: reuse it
-                    last_snapshot.update(logits)
-
-        trainer = Trainer(model, data, streams, cfg.train, cfg.data, device, rd / "checkpoint.pt",
-                          plan=plan, on_epoch=lambda hb: record.update(heartbeat=hb), on_snapshot=on_snapshot,
-                          run_id=rid)
-        record.update(param_groups=trainer.groups_record)
-        resumed = trainer.load_checkpoint()
-        if resumed:
-            record.update(resumed_from={"epoch": trainer.progress.epoch, "batch": trainer.progress.batch,
-                                        "time": time.time()})
-        trainer.fit()
-
-        t_eval = time.time()
-        logits, features = (last_snapshot, None) if last_snapshot and not cfg.eval.features \
-            else evaluate(cfg.eval.features)
-        _save_views(rd, logits)
-        if features is not None:
-            write_npy(rd / "features.npy", features)
-        labels = data.test_y.cpu().numpy().astype(np.int64)
-        write_npy(rd / "labels.npy", labels)
-        plain = torch.from_numpy(logits["plain"]).double()
-        y = torch.from_numpy(labels)
-        result = {"test_acc": float((plain.argmax(1) == y).double().mean()),
-                  "test_ce": float(torch.nn.functional.cross_entropy(plain, y))}
-        snaps = [f"snapshot-{k}" for k in range(1, cfg.train.snapshots + 1)] if cfg.train.snapshots > 1 else []
-        record.update(state="done", result=result, views=views, snapshots=snaps,
-                      features=features is not None,
-                      timings={"train_s": round(trainer.elapsed, 3), "eval_s": round(time.time() - t_eval, 3),
-                               "wall_s_this_attempt": round(time.time() - t0, 3)},
-                      finished=time.time())
-        write_json(rd / DONE, {"run_id": rid, "finished": time.time()})  # last: marks the run complete
-        return {"run_id": rid, "run_dir": str(rd), "state": "done", **result}
+        return _train_recorded(cfg, rd, rid, record)
     except Preempted as e:
         record.update(state="preempted", preempted={"time": time.time(), "message": str(e)})
         raise
@@ -338,3 +241,98 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
         record.update(state="failed", error={"type": type(e).__name__, "message": str(e),
                                              "traceback": traceback.format_exc(limit=20), "time": time.time()})
         raise
+
+
+def _train_recorded(cfg: DictConfig, rd: Path, rid: str, record: RunRecord) -> dict:
+    t0 = time.time()
+    device, seeds, plan = _start(cfg, rd, rid, record, t0)
+    data = load_dataset(cfg.data)
+    record.update(data=data.info)
+    data = data.to(device)
+    streams, model = _initial_model(cfg, seeds, record)
+    views = ["plain"] + [v for v in cfg.eval.views if v != "plain"]
+
+    def evaluate(with_features: bool):
+        return evaluate_test_set(model, data, cfg.data, views, batch_size=cfg.eval.batch_size, device=device,
+                                 channels_last=plan.channels_last, with_features=with_features)
+
+    last_snapshot: dict = {}
+
+    def on_snapshot(k: int) -> None:
+        if cfg.train.snapshots > 1:
+            logits = evaluate(False)[0]
+            _save_views(rd, logits, snapshot=k)
+            if k == cfg.train.snapshots:  # the last cycle ends with the final model: reuse it
+                last_snapshot.update(logits)
+
+    trainer = Trainer(model, data, streams, cfg.train, cfg.data, device, rd / CHECKPOINT,
+                      plan=plan, on_epoch=lambda hb: record.update(heartbeat=hb), on_snapshot=on_snapshot,
+                      run_id=rid)
+    record.update(param_groups=trainer.groups_record)
+    if trainer.load_checkpoint():
+        record.update(resumed_from={"epoch": trainer.progress.epoch, "batch": trainer.progress.batch,
+                                    "time": time.time()})
+    trainer.fit()
+    t_eval = time.time()
+    logits, features = (last_snapshot, None) if last_snapshot and not cfg.eval.features \
+        else evaluate(cfg.eval.features)
+    return _finish(cfg, rd, rid, record, views, logits, features, data.test_y,
+                   times=(t0, t_eval, trainer.elapsed))
+
+
+def _start(cfg: DictConfig, rd: Path, rid: str, record: RunRecord, t0: float):
+    """Set up the process (device, threads, kernels, precision), write config.yaml and the
+    running record; return (device, seeds, step plan)."""
+    attempts = record.data.get("attempts", 0) + 1
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    kernels = configure_kernels(cfg.source.deterministic_kernels, device)
+    precision = precision_record(cfg.train.precision, device)
+    seeds = resolve_seeds(list(cfg.source.vary), cfg.seed, cfg.source.deterministic_kernels)
+    plan = plan_step(cfg.train, device)
+    write_text(rd / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+    record.update(run_id=rid, state="running", attempts=attempts, seed=cfg.seed, experiment=cfg.experiment,
+                  group_key=group_key(cfg), group_label=cfg.source.label,
+                  identity={k: v for k, v in identity_items(cfg).items() if k != "seed"},
+                  source=OmegaConf.to_container(cfg.source), seeds=seeds.as_dict(), kernels=kernels,
+                  precision=precision, step=plan.record(), augment_draw=cfg.data.augment_draw,
+                  channels_last=plan.channels_last, started=record.data.get("started", t0),
+                  **provenance(device))
+    return device, seeds, plan
+
+
+def _initial_model(cfg: DictConfig, seeds, record: RunRecord):
+    """The run's streams and its model as training starts: initialised, bit change applied."""
+    streams = Streams.from_seeds(seeds)
+    model = model_from_config(cfg)
+    init_weights(model, streams.init)
+    bitflip = apply_bitflip(bitflip_target(model), seeds.bitflip) if seeds.bitflip is not None else None
+    record.update(bitflip=bitflip, n_parameters=sum(p.numel() for p in model.parameters()))
+    return streams, model
+
+
+def _finish(cfg: DictConfig, rd: Path, rid: str, record: RunRecord, views: list[str], logits: dict, features,
+            test_y: torch.Tensor, times: tuple[float, float, float]) -> dict:
+    """Write the final views, features and labels, the done record, and DONE last.
+
+    ``times``: (start of the attempt, start of the final evaluation, training seconds)."""
+    t0, t_eval, train_s = times
+    _save_views(rd, logits)
+    if features is not None:
+        write_npy(rd / FEATURES, features)
+    labels = test_y.cpu().numpy().astype(np.int64)
+    write_npy(rd / LABELS, labels)
+    plain = torch.from_numpy(logits["plain"]).double()
+    y = torch.from_numpy(labels)
+    result = {"test_acc": float((plain.argmax(1) == y).double().mean()),
+              "test_ce": float(torch.nn.functional.cross_entropy(plain, y))}
+    snapshots = cfg.train.snapshots
+    record.update(state="done", result=result, views=views,
+                  snapshots=[snapshot_view(k) for k in range(1, snapshots + 1)] if snapshots > 1 else [],
+                  features=features is not None,
+                  timings={"train_s": round(train_s, 3), "eval_s": round(time.time() - t_eval, 3),
+                           "wall_s_this_attempt": round(time.time() - t0, 3)},
+                  finished=time.time())
+    write_json(rd / DONE, {"run_id": rid, "finished": time.time()})  # last: marks the run complete
+    return {"run_id": rid, "run_dir": str(rd), "state": "done", **result}

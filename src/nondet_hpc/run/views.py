@@ -33,18 +33,10 @@ import torch
 from torch import nn
 
 from .data import normalize
-from ..viewspec import VIEWS, Transform, _check_name, _check_pad, view_count, view_transforms
+from ..viewspec import Transform, check_pad, check_view_name, view_transforms
 
-__all__ = [
-    "VIEWS",
-    "Transform",
-    "view_count",
-    "view_transforms",
-    "pad_black",
-    "crop_batch",
-    "evaluate_views",
-    "evaluate_test_set",
-]
+__all__ = ["pad_black", "crop_batch", "evaluate_views", "evaluate_test_set"]
+
 
 def pad_black(
     x: torch.Tensor, mean: Sequence[float], std: Sequence[float], pad: int = 4
@@ -54,7 +46,7 @@ def pad_black(
     The fill is ``normalize`` of a raw 0, so it is exactly what padding the raw image with 0 and
     normalising afterwards gives: the black padding of docs/study.md, "Test-time augmentation".
     """
-    _check_pad(pad)
+    check_pad(pad)
     b, c, h, w = x.shape
     fill = normalize(torch.zeros(1, c, 1, 1, dtype=torch.uint8, device=x.device), mean, std)
     out = fill.to(x.dtype).expand(b, c, h + 2 * pad, w + 2 * pad).contiguous()
@@ -92,21 +84,75 @@ def _default_device(model: nn.Module, images: torch.Tensor) -> torch.device:
     return p.device if p is not None else images.device
 
 
+def _check_inputs(images_u8: torch.Tensor, labels: torch.Tensor | None, views: list[str], batch_size: int,
+                  pad: int) -> None:
+    for v in views:
+        check_view_name(v)
+    check_pad(pad)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
+        raise ValueError(
+            f"expected uint8 images [N, C, H, W], got {images_u8.dtype} {tuple(images_u8.shape)}"
+        )
+    n = images_u8.shape[0]
+    if n == 0:
+        raise ValueError("no images to evaluate")
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} images")
+
+
+def _union_and_weights(views: list[str], pad: int, acc_dev: torch.device) -> tuple[list[Transform], torch.Tensor]:
+    """The distinct transforms of ``views``, the original first (it also carries the features), and
+    float64 [views, transforms]: how often each view counts each transform."""
+    per_view = {v: Counter(view_transforms(v, pad)) for v in views}
+    original: Transform = (False, pad, pad)
+    union: list[Transform] = list(
+        dict.fromkeys([original, *(t for ts in per_view.values() for t in ts)])
+    )
+    weight = torch.tensor(
+        [[per_view[v][t] for t in union] for v in views], dtype=torch.float64, device=acc_dev
+    ).reshape(len(views), len(union))
+    return union, weight
+
+
+class _Sums:
+    """Weighted logit sums per view, float64 [views, N, classes], and the original image's
+    features, float32 [N, d]; both made at the first forward pass (its output sizes them)."""
+
+    def __init__(self, n: int, n_views: int, dev: torch.device, acc_dev: torch.device) -> None:
+        self.n, self.n_views, self.dev, self.acc_dev = n, n_views, dev, acc_dev
+        self.acc: torch.Tensor | None = None
+        self.feats: torch.Tensor | None = None
+
+    def add_logits(self, weight: torch.Tensor, logits: torch.Tensor, i0: int, i1: int) -> None:
+        """Add the logits of ``weight.shape[1]`` transforms (transform-major rows) of images i0..i1."""
+        if self.acc is None:
+            self.acc = torch.zeros(
+                self.n_views, self.n, logits.shape[1], dtype=torch.float64, device=self.acc_dev
+            )
+        lg = logits.to(self.acc_dev, torch.float64).reshape(weight.shape[1], -1)  # [k, m*classes]
+        self.acc[:, i0:i1] += (weight @ lg).view(self.n_views, i1 - i0, -1)
+
+    def add_features(self, f: torch.Tensor, i0: int, i1: int) -> None:
+        """Keep the features of images i0..i1 (the first rows of ``f``: the original transform)."""
+        if self.feats is None:
+            self.feats = torch.empty(self.n, f.shape[1], dtype=torch.float32, device=self.dev)
+        self.feats[i0:i1] = f[: i1 - i0].float()
+
+    def result(self, views: list[str], weight: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        out: dict[str, np.ndarray] = {}
+        if self.acc is not None:
+            mean_logits = (self.acc / weight.sum(1).view(-1, 1, 1)).to(torch.float32).cpu().numpy()
+            out = {v: mean_logits[i] for i, v in enumerate(views)}
+        return out, (self.feats.cpu().numpy() if self.feats is not None else None)
+
+
 @torch.no_grad()
-def evaluate_views(
-    model: nn.Module,
-    images_u8: torch.Tensor,
-    labels: torch.Tensor | None,
-    mean: Sequence[float],
-    std: Sequence[float],
-    views: Sequence[str],
-    *,
-    batch_size: int = 500,
-    device: torch.device | str | None = None,
-    channels_last: bool = False,
-    with_features: bool = False,
-    pad: int = 4,
-) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def evaluate_views(model: nn.Module, images_u8: torch.Tensor, labels: torch.Tensor | None, mean: Sequence[float],
+                   std: Sequence[float], views: Sequence[str], *, batch_size: int = 500,
+                   device: torch.device | str | None = None, channels_last: bool = False, with_features: bool = False,
+                   pad: int = 4) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Mean logits of each requested TTA view (docs/study.md, TTA), plus optional penultimate features.
 
     Returns ``({view: float32 [N, classes]}, features)`` where ``features`` is the un-augmented
@@ -122,48 +168,23 @@ def evaluate_views(
     them); the model's memory format is the caller's business (``channels_last`` converts inputs).
     """
     views = list(dict.fromkeys(views))  # drop repeats, keep order
-    for v in views:
-        _check_name(v)
-    _check_pad(pad)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
-        raise ValueError(
-            f"expected uint8 images [N, C, H, W], got {images_u8.dtype} {tuple(images_u8.shape)}"
-        )
-    n, _, h, w = images_u8.shape
-    if n == 0:
-        raise ValueError("no images to evaluate")
-    if labels is not None and len(labels) != n:
-        raise ValueError(f"{len(labels)} labels for {n} images")
+    _check_inputs(images_u8, labels, views, batch_size, pad)
     if not views and not with_features:
         return {}, None
+    n, _, h, w = images_u8.shape
     dev = torch.device(device) if device is not None else _default_device(model, images_u8)
     # Float64 accumulation where the device has it (MPS does not); the sums are tiny either way.
     acc_dev = dev if dev.type in ("cpu", "cuda") else torch.device("cpu")
-
-    # Union of transforms, the original first (it also carries the features).
-    per_view = {v: Counter(view_transforms(v, pad)) for v in views}
-    original: Transform = (False, pad, pad)
-    union: list[Transform] = list(
-        dict.fromkeys([original, *(t for ts in per_view.values() for t in ts)])
-    )
-    weight = torch.tensor(
-        [[per_view[v][t] for t in union] for v in views], dtype=torch.float64, device=acc_dev
-    ).reshape(len(views), len(union))
+    union, weight = _union_and_weights(views, pad, acc_dev)
     needs_flip = any(f for f, _, _ in union)
-
     chunk = min(n, batch_size)
     per_pass = max(1, batch_size // chunk)  # transforms per forward pass
-    acc: torch.Tensor | None = None  # [views, N, classes] float64
-    feats: torch.Tensor | None = None  # [N, d] float32
-
+    sums = _Sums(n, len(views), dev, acc_dev)
     was_training = model.training
     model.eval()
     try:
         for i0 in range(0, n, chunk):
             i1 = min(i0 + chunk, n)
-            m = i1 - i0
             # Normalise and pad each image chunk once; every transform is a slice of it.
             x = normalize(images_u8[i0:i1].to(dev), mean, std)
             padded = pad_black(x, mean, std, pad)
@@ -177,26 +198,13 @@ def evaluate_views(
                     f = model.forward_features(batch)
                     logits = model.fc(f)
                     if j0 == 0:  # union[0] is the original: its rows come first
-                        if feats is None:
-                            feats = torch.empty(n, f.shape[1], dtype=torch.float32, device=dev)
-                        feats[i0:i1] = f[:m].float()
+                        sums.add_features(f, i0, i1)
                 else:
                     logits = model(batch)
-                k = len(group)
-                if acc is None:
-                    acc = torch.zeros(
-                        len(views), n, logits.shape[1], dtype=torch.float64, device=acc_dev
-                    )
-                lg = logits.to(acc_dev, torch.float64).reshape(k, -1)  # [k, m*classes]
-                acc[:, i0:i1] += (weight[:, j0 : j0 + k] @ lg).view(len(views), m, -1)
+                sums.add_logits(weight[:, j0 : j0 + len(group)], logits, i0, i1)
     finally:
         model.train(was_training)
-
-    out: dict[str, np.ndarray] = {}
-    if acc is not None:
-        mean_logits = (acc / weight.sum(1).view(-1, 1, 1)).to(torch.float32).cpu().numpy()
-        out = {v: mean_logits[i] for i, v in enumerate(views)}
-    return out, (feats.cpu().numpy() if feats is not None else None)
+    return sums.result(views, weight)
 
 
 def evaluate_test_set(model: nn.Module, data, data_cfg, views: Sequence[str], *, batch_size: int,
