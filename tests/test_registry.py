@@ -70,3 +70,97 @@ def test_a_legacy_run_is_composed_again_key_for_key(cfg_factory, run):
                       f"out_dir={old.out_dir}", fast=False)
     assert OmegaConf.to_container(cfg, resolve=True) == OmegaConf.to_container(old, resolve=True)
     assert run_id(cfg) == json.loads((folder / "run.json").read_text())["run_id"] == run
+
+
+# --- the registries are the one declaration of each source and model ----------------------------
+def test_the_source_and_model_options_are_the_registries_and_nothing_else():
+    from hydra.core.config_store import ConfigStore
+
+    from nondet_hpc.config import conf_dir
+    from nondet_hpc.registry.models import MODELS
+    from nondet_hpc.registry.options import register_configs
+    from nondet_hpc.registry.sources import SOURCES
+
+    register_configs()
+    store = ConfigStore.instance()
+    assert sorted(store.list("source")) == sorted(f"{name}.yaml" for name in SOURCES)
+    assert sorted(store.list("model")) == sorted(f"{name}.yaml" for name in MODELS)
+    assert not (Path(conf_dir()) / "source").exists() and not (Path(conf_dir()) / "model").exists()
+
+
+def test_every_source_names_declared_streams_and_a_distinct_table_row():
+    from nondet_hpc.registry.sources import SOURCES, STREAMS
+
+    for s in SOURCES.values():
+        assert set(s.vary) <= set(STREAMS), s
+    assert len({s.order for s in SOURCES.values()}) == len(SOURCES)
+    assert len({s.label for s in SOURCES.values()}) == len(SOURCES)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_builds_initialises_and_names_a_float32_bitflip_parameter(name):
+    import dataclasses
+
+    import torch
+
+    from nondet_hpc.registry.models import FAMILIES, MODELS as REGISTERED, config_node
+    from nondet_hpc.run.models import BUILDERS, INIT_RULES, bitflip_target, build_model, init_weights
+
+    entry = REGISTERED[name]
+    assert entry.family in FAMILIES and entry.family in BUILDERS and entry.init in INIT_RULES
+    node = config_node(entry)
+    assert [f.name for f in dataclasses.fields(node)] == ["name", *entry.options]
+    model = build_model(name, 10, 1)
+    init_weights(model, torch.Generator().manual_seed(0))
+    target = bitflip_target(model)
+    assert target.dtype == torch.float32 and any(target is p for p in model.parameters())
+
+
+def test_an_unregistered_model_name_is_refused_before_anything_is_written(cfg_factory, tmp_path):
+    from nondet_hpc.config import ConfigError
+    from nondet_hpc.run import task
+
+    with pytest.raises(ConfigError, match=r"model.name='resnet99' is not a registered model; valid: resnet14"):
+        task.run(cfg_factory("model.name=resnet99"))
+    assert not list((tmp_path / "sweep").glob("runs/*"))
+
+
+def test_a_model_of_an_existing_family_is_one_registry_entry(cfg_factory, monkeypatch):
+    """The extension point: one entry, and model=NAME composes, builds, initialises and has a
+    bit-change target; its run id carries its name and keys."""
+    import torch
+    from hydra.core.config_store import ConfigStore
+
+    from nondet_hpc.registry import models as registry
+    from nondet_hpc.registry.options import register_configs
+    from nondet_hpc.run.models import bitflip_target, init_weights, model_from_config
+
+    entry = registry.Model("resnet8", "resnet", {"widths": (8, 16), "blocks": (1, 1), "shortcut": "A"},
+                           "kaiming_zero_residual", "layers.0.conv1.weight", None, "a test's two-stage ResNet")
+    monkeypatch.setitem(registry.MODELS, entry.name, entry)
+    register_configs()
+    try:
+        cfg = cfg_factory("model=resnet8", "seed=4")
+    finally:
+        ConfigStore.instance().repo["model"].pop("resnet8.yaml")
+    assert OmegaConf.to_container(cfg.model) == {"name": "resnet8", "widths": [8, 16], "blocks": [1, 1],
+                                                 "shortcut": "A"}
+    assert run_id(cfg).startswith("none-s0004-digits-resnet8-e2-")
+    model = model_from_config(cfg)
+    init_weights(model, torch.Generator().manual_seed(0))
+    assert bitflip_target(model).shape == (8, 8, 3, 3)
+
+
+def test_the_docs_list_every_source_and_model():
+    from nondet_hpc.registry.models import MODELS as REGISTERED
+    from nondet_hpc.registry.sources import SOURCES
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    sources = (docs / "sources.md").read_text()
+    for s in SOURCES.values():
+        row = f"| `{s.name}` | {s.label} | {', '.join(s.vary) or '-'} | " \
+              f"{'deterministic' if s.deterministic_kernels else 'nondeterministic'} |"
+        assert row in sources, row
+    configuration = (docs / "configuration.md").read_text()
+    for name in [*SOURCES, *REGISTERED]:
+        assert f"`{name}`" in configuration, name

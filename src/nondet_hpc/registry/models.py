@@ -34,7 +34,7 @@ class Model:
     # (convolution MACs of one 32x32 forward pass, classifier inputs), counted with forward hooks on
     # run/models.build_model: the cost model of presets.py; None = not counted (no cost estimate)
     macs: Optional[tuple[int, int]]
-    doc: str  # one line: docs/configuration.md lists it
+    doc: str  # one line: what the network is (docs/configuration.md tables every model)
 
 
 MODELS: dict[str, Model] = {m.name: m for m in (

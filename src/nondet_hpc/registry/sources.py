@@ -45,7 +45,7 @@ class Source:
     deterministic_kernels: bool  # False: nondeterministic cuDNN/cuBLAS (the cuDNN source)
     order: int  # position in the report's tables (the paper's row order)
     single: bool  # one source alone: claim 1 compares each with "all"
-    doc: str  # one line for --help and docs/sources.md
+    doc: str  # one line: what the source varies (docs/sources.md tables every source)
 
 
 #: Rows not listed here (a new combination) sort between the single sources and "all".
