@@ -27,7 +27,6 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .data import Dataset, EpochImages, Normalize, epoch_augment, epoch_order, training_batches
 from ..config import ConfigError
