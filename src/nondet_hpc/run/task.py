@@ -244,6 +244,7 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
 
 
 def _train_recorded(cfg: DictConfig, rd: Path, rid: str, record: RunRecord) -> dict:
+    """Set up, build, train (or resume), evaluate and write the run; ``record`` follows along."""
     t0 = time.time()
     device, seeds, plan = _start(cfg, rd, rid, record, t0)
     data = load_dataset(cfg.data)
