@@ -23,6 +23,7 @@ from conftest import REPO, cli_env, interrupt_run, make_cfg
 from nondet_hpc.config import ConfigError
 from nondet_hpc.rundir import group_key, run_dir, run_id
 from nondet_hpc.run import data as data_mod, task, train
+from nondet_hpc.run.device import check_gpu_arch, resolve_device
 from nondet_hpc.run.data import EpochImages, epoch_augment, epoch_order, load_dataset, training_batches
 from nondet_hpc.run.models import init_weights, model_from_config
 from nondet_hpc.run.sources import Streams, resolve_seeds
@@ -346,9 +347,9 @@ def test_gpu_cudnn_switch_sets_the_kernel_flags_both_ways(cfg_factory):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_gpu_arch_check_accepts_this_gpu_and_this_torch():
-    assert task.resolve_device("cuda").type == "cuda"
-    task.check_gpu_arch(torch.cuda.get_device_capability(0), torch.cuda.get_arch_list(),
-                        torch.cuda.get_device_name(0), torch.__version__, torch.version.cuda)
+    assert resolve_device("cuda").type == "cuda"
+    check_gpu_arch(torch.cuda.get_device_capability(0), torch.cuda.get_arch_list(),
+                   torch.cuda.get_device_name(0), torch.__version__, torch.version.cuda)
 
 
 # --- the GPU script ------------------------------------------------------------------------------
