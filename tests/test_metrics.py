@@ -13,6 +13,7 @@ import pytest
 from nondet_hpc import metrics as M
 from nondet_hpc.metrics import formulas as F
 from nondet_hpc.metrics import pairwise as PW
+from nondet_hpc.registry import metrics as RM
 
 
 def summary(models: list[np.ndarray], labels: np.ndarray | None = None, features: list | None = None) -> dict:
@@ -222,6 +223,22 @@ def test_group_summary_matches_per_pair_definitions():
     assert s["disagreement"] == pytest.approx(np.mean(dis), abs=1e-12)
     assert s["correlation"] == pytest.approx(np.mean(cor), abs=1e-12)
     assert s["ensemble_delta"] == pytest.approx(np.mean(ens), abs=1e-12)
+
+
+def test_the_registry_declares_what_the_formulas_compute():
+    models, y = _random_group(4, 50, 3, seed=1)
+    st = M.pairwise_stats(models, y)
+    made_here = {m.key for m in RM.of_kind(RM.PAIRWISE) if m.pair is None}
+    assert set(st.pairs) == made_here  # the one pass over the logits makes exactly these
+    for m in RM.METRICS.values():
+        if m.pair is not None and m.inputs == RM.LOGITS:
+            st.add(m.key, m.pair(models, M.DEFAULT_BLOCK_BYTES), m.value)
+    st.add("cka", M.pairwise_cka_matrix([np.random.default_rng(k).normal(size=(50, 3)) for k in range(4)]))
+    # subset_metrics yields per-model, pairwise, then group metrics (ablation.csv's order)
+    want = [m.key for kind in (RM.MODEL, RM.PAIRWISE, RM.GROUP) for m in RM.of_kind(kind)]
+    assert list(M.subset_metrics(st, [[0, 1, 2]])) == want
+    for m in RM.model_sds():
+        assert m.per_model in st.per_model() and m.se is not None
 
 
 def test_blocking_does_not_change_results():
