@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..metrics import REDUCTION_KEYS, PairSums, pair_mean, pairwise_cka_matrix
+from ..metrics import PairSums, pair_mean, pairwise_cka_matrix
 from ..rundir import FEATURES
 
 #: what a metric is computed from: each model's own values (a mean or SD over models), every pair
@@ -53,6 +53,9 @@ INPUTS: dict[str, Input] = {i.name: i for i in (
 
 @dataclass(frozen=True)
 class Metric:
+    """One metric of the report. Whether it is one of the five terms of the variability reduction is
+    part of that formula (metrics.REDUCTION_KEYS), not a field here."""
+
     key: str  # column of metrics.csv, key of metrics.group_summary and subset_metrics
     header: str  # column title of the printed tables (terminal, metrics.md/.tex, ablation.md, published)
     name: str  # short name in sentences and in claims.csv's statistics ("acc SD ratio")
@@ -74,11 +77,6 @@ class Metric:
     pair: Callable[[Sequence[Any], int], np.ndarray] | None = None  # PAIRWISE: (arrays, block_bytes) ->
     #   the [N, N] pair matrix; None: made by metrics.pairwise_stats' one pass over the logits
     value: Callable[[PairSums], np.ndarray] = pair_mean  # PAIRWISE with `pair`: the metric from its pair sums
-
-    @property
-    def reduction(self) -> bool:
-        """One of the five metrics the variability reduction averages (metrics.REDUCTION_KEYS)."""
-        return self.key in REDUCTION_KEYS
 
 
 METRICS: dict[str, Metric] = {m.key: m for m in (
