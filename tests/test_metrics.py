@@ -11,6 +11,27 @@ import numpy as np
 import pytest
 
 from nondet_hpc import metrics as M
+from nondet_hpc.metrics import formulas as F
+from nondet_hpc.metrics import pairwise as PW
+from nondet_hpc.registry import metrics as RM
+
+
+def summary(models: list[np.ndarray], labels: np.ndarray | None = None, features: list | None = None) -> dict:
+    """The group's metrics as the reducer computes them (labels do not enter disagreement or correlation)."""
+    st = M.pairwise_stats(models, np.zeros(models[0].shape[0], np.int64) if labels is None else labels)
+    if features is not None:
+        st.add("cka", M.pairwise_cka_matrix(features))
+    return M.group_summary(st)
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA of two feature matrices [n, d1], [n, d2]: the float64 definition, no blocks."""
+    X = np.asarray(x, dtype=np.float64)
+    Y = np.asarray(y, dtype=np.float64)
+    X = X - X.mean(axis=0)
+    Y = Y - Y.mean(axis=0)
+    den = np.linalg.norm(X.T @ X) * np.linalg.norm(Y.T @ Y)
+    return float(np.linalg.norm(Y.T @ X) ** 2 / den) if den > 0 else math.nan
 
 
 def onehot_logits(preds: list[int], classes: int) -> np.ndarray:
@@ -27,7 +48,7 @@ def test_accuracy_hand_case_with_tie_to_lowest_class():
     logits = np.array([[2, 1, 0], [0, 1, 2], [1, 1, 0]], np.float32)
     labels = np.array([0, 0, 1])
     # predictions 0, 2, 0 (the tie 1 = 1 goes to class 0): only the first is right
-    assert M.accuracy(logits, labels) == pytest.approx(100 / 3)
+    assert M.summarize_model(logits, labels).n_correct == 1
 
 
 def test_cross_entropy_hand_case():
@@ -113,7 +134,7 @@ def test_disagreement_hand_case():
     preds = [[0, 1, 2, 0], [0, 1, 1, 0], [1, 1, 2, 2]]
     models = [onehot_logits(p, 3) for p in preds]
     # pairs (0,1): 1 of 4 differ; (0,2): 2 of 4; (1,2): 3 of 4 -> mean 6/12
-    assert M.pairwise_disagreement(models) == pytest.approx(50.0, abs=1e-12)
+    assert summary(models)["disagreement"] == pytest.approx(50.0, abs=1e-12)
 
 
 def test_correlation_hand_case():
@@ -121,10 +142,10 @@ def test_correlation_hand_case():
     b = np.array([[1, 2], [4, 3]], np.float32)  # deviations -1.5 -.5 1.5 .5: sum of products 4, norms^2 5
     c = 2 * a + 1  # perfectly correlated with a
     d = np.array([[1, 0], [0, 1]], np.float32)  # deviations .5 -.5 -.5 .5: uncorrelated with a
-    assert M.pairwise_correlation([a, b]) == pytest.approx(0.8, abs=1e-12)
-    assert M.pairwise_correlation([a, b, c]) == pytest.approx((0.8 + 1.0 + 0.8) / 3, abs=1e-12)
-    assert M.pairwise_correlation([a, d]) == pytest.approx(0.0, abs=1e-12)
-    assert M.pairwise_correlation([a, -a]) == pytest.approx(-1.0, abs=1e-12)
+    assert summary([a, b])["correlation"] == pytest.approx(0.8, abs=1e-12)
+    assert summary([a, b, c])["correlation"] == pytest.approx((0.8 + 1.0 + 0.8) / 3, abs=1e-12)
+    assert summary([a, d])["correlation"] == pytest.approx(0.0, abs=1e-12)
+    assert summary([a, -a])["correlation"] == pytest.approx(-1.0, abs=1e-12)
 
 
 def test_ensemble_delta_hand_case():
@@ -132,7 +153,7 @@ def test_ensemble_delta_hand_case():
     m0 = np.array([[2, 0], [0, 1]], np.float32)  # right, wrong: 50 %
     m1 = np.array([[0, 1], [3, 0]], np.float32)  # wrong, right: 50 %
     # sum [[2, 1], [3, 1]] -> both right: 100 %; delta = 100 - (50 + 50)/2
-    assert M.ensemble_delta([m0, m1], labels) == pytest.approx(50.0)
+    assert summary([m0, m1], labels)["ensemble_delta"] == pytest.approx(50.0)
 
 
 def test_ensemble_delta_tie_goes_to_lowest_class():
@@ -140,7 +161,7 @@ def test_ensemble_delta_tie_goes_to_lowest_class():
     m0 = np.array([[1, 0]], np.float32)  # wrong
     m1 = np.array([[0, 1]], np.float32)  # right
     # sum [1, 1]: argmax picks class 0, wrong -> 0 - (0 + 100)/2
-    assert M.ensemble_delta([m0, m1], labels) == pytest.approx(-50.0)
+    assert summary([m0, m1], labels)["ensemble_delta"] == pytest.approx(-50.0)
 
 
 def test_ensemble_delta_three_models_by_hand():
@@ -154,26 +175,29 @@ def test_ensemble_delta_three_models_by_hand():
     # (1,2): [1,2,0] [1,3,0] [0,0,6] -> wrong, right, right: 2/3
     ens = [200 / 3] * 3
     expected = np.mean([ens[0] - (acc[0] + acc[1]) / 2, ens[1] - (acc[0] + acc[2]) / 2, ens[2] - (acc[1] + acc[2]) / 2])
-    assert M.ensemble_delta(m, labels) == pytest.approx(expected, abs=1e-12)
+    assert summary(m, labels)["ensemble_delta"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_linear_cka_hand_case():
     X = np.array([[1, 0], [-1, 0], [0, 1], [0, -1]], np.float64)  # centred; X^T X = 2 I, ||.||_F = sqrt 8
     Y = np.array([[1], [-1], [0], [0]], np.float64)  # Y^T Y = [2]; Y^T X = [2, 0]
     expected = 4.0 / (math.sqrt(8.0) * 2.0)
-    assert M.linear_cka(X, Y) == pytest.approx(expected, rel=1e-12)
-    mat = M.pairwise_cka_matrix([X.astype(np.float32), Y.astype(np.float32)])
-    assert mat[0, 1] == pytest.approx(expected, rel=1e-6)
+    assert linear_cka(X, Y) == pytest.approx(expected, rel=1e-12)
+    cka = M.pairwise_cka_matrix([X.astype(np.float32), Y.astype(np.float32)])
+    assert cka[0, 1] == pytest.approx(expected, rel=1e-6)
     # invariant to rotation and scale: CKA(X, 3 X Q) = 1
     Q = np.array([[0.6, -0.8], [0.8, 0.6]])
-    assert M.linear_cka(X, 3 * X @ Q) == pytest.approx(1.0, rel=1e-12)
-    assert M.pairwise_cka([X, Y, 3 * X @ Q]) == pytest.approx((expected + 1.0 + expected) / 3, rel=1e-6)
+    assert linear_cka(X, 3 * X @ Q) == pytest.approx(1.0, rel=1e-12)
+    logits = [np.zeros((4, 2), np.float32)] * 3  # CKA joins any group's pairwise metrics
+    got = summary(logits, features=[X, Y, 3 * X @ Q])["cka"]
+    assert got == pytest.approx((expected + 1.0 + expected) / 3, rel=1e-6)
 
 
 def test_testset_sd_hand_case():
-    correct = np.array([[1, 1, 0, 0], [1, 0, 1, 0]], bool)
+    # label 0 everywhere; model 0 right on examples 0, 1, model 1 on examples 0, 2
+    models = [onehot_logits([0, 0, 1, 1], 2), onehot_logits([0, 1, 0, 1], 2)]
     # p = 1, .5, .5, 0 -> sum p(1-p) = 0.5 -> 100 * sqrt(0.5) / 4
-    assert M.testset_sd(correct) == pytest.approx(100 * math.sqrt(0.5) / 4, rel=1e-12)
+    assert summary(models, np.zeros(4, np.int64))["testset_sd"] == pytest.approx(100 * math.sqrt(0.5) / 4, rel=1e-12)
 
 
 def _random_group(n_models: int, n: int, c: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -201,13 +225,29 @@ def test_group_summary_matches_per_pair_definitions():
     assert s["ensemble_delta"] == pytest.approx(np.mean(ens), abs=1e-12)
 
 
+def test_the_registry_declares_what_the_formulas_compute():
+    models, y = _random_group(4, 50, 3, seed=1)
+    st = M.pairwise_stats(models, y)
+    made_here = {m.key for m in RM.of_kind(RM.PAIRWISE) if m.pair is None}
+    assert set(st.pairs) == made_here  # the one pass over the logits makes exactly these
+    for m in RM.METRICS.values():
+        if m.pair is not None and m.inputs == RM.LOGITS:
+            st.add(m.key, m.pair(models, M.DEFAULT_BLOCK_BYTES), m.value)
+    st.add("cka", M.pairwise_cka_matrix([np.random.default_rng(k).normal(size=(50, 3)) for k in range(4)]))
+    # subset_metrics yields per-model, pairwise, then group metrics (ablation.csv's order)
+    want = [m.key for kind in (RM.MODEL, RM.PAIRWISE, RM.GROUP) for m in RM.of_kind(kind)]
+    assert list(M.subset_metrics(st, [[0, 1, 2]])) == want
+    for m in RM.model_sds():
+        assert m.per_model in st.per_model() and m.se is not None
+
+
 def test_blocking_does_not_change_results():
     models, y = _random_group(7, 257, 4, seed=2)
     big = M.pairwise_stats(models, y)
     tiny = M.pairwise_stats(models, y, block_bytes=1)  # one test example per block
-    assert np.array_equal(big.agree, tiny.agree)
-    assert np.array_equal(big.ens_correct, tiny.ens_correct)
-    np.testing.assert_allclose(big.corr, tiny.corr, atol=1e-13)
+    assert np.array_equal(mat(big, 'disagreement'), mat(tiny, 'disagreement'))
+    assert np.array_equal(mat(big, 'ensemble_delta'), mat(tiny, 'ensemble_delta'))
+    np.testing.assert_allclose(mat(big, 'correlation'), mat(tiny, 'correlation'), atol=1e-13)
 
 
 def test_subset_metrics_equal_metrics_of_the_subset():
@@ -233,7 +273,8 @@ def test_identical_models_give_exact_zeros_and_one():
     x = (rng.integers(-50, 50, size=(n, c)) * 0.1 + 1000.3).astype(np.float32)
     feats = (rng.normal(size=(n, 16)) * 0.1 + 7.7).astype(np.float32)
     models = [x.copy() for _ in range(5)]
-    st = M.pairwise_stats(models, y, features=[feats.copy() for _ in range(5)])
+    st = M.pairwise_stats(models, y)
+    st.add("cka", M.pairwise_cka_matrix([feats.copy() for _ in range(5)]))
     s = M.group_summary(st)
     assert s["acc_sd"] == 0.0
     assert s["ce_sd"] == 0.0
@@ -279,6 +320,11 @@ def test_variability_reduction_undefined_and_invalid():
 
 
 # ----------------------------------------------------------------------------------- fast path
+
+
+def mat(st: M.PairwiseStats, key: str) -> np.ndarray:
+    """The pair matrix metric ``key`` is computed from (agreement counts, right-ensemble counts, r)."""
+    return st.pairs[key].matrix
 
 
 def per_pair_reference(models: list[np.ndarray], y: np.ndarray) -> dict[str, np.ndarray]:
@@ -332,11 +378,11 @@ def test_fast_path_equals_per_pair_reference(kind):
         models, y = adversarial_group(seed=3)
     ref = per_pair_reference(models, y)
     st = M.pairwise_stats(models, y)
-    assert np.array_equal(st.agree, ref["agree"])
-    assert np.array_equal(st.ens_correct, ref["ens"])
+    assert np.array_equal(mat(st, 'disagreement'), ref["agree"])
+    assert np.array_equal(mat(st, 'ensemble_delta'), ref["ens"])
     finite = np.isfinite(ref["corr"])
-    assert np.array_equal(finite, np.isfinite(st.corr))  # a constant model has undefined r (NaN)
-    np.testing.assert_allclose(st.corr[finite], ref["corr"][finite], rtol=1e-12, atol=1e-14)
+    assert np.array_equal(finite, np.isfinite(mat(st, 'correlation')))  # a constant model has undefined r (NaN)
+    np.testing.assert_allclose(mat(st, 'correlation')[finite], ref["corr"][finite], rtol=1e-12, atol=1e-14)
 
 
 def test_fast_path_ties_against_hand_counts():
@@ -345,7 +391,7 @@ def test_fast_path_ties_against_hand_counts():
     b = np.array([[0, 1, 0], [1, 0, 0], [1, 0, 0]], np.float32)
     # sums [1, 1, 0] -> tie, class 0 wins, label 1: wrong; [1, 1, 0] -> class 0 = label: right;
     # [1, 0, 1] -> class 0, label 2: wrong. One right of three.
-    assert M.pairwise_stats([a, b], y).ens_correct[0, 1] == 1
+    assert mat(M.pairwise_stats([a, b], y), "ensemble_delta")[0, 1] == 1
 
 
 def test_identical_models_exact_on_the_fast_path():
@@ -361,10 +407,10 @@ def test_block_sizes_1_7_n_identical():
     per_example = N * c * (3 * 4 + 8 + 8 + 4) + N * 16  # pairwise_stats' bytes per test example
     results = [M.pairwise_stats(models, y, block_bytes=rows * per_example) for rows in (1, 7, n)]
     for st in results[1:]:
-        assert np.array_equal(st.agree, results[0].agree)
-        assert np.array_equal(st.ens_correct, results[0].ens_correct)
+        assert np.array_equal(mat(st, 'disagreement'), mat(results[0], 'disagreement'))
+        assert np.array_equal(mat(st, 'ensemble_delta'), mat(results[0], 'ensemble_delta'))
         # the float64 Gram is summed in another order: equal to rounding, not bit for bit
-        np.testing.assert_allclose(st.corr, results[0].corr, rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(mat(st, 'correlation'), mat(results[0], 'correlation'), rtol=1e-13, atol=1e-15)
 
 
 def test_progress_called_per_block_up_to_total():
@@ -392,7 +438,7 @@ def test_memory_bounded_for_2000_models():
     st = M.pairwise_stats(models, y, summaries=summaries, block_bytes=8 * 2**20)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert st.agree.dtype == np.int32 and st.ens_correct.dtype == np.int32
+    assert mat(st, 'disagreement').dtype == np.int32 and mat(st, 'ensemble_delta').dtype == np.int32
     assert peak < 160 * 2**20, f"peak {peak / 2**20:.0f} MiB"
 
 
@@ -401,10 +447,10 @@ def test_long_test_set_flushes_float32_counts(monkeypatch):
     # int32 flush path runs, and check it changes nothing
     models, y = adversarial_group(seed=4)
     want = M.pairwise_stats(models, y)
-    monkeypatch.setattr(M, "_F32_EXACT", 20)
+    monkeypatch.setattr(PW, "_F32_EXACT", 20)
     got = M.pairwise_stats(models, y)
-    assert np.array_equal(got.agree, want.agree)
-    assert np.array_equal(got.ens_correct, want.ens_correct)
+    assert np.array_equal(mat(got, 'disagreement'), mat(want, 'disagreement'))
+    assert np.array_equal(mat(got, 'ensemble_delta'), mat(want, 'ensemble_delta'))
 
 
 def test_bootstrap_chunking_changes_no_value():
@@ -413,13 +459,13 @@ def test_bootstrap_chunking_changes_no_value():
     # rounds differently, and a quantile of near-equal ratios could then pick another resample)
     v = np.random.default_rng(2).normal(size=3001)
     rng = np.random.default_rng([4, 5])
-    sds = M._sd_rows(v[rng.integers(0, v.size, size=(3000, v.size))])
-    want_se = float(M._sd_rows(sds[None])[0] * math.sqrt(3000 / 2999))
+    sds = F.sd_rows(v[rng.integers(0, v.size, size=(3000, v.size))])
+    want_se = float(F.sd_rows(sds[None])[0] * math.sqrt(3000 / 2999))
     assert M.bootstrap_sd_se(v, n_boot=3000, seed=[4, 5], chunk=7) == want_se
     w = np.random.default_rng(3).normal(size=2999)
     rng = np.random.default_rng(9)
-    ra = M._sd_rows(v[rng.integers(0, v.size, size=(2000, v.size))])
-    rb = M._sd_rows(w[rng.integers(0, w.size, size=(2000, w.size))])
+    ra = F.sd_rows(v[rng.integers(0, v.size, size=(2000, v.size))])
+    rb = F.sd_rows(w[rng.integers(0, w.size, size=(2000, w.size))])
     alpha = (1 - 0.95) / 2  # as the function computes it (0.025000000000000022: another order statistic)
     want = np.quantile(ra / rb, [alpha, 1 - alpha], method="inverted_cdf")
     _, lo, hi = M.bootstrap_sd_ratio_ci(v, w, n_boot=2000, seed=9)

@@ -9,15 +9,19 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from nondet_hpc import metrics as M
 from nondet_hpc import rundir
 from nondet_hpc.analysis import cli, scan, tables
 from nondet_hpc.analysis import reduce as R
+from nondet_hpc.analysis import resample as RS
+from nondet_hpc.registry import metrics as RM
 
 N_TEST, N_CLASSES = 120, 4
 LABELS = np.random.default_rng(99).integers(0, N_CLASSES, N_TEST)
@@ -413,3 +417,70 @@ def test_run_json_that_is_not_an_object_is_unreadable(tmp_path):
     hit = excluded(tmp_path).query("run_id == 'init-s0003-e10'")
     assert list(hit["category"]) == ["unreadable"]
     assert hit["reason"].iloc[0] == "runs/init-s0003-e10/run.json holds a JSON list, not an object"
+
+
+# --------------------------------------------------------------------------------------------
+# run folders of an older version; a pairwise metric declared in the registry
+
+
+LEGACY_RUNS = Path(__file__).parent / "data" / "legacy_0_1_0" / "runs"
+
+
+def test_run_folders_written_by_version_0_1_0_still_reduce(tmp_path):
+    shutil.copytree(LEGACY_RUNS, tmp_path / "runs")
+    df = R.reduce_sweep(tmp_path, n_boot=200, seed=0)
+    # the fixtures keep logits/plain.npy only: the flip and crop25 views their run.json lists are missing
+    assert list(df["group"]) == ["Determinism Control", "Parameter Initialization"]
+    assert df.attrs["warnings"] == [] and set(excluded(tmp_path)["category"]) == {"missing"}
+    assert row(df, "Determinism Control")["n_models"] == 1
+    runs = sorted(LEGACY_RUNS.glob("init-*"))
+    x = [np.load(d / "logits" / "plain.npy") for d in runs]
+    y = np.load(runs[0] / "labels.npy")
+    acc = np.array([np.mean(a.argmax(1) == y) * 100 for a in x])
+    r = row(df, "Parameter Initialization")
+    assert r["n_models"] == 2
+    assert r["acc_mean"] == pytest.approx(acc.mean(), abs=1e-10)
+    assert r["acc_sd"] == pytest.approx(acc.std(), abs=1e-10)
+    assert r["disagreement"] == pytest.approx(np.mean(x[0].argmax(1) != x[1].argmax(1)) * 100, abs=1e-10)
+    r01 = np.corrcoef(x[0].ravel().astype(np.float64), x[1].ravel().astype(np.float64))[0, 1]
+    assert r["correlation"] == pytest.approx(r01, abs=1e-12)
+    ens = np.mean((x[0] + x[1]).argmax(1) == y) * 100 - acc.mean()
+    assert r["ensemble_delta"] == pytest.approx(ens, abs=1e-10)
+
+
+def mean_abs_difference(arrays: list, block_bytes: int) -> np.ndarray:
+    """A toy pair matrix: the mean |l_i - l_j| over every logit of two models."""
+    x = [np.asarray(a[:], np.float64) for a in arrays]
+    return np.array([[np.mean(np.abs(a - b)) for b in x] for a in x])
+
+
+TOY = RM.Metric("mad", "MAD", "mean abs. difference", "mean absolute logit difference", "", 3, RM.PAIRWISE,
+                legend="MAD = mean pairwise absolute difference of the logits", ablation=True, pair=mean_abs_difference)
+
+
+def test_a_pairwise_metric_declared_in_the_registry_reaches_the_report(tmp_path, monkeypatch):
+    monkeypatch.setitem(RM.METRICS, TOY.key, TOY)
+    for s in range(1, 5):
+        write_run(tmp_path, "init", s)
+    df = R.reduce_sweep(tmp_path, n_boot=50, seed=0)
+    plain = [logits_for("init", s, 10) for s in range(1, 5)]
+    want = np.mean([np.mean(np.abs(plain[i].astype(np.float64) - plain[j])) for i in range(4) for j in range(i + 1, 4)])
+    assert row(df, "Parameter Initialization")["mad"] == pytest.approx(want, rel=1e-12)
+    assert row(df, "Parameter Initialization [Flip]")["mad"] > 0  # every logits view has it
+    rep = tmp_path / "report"
+    csv = pd.read_csv(rep / "metrics.csv")
+    assert list(csv.columns[list(csv.columns).index("mad") - 1:][:3]) == ["cka", "mad", "baseline"]
+    md = (rep / "metrics.md").read_text()
+    assert "MAD" in md.splitlines()[0]  # a column of the printed table
+    assert "MAD = mean pairwise absolute difference of the logits" in md
+    ab = pd.read_csv(rep / "ablation.csv")
+    full = ab[(ab["group"] == "Parameter Initialization") & (ab["n"] == 4)].iloc[0]
+    assert full["mad_mean"] == pytest.approx(want, rel=1e-12) and "MAD" in (rep / "ablation.md").read_text()
+    # the bootstrap over models resamples it like every pairwise metric
+    st = M.pairwise_stats(plain, LABELS)
+    st.add(TOY.key, mean_abs_difference(plain, 0), TOY.value)
+    once = RS.resampled(st, np.arange(4)[None])["mad"][0]
+    assert once == pytest.approx(want, rel=1e-12)
+    two = RS.resampled(st, np.array([[0, 0, 1, 1]]))["mad"][0]  # only pairs of distinct models count
+    assert two == pytest.approx(np.mean(np.abs(plain[0].astype(np.float64) - plain[1])), rel=1e-12)
+

@@ -14,20 +14,36 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics as M
+from ..registry.metrics import GROUP, MODEL, PAIRWISE, Metric, in_claim, of_kind
+from ..registry.sources import ALL, CONTROL, SOURCES
 from .groups import Group, differing, family, fmt_value, prune_keys
 
 ABLATION_NS: tuple[int, ...] = (10, 25, 50, 75)
 ABLATION_SUBSETS = 200
-METRIC_COLUMNS: tuple[str, ...] = ("acc_mean", "acc_sd", "ce_sd", "disagreement", "correlation",
-                                   "ensemble_delta", "cka", "testset_sd")
-CLAIM1_COLUMNS: list[str] = ["group", "reference", "n_models", "acc_sd", "sd_ratio", "ci_low", "ci_high"]
 #: the paper's single sources: claim 1 compares each with all sources together (combinations, the
 #: bit change and the determinism control are other questions: claim 2 is the bit change's)
-SINGLE_SOURCES: tuple[str, ...] = ("init", "shuffle", "augment", "cudnn")
+SINGLE_SOURCES: tuple[str, ...] = tuple(s.name for s in SOURCES.values() if s.single)
+
+
+def claim1_metric() -> Metric:
+    """The metric claim 1 is about (the accuracy SD): its per-model values are resampled."""
+    (m,) = in_claim(1)
+    return m
+
+
+def claim1_columns() -> list[str]:
+    """claim1.csv's columns."""
+    return ["group", "reference", "n_models", claim1_metric().key, "sd_ratio", "ci_low", "ci_high"]
+
+
+def ablation_keys() -> list[str]:
+    """ablation.csv's metrics, in the order of metrics.subset_metrics: per-model, pairwise, group."""
+    return [m.key for kind in (MODEL, PAIRWISE, GROUP) for m in of_kind(kind)]
 
 
 def ablation(groups: list[Group], seed: int) -> pd.DataFrame:
     """N-models ablation: every metric on random N-subsets of the runs already there."""
+    keys = ablation_keys()
     recs = []
     for g in groups:
         st = g.stats
@@ -43,13 +59,12 @@ def ablation(groups: list[Group], seed: int) -> pd.DataFrame:
             res = M.subset_metrics(st, subsets)
             rec: dict[str, Any] = {"group": g.row_name, "source": g.name, "view_id": g.view_id, "n": n,
                                    "n_subsets": subsets.shape[0]}
-            for k in METRIC_COLUMNS:
-                v = res[k]
+            for k in keys:  # a pairwise metric the group lacks (no features.npy: CKA) is NaN
+                v = res.get(k, np.full(subsets.shape[0], math.nan))
                 rec[f"{k}_mean"] = float(v.mean())
                 rec[f"{k}_spread"] = float(v.std(ddof=1)) if v.size > 1 else 0.0
             recs.append(rec)
-    cols = ["group", "source", "view_id", "n", "n_subsets"] + [
-        f"{k}_{s}" for k in METRIC_COLUMNS for s in ("mean", "spread")]
+    cols = ["group", "source", "view_id", "n", "n_subsets"] + [f"{k}_{s}" for k in keys for s in ("mean", "spread")]
     return pd.DataFrame(recs, columns=cols)
 
 
@@ -57,7 +72,7 @@ def families(groups: list[Group]) -> list[tuple[str, list[Group]]]:
     """Single-model groups with >= 2 models (no control) by family, each with its " (key=value)" tag."""
     fams: dict[str, list[Group]] = {}
     for g in groups:
-        if g.view_id == "plain" and g.stats is not None and g.stats.n_models >= 2 and g.source_name != "none":
+        if g.view_id == "plain" and g.stats is not None and g.stats.n_models >= 2 and g.source_name != CONTROL:
             fams.setdefault(family(g.identity), []).append(g)
     reps = [json.loads(f) for f in fams]
     fam_keys = prune_keys(differing(reps, lambda k: False)) if len(reps) > 1 else []
@@ -80,28 +95,29 @@ def claim1(groups: list[Group], n_boot: int, seed: int) -> tuple[pd.DataFrame, l
     recs: list[dict[str, Any]] = []
     lines: list[str] = []
     for where, fam in families(groups):
-        gs = [g for g in fam if g.source_name in SINGLE_SOURCES or g.source_name == "all"]
+        gs = [g for g in fam if g.source_name in SINGLE_SOURCES or g.source_name == ALL]
         if not gs:
             continue
         mine = _sd_ratios(gs, n_boot, seed)
         recs += mine
         lines.append(_claim1_line(gs, mine, where))
-    return pd.DataFrame(recs, columns=CLAIM1_COLUMNS), lines
+    return pd.DataFrame(recs, columns=claim1_columns()), lines
 
 
 def _sd_ratios(gs: list[Group], n_boot: int, seed: int) -> list[dict[str, Any]]:
     """claim1.csv rows of one family: each group's acc SD / the all-sources group's, with a 95% CI."""
-    allg = [g for g in gs if g.source_name == "all"]
+    m = claim1_metric()
+    allg = [g for g in gs if g.source_name == ALL]
     ref = allg[0] if allg else None
     recs = []
     for g in gs:
         if ref is not None and g is not ref:
-            r, lo, hi = M.bootstrap_sd_ratio_ci(g.stats.accuracies, ref.stats.accuracies, n_boot=n_boot,
-                                                seed=[int(seed), g.seed_key, ref.seed_key])
+            r, lo, hi = M.bootstrap_sd_ratio_ci(g.stats.per_model()[m.per_model], ref.stats.per_model()[m.per_model],
+                                                n_boot=n_boot, seed=[int(seed), g.seed_key, ref.seed_key])
         else:
             r = lo = hi = math.nan
         recs.append({"group": g.row_name, "reference": ref.row_name if ref else "", "n_models": g.stats.n_models,
-                     "acc_sd": g.summary["acc_sd"], "sd_ratio": r, "ci_low": lo, "ci_high": hi})
+                     m.key: g.summary[m.key], "sd_ratio": r, "ci_low": lo, "ci_high": hi})
     return recs
 
 
@@ -110,7 +126,7 @@ def _claim1_line(gs: list[Group], recs: list[dict[str, Any]], where: str) -> str
     if len(gs) < 2:
         return f"Claim 1{where}: only one group (single sources, all sources) with >= 2 models; no comparison possible."
     try:
-        W, p = M.equal_variance_test([g.stats.accuracies for g in gs])
+        W, p = M.equal_variance_test([g.stats.per_model()[claim1_metric().per_model] for g in gs])
     except ImportError:
         return f"Claim 1{where}: equal-variance test skipped (scipy is not installed)."
     if not math.isfinite(p):

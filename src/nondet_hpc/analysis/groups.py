@@ -17,15 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import metrics as M
+from ..registry.sources import source_order
+from ..viewspec import VIEWS
 from .scan import ACC_ENS, Run
 
-VIEW_ORDER: tuple[str, ...] = ("plain", "flip", "crop25", "crop81", "flip-crop25", "flip-crop81")
 VIEW_DISPLAY: dict[str, str] = {"plain": "", "flip": "Flip", "crop25": "Crop25", "crop81": "Crop81",
                                 "flip-crop25": "Flip-Crop25", "flip-crop81": "Flip-Crop81"}
-# paper's row order; names not listed (new combinations) go between the single sources and "all"
-SOURCE_ORDER: dict[str, int] = {"none": 0, "init": 1, "shuffle": 2, "augment": 3, "cudnn": 4,
-                                "init+shuffle": 5, "shuffle+cudnn": 6, "shuffle+augment+cudnn": 7,
-                                "all": 9, "bitflip": 10}
 
 
 @dataclass
@@ -39,8 +36,7 @@ class Group:
     stats: M.PairwiseStats | None = None
     used: list[Run] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
-    acc_sd_se: float = math.nan
-    ce_sd_se: float = math.nan
+    se: dict[str, float] = field(default_factory=dict)  # bootstrap SE column (acc_sd_se, ...) -> value
     notes: list[str] = field(default_factory=list)
     n_excluded: int = 0  # distinct runs left out of this row, found while scanning or reducing
     n_planned: float = math.nan  # runs sweep.json plans for the group (NaN without sweep.json)
@@ -58,8 +54,12 @@ class Group:
 
     @property
     def seed_key(self) -> int:
-        # seeds the group's bootstrap from its own name, so adding a group leaves the others' SEs
-        return zlib.crc32(f"{self.group_key}|{self.view_id}".encode())
+        return seed_key(self.group_key, self.view_id)
+
+
+def seed_key(group_key: str, view_id: str) -> int:
+    """The row's bootstrap seed, from its own name: adding a group leaves the others' SEs alone."""
+    return zlib.crc32(f"{group_key}|{view_id}".encode())
 
 
 def view_display(view_id: str) -> str:
@@ -74,7 +74,7 @@ def view_display(view_id: str) -> str:
 def _view_rank(view_id: str) -> tuple[int, int, str]:
     ens = view_id == ACC_ENS or view_id.startswith(ACC_ENS + "/")
     inner = (view_id.split("/", 1)[1] if "/" in view_id else "plain") if ens else view_id
-    pos = VIEW_ORDER.index(inner) if inner in VIEW_ORDER else len(VIEW_ORDER)
+    pos = VIEWS.index(inner) if inner in VIEWS else len(VIEWS)
     return (int(ens), pos, inner)
 
 
@@ -156,7 +156,7 @@ def build_groups(runs: list[Run]) -> list[Group]:
                        key=lambda f: [(k, _sortable(v)) for k, v in sorted(json.loads(f).items())])
 
     def order(g: Group) -> tuple:
-        return (fam_order.index(family(g.identity)), SOURCE_ORDER.get(g.source_name, 8), g.name,
+        return (fam_order.index(family(g.identity)), source_order(g.source_name), g.name,
                 _view_rank(g.view_id))
 
     return sorted(groups.values(), key=order)

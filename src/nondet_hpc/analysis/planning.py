@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import sys
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -40,18 +39,24 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..registry.metrics import model_sds
+from ..registry.sources import ALL, CONTROL
 from ..rundir import RUNS, read_run_json
+from .groups import family, seed_key
 from .precision import MIN_MODELS, needed_n, plan_ratio, plan_sd_se, se_star, subsample_check
 
 __all__ = ["TARGETS", "PlanError", "parse_target", "needed_n", "se_star", "plan_sd_se", "plan_ratio",
-           "subsample_check", "plan_sweep", "planning_table_md", "format_plan", "main"]
+           "subsample_check", "plan_sweep", "format_plan", "main", "sweep_groups"]
 
-#: target name -> (per-model column it is about, what it means, unit)
+RATIO = "ratio_ci"  # the claim-1 target
+#: target name -> (per-model column it is about, what it means, unit): the SE column of each SD of
+#: per-model values (metrics.csv), and the claim-1 interval
 TARGETS: dict[str, tuple[str, str, str]] = {
-    "acc_sd_se": ("acc", "bootstrap SE of the accuracy SD", "pp"),
-    "ce_sd_se": ("ce", "bootstrap SE of the cross-entropy SD", "nats"),
-    "ratio_ci": ("acc", "half-width of the 95% CI of acc SD(source) / acc SD(all sources)", "ratio"),
+    **{m.se: (m.per_model, f"bootstrap SE of the {m.label}", m.unit) for m in model_sds()},
+    RATIO: ("acc", "half-width of the 95% CI of acc SD(source) / acc SD(all sources)", "ratio"),
 }
+#: an SD target's extra bootstrap seed entries, as the reducer draws that SD's resamples
+_STREAM: dict[str, list[int]] = {m.se: list(m.stream) for m in model_sds()}
 CHECK_MIN_N = 10  # the subsampling check needs n = N // 2 >= MIN_MODELS models per subset
 DIGITS = "digits"
 
@@ -97,15 +102,12 @@ class _Group:
 
     @property
     def seed_key(self) -> int:
-        # the reducer seeds each group's bootstrap with crc32("<group_key>|<view_id>") (analysis/reduce.py,
-        # Group.seed_key): the same seed makes "SE now" equal to report/metrics.csv
-        return zlib.crc32(f"{self.group_key}|{self.view_id}".encode())
+        # the reducer's bootstrap seed of the row: the same seed makes "SE now" equal to report/metrics.csv
+        return seed_key(self.group_key, self.view_id)
 
     @property
     def family(self) -> str:
-        ident = self.identity or {}
-        return json.dumps({k: v for k, v in ident.items() if not k.startswith("source.")}, sort_keys=True,
-                          default=str)
+        return family(self.identity or {})
 
 
 def _load(sweep: Path) -> list[_Group]:
@@ -174,9 +176,9 @@ def _cost(g: _Group) -> tuple[float, str, str]:
 
 def _reference(g: _Group, groups: list[_Group]) -> _Group | None:
     # claim 1 compares each single-model source group with all sources of the same family (reduce._claim1)
-    if g.view_id != "plain" or (g.identity or {}).get("source.name") in ("all", "none"):
+    if g.view_id != "plain" or (g.identity or {}).get("source.name") in (ALL, CONTROL):
         return None
-    refs = [r for r in groups if r.view_id == "plain" and (r.identity or {}).get("source.name") == "all"
+    refs = [r for r in groups if r.view_id == "plain" and (r.identity or {}).get("source.name") == ALL
             and r.family == g.family]
     return refs[0] if refs else None
 
@@ -206,8 +208,8 @@ def plan_sweep(sweep_dir: str | Path, targets: Mapping[str, float], *, level: fl
             continue
         for name, t in targets.items():
             col = TARGETS[name][0]
-            base_seed = [int(seed), g.seed_key] + ([1] if col == "ce" else [])
-            if name == "ratio_ci":
+            base_seed = [int(seed), g.seed_key] + _STREAM.get(name, [])
+            if name == RATIO:
                 ref = _reference(g, groups)
                 if ref is None or len(ref.frame) < MIN_MODELS:
                     continue
@@ -221,11 +223,11 @@ def plan_sweep(sweep_dir: str | Path, targets: Mapping[str, float], *, level: fl
             for k in ("n_needed", "n_low", "n_high"):
                 res["cost_" + k[2:]] = res[k] * unit_cost if math.isfinite(unit_cost) else math.nan
             entry["targets"][name] = res
-            if check and name != "ratio_ci" and len(g.frame) >= CHECK_MIN_N and res["now"] > 0:
+            if check and name != RATIO and len(g.frame) >= CHECK_MIN_N and res["now"] > 0:
                 entry["check"][name] = subsample_check(g.frame[col].to_numpy(float), len(g.frame) // 2,
                                                        n_subsets=check_subsets, seed=base_seed, level=level)
         out_groups.append(entry)
-    if "ratio_ci" in targets and not any("ratio_ci" in e["targets"] for e in out_groups):
+    if RATIO in targets and not any(RATIO in e["targets"] for e in out_groups):
         notes.append("ratio_ci: no source group has an all-sources group (source=all, same data/model/epochs) "
                      f"with >= {MIN_MODELS} models beside it; nothing to plan for the claim")
     small = [e["group"] for e in out_groups if e["n_now"] < CHECK_MIN_N and e["n_now"] >= MIN_MODELS]
@@ -321,13 +323,6 @@ def _rows(plan: Mapping[str, Any]) -> pd.DataFrame:
                                        "Cost of N"])
 
 
-def _markdown(df: pd.DataFrame) -> str:
-    head = "| " + " | ".join(df.columns) + " |"
-    sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in r) + " |" for r in df.itertuples(index=False)]
-    return "\n".join([head, sep, *body])
-
-
 def _study_lines(plan: Mapping[str, Any]) -> list[str]:
     st = plan["study"]
     pct = f"{plan['level']:.0%}"
@@ -345,31 +340,16 @@ def _study_lines(plan: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _sections(plan: Mapping[str, Any], md: bool) -> list[str]:
-    """Whole study, subsampling check and notes: shared by the Markdown section and the CLI text."""
+def _sections(plan: Mapping[str, Any]) -> list[str]:
+    """Whole study, subsampling check and notes, as the CLI prints them."""
     out: list[str] = []
-    bullet, gap = ("- ", [""]) if md else ("  ", [])  # Markdown lists need a blank line before them
     blocks = [((f"Whole study: {plan['study']['n_groups']} source group(s), {plan['study']['n_models_now']} "
                "models now."), _study_lines(plan)),
               ("Check against subsampling of this sweep:", _check_lines(plan)), ("Notes:", plan["notes"])]
     for title, items in blocks:
         if items:
-            out += [title, *gap, *[f"{bullet}{ln}" for ln in items], ""]
+            out += [title, *[f"  {ln}" for ln in items], ""]
     return out
-
-
-def planning_table_md(plan: Mapping[str, Any]) -> str:
-    """The "How many models do you need" section of report.md, from :func:`plan_sweep`'s result."""
-    pct = f"{plan['level']:.0%}"
-    parts = ["## How many models do you need", "",
-             (f"Predicted N per group for each precision target (1/sqrt(N) law: N = N_now x (now / target)^2), "
-             f"with a {pct} interval from a double bootstrap of the group's models; costs from "
-             "nondet_hpc.presets' cost model (V100 GPU-hours) or, for digits, measured CPU-seconds. "
-             "How to read it: docs/experiments/planning.md."), "", _markdown(_rows(plan)), ""]
-    parts += _sections(plan, md=True)
-    parts += [("The planner predicts; it is no stopping rule. Stopping when a precision target is met depends on "
-              "the data: fix the target, wave size and maximum before the first wave."), ""]
-    return "\n".join(parts)
 
 
 def _check_lines(plan: Mapping[str, Any]) -> list[str]:
@@ -389,7 +369,7 @@ def format_plan(plan: Mapping[str, Any]) -> str:
     units = sorted({(e["cost_unit"], e["cost_model"]) for e in plan["groups"]})
     lines = [f"Plan for {plan['sweep']} (targets: "
              + ", ".join(f"{k}={_g(v)}" for k, v in plan["targets"].items()) + ")", "",
-             _rows(plan).to_string(index=False), "", *_sections(plan, md=False),
+             _rows(plan).to_string(index=False), "", *_sections(plan),
              "Cost per model: " + "; ".join(f"{u} ({how})" for u, how in units), "",
              (f"'Now' is the bootstrap SE the reducer prints ({plan['n_boot']} resamples, seed {plan['seed']}); "
              f"N needed = N_now x (now / target)^2; the {pct} interval comes from a double bootstrap and is "

@@ -1,7 +1,8 @@
 """Report figures (PNG, matplotlib's Agg canvas; no pyplot, so no global backend state).
 
 Every function takes the reducer's DataFrames and returns PNG bytes, or None when there is
-nothing to draw; the reducer writes the bytes atomically.
+nothing to draw; the reducer writes the bytes atomically. Which metrics are drawn, and their
+titles, come from :mod:`nondet_hpc.registry.metrics`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from ..registry.metrics import METRICS, PAIRWISE, Metric, model_sds
 
 _MPL = tuple(int(p) for p in matplotlib.__version__.split(".")[:2] if p.isdigit())
 
@@ -31,40 +34,38 @@ def _finite(values: Sequence[float]) -> bool:
     return any(v is not None and np.isfinite(v) for v in values)
 
 
+def _title(m: Metric) -> str:
+    """A panel's title: the metric's label and unit; a similarity is drawn as 1 - value."""
+    return ("1 - " if m.similarity else "") + m.label + (f" ({m.unit})" if m.unit else "")
+
+
 def group_metrics_png(df: pd.DataFrame) -> bytes | None:
     """One horizontal bar panel per metric, one bar per row of the table, bootstrap SE as error bars.
 
-    The accuracy-SD panel also marks the SD that test-set sampling alone would give (diamonds).
+    The panels: the SDs of per-model values and the pairwise metrics. A metric drawn ``beside``
+    another marks its panel (the accuracy-SD panel: the SD test-set sampling alone would give).
     """
     rows = df[df["n_models"] >= 2]
     if rows.empty:
         return None
     names = list(rows["group"])
     y = np.arange(len(names))
-    panels = [
-        ("acc_sd", "acc_sd_se", "accuracy SD (pp)"),
-        ("ce_sd", "ce_sd_se", "cross-entropy SD (nats)"),
-        ("disagreement", None, "pairwise disagreement (%)"),
-        ("correlation", None, "1 - pairwise correlation"),
-        ("ensemble_delta", None, "2-model ensemble delta (pp)"),
-        ("cka", None, "1 - pairwise CKA"),
-    ]
-    panels = [p for p in panels if _finite(rows[p[0]])]
+    panels = [m for m in METRICS.values() if (m.se is not None or m.kind == PAIRWISE) and _finite(rows[m.key])]
     fig = Figure(figsize=(3.2 * len(panels) + 2.5, 0.32 * len(names) + 1.6), layout="constrained")
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
-    for ax, (col, err, title) in zip(axes, panels):
-        vals = rows[col].to_numpy(dtype=float)
-        if col in ("correlation", "cka"):
+    for ax, m in zip(axes, panels):
+        vals = rows[m.key].to_numpy(dtype=float)
+        if m.similarity:
             # correlations sit at 0.99..1; their distance from 1 is what differs between groups
             vals = 1.0 - vals
-        xerr = rows[err].to_numpy(dtype=float) if err else None
+        xerr = rows[m.se].to_numpy(dtype=float) if m.se else None
         ax.barh(y, np.nan_to_num(vals), xerr=None if xerr is None else np.nan_to_num(xerr),
                 color="#4C72B0", ecolor="black", capsize=2)
-        if col == "acc_sd" and "testset_sd" in rows:
-            ax.scatter(rows["testset_sd"].to_numpy(dtype=float), y, marker="D", color="#DD8452", s=14,
-                       zorder=3, label="test-set sampling SD")
+        for mark in (r for r in METRICS.values() if r.beside == m.key and r.key in rows):
+            ax.scatter(rows[mark.key].to_numpy(dtype=float), y, marker="D", color="#DD8452", s=14,
+                       zorder=3, label=mark.label)
             ax.legend(loc="lower right", fontsize=7)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(_title(m), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(labelsize=8)
     axes[0].set_yticks(y)
@@ -84,16 +85,17 @@ def sd_vs_n_png(ablation: pd.DataFrame) -> bytes | None:
     if data.empty:
         return None
     fig = Figure(figsize=(11, 4.2))
-    axes = fig.subplots(1, 2)
-    for ax, col, title in ((axes[0], "acc_sd", "accuracy SD (pp)"), (axes[1], "ce_sd", "cross-entropy SD (nats)")):
+    sds = model_sds()
+    axes = fig.subplots(1, len(sds))
+    for ax, m in zip(axes, sds):
         for name, g in data.groupby("group", sort=False):
             g = g.sort_values("n")
-            ax.errorbar(g["n"], g[f"{col}_mean"], yerr=g[f"{col}_spread"], marker="o", ms=3, capsize=3,
+            ax.errorbar(g["n"], g[f"{m.key}_mean"], yerr=g[f"{m.key}_spread"], marker="o", ms=3, capsize=3,
                         label=name)
         ax.set_xlabel("number of models N (random subsets of the runs)")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(_title(m), fontsize=10)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("N-models ablation: mean and SD over subsamples", fontsize=10)
     return _png(fig)
 

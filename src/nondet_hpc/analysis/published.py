@@ -17,6 +17,9 @@ from typing import Any
 
 import pandas as pd
 
+from .. import metrics as M
+from ..registry.metrics import METRICS
+from ..registry.sources import ALL
 from . import resample as RS
 from .groups import Group
 from .scan import ACC_ENS
@@ -40,13 +43,16 @@ VIEW_ROWS: dict[str, str] = {
     "Single/Crop81-TTA": "crop81", "Single/Flip-Crop25-TTA": "flip-crop25",
     "Single/Flip-Crop81-TTA": "flip-crop81", "Acc.Ens.": ACC_ENS, "Acc.Ens/Flip-TTA": f"{ACC_ENS}/flip",
     "Acc.Ens/Flip-Crop81-TTA": f"{ACC_ENS}/flip-crop81"}
-#: (metric column, title, digits); reductions come from the claim-3 bootstrap
-METRICS: tuple[tuple[str, str, int], ...] = (
-    ("acc_sd", "Acc SD", 3), ("ce_sd", "CE SD", 4), ("disagreement", "Disagr. %", 2), ("correlation", "Corr.", 3),
-    ("ensemble_delta", "Ens. Δ", 2), ("reduction_paper", "Red. % (paper)", 1),
-    ("reduction_report", "Red. % (report)", 1))
+REDUCTION = "reduction_"  # published_tables.csv's reduction columns: reduction_paper, reduction_report
 COLUMNS: list[str] = ["table", "origin", "published_row", "group", "n_models", "n_published", "metric", "ours",
                       "ours_se", "published", "published_se", "difference", "se_units", "note"]
+
+
+def columns() -> list[tuple[str, str, int]]:
+    """(published_tables.csv column, title, digits): the registry's published metrics, then the
+    variability reduction by each formula (ours from the claim-3 bootstrap)."""
+    return ([(m.key, m.header, m.published) for m in METRICS.values() if m.published is not None]
+            + [(REDUCTION + f, f"Red. % ({f})", 1) for f in M.FORMULAS])
 
 
 def load() -> pd.DataFrame:
@@ -134,7 +140,7 @@ def _match(p: dict[str, Any], groups: list[Group]) -> tuple[Group | None, str]:
     """Our group for a published row, or None and why not."""
     table, name = int(p["table"]), str(p["row"])
     if table in (6, 7):
-        source, view = "all", VIEW_ROWS.get(name)
+        source, view = ALL, VIEW_ROWS.get(name)
         snap = view is not None and view.startswith(ACC_ENS)
     else:
         source, view, snap = SOURCE_ROWS.get(name), "plain", False
@@ -164,19 +170,20 @@ def _rows(p: dict[str, Any], g: Group, row: pd.Series, j: Judgement) -> list[dic
     """One record per metric the published row gives: ours, our SE, theirs, difference, SE units."""
     boot = j.resamples.of(g)
     out = []
-    for key, _, _ in METRICS:
+    for key, _, _ in columns():
         published = float(p.get(key, math.nan))
         if not math.isfinite(published):
             continue
         note = ""
-        if key.startswith("reduction_"):
-            red = j.reductions.get(g.row_name, {}).get(key.split("_", 1)[1])
+        if key.startswith(REDUCTION):
+            red = j.reductions.get(g.row_name, {}).get(key.removeprefix(REDUCTION))
             ours, se = (red[0], red[1]) if red else (math.nan, math.nan)
             if red is None:
                 note = "no reduction of ours for this row"
         else:
+            se_col = METRICS[key].se
             ours = float(row[key])
-            se = float(row[f"{key}_se"]) if f"{key}_se" in row.index else RS.bootstrap_se(boot[key])
+            se = float(row[se_col]) if se_col is not None else RS.bootstrap_se(boot[key])
         d, z = _diff(ours, se, published)
         out.append({"table": int(p["table"]), "origin": p["origin"], "published_row": p["row"], "group": g.row_name,
                     "n_models": g.stats.n_models, "n_published": int(p["n_models"]), "metric": key, "ours": ours,
@@ -189,7 +196,7 @@ def _ablation_rows(p: dict[str, Any], g: Group, ablation: pd.DataFrame) -> list[
     """Table 8 rows below our N: the ablation's mean over N-subsets, raw difference (no sampling SE)."""
     a = ablation[(ablation["group"] == g.row_name) & (ablation["n"] == int(p["n_models"]))]
     out = []
-    for key, _, _ in METRICS:
+    for key, _, _ in columns():
         published = float(p.get(key, math.nan))
         col = f"{key}_mean"
         if not math.isfinite(published) or a.empty or col not in a.columns:
@@ -223,11 +230,12 @@ def published_md(c: Comparison) -> list[str]:
     parts = ["## Published values", ""]
     if c.why_none:
         return parts + [f"No published value applies: {c.why_none}.", ""]
-    titles = {k: (t, nd) for k, t, nd in METRICS}
+    cols = columns()
+    titles = {k: (t, nd) for k, t, nd in cols}
     if c.caveat:
         parts += [f"**Not the authors' experiment.** {c.caveat}", ""]
     for (table, origin), rows in c.rows.groupby(["table", "origin"], sort=True):
-        metrics = [k for k, _, _ in METRICS if k in set(rows["metric"])]
+        metrics = [k for k, _, _ in cols if k in set(rows["metric"])]
         out = []
         for (prow, group, n, npub), rs in rows.groupby(["published_row", "group", "n_models", "n_published"],
                                                        sort=False):

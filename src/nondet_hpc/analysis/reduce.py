@@ -7,7 +7,8 @@
 Runs are grouped by everything in their config except the replicate seed (run.json "group_key")
 and by logits view, so single models, test-time augmentation (TTA) views and accelerated
 (snapshot) ensembles all come out of the same code as rows of one table. Metric formulas live in
-:mod:`nondet_hpc.metrics` and are explained in docs/metrics.md.
+:mod:`nondet_hpc.metrics`, the report's metrics are declared in :mod:`nondet_hpc.registry.metrics`,
+and both are explained in docs/metrics.md.
 
 What cannot be measured is said, never silently dropped: runs without DONE, diverged runs
 (non-finite logits), corrupt or wrongly shaped files, missing snapshots are listed in
@@ -22,9 +23,11 @@ GPU, torch/CUDA/cuDNN, fp32 settings) is refused unless ``allow_mixed``; with SW
 every planned run is accounted for, and a row below its planned N shows ``N`` as ``used/planned*``.
 
 The stages, one module each: :mod:`.scan` (run folders), :mod:`.groups` (rows and their names),
-:mod:`.stats` (per-group metrics, baselines), :mod:`.claims` (ablation, claim 1), :mod:`.tables`
-(text output), :mod:`.plots` (figures), :mod:`.verdicts` (the claims judged), :mod:`.published`
-(published values beside ours); this module runs them in order and writes the report.
+:mod:`.stats` (per-group metrics, baselines; :mod:`.inputs` opens the files other pairwise metrics
+read), :mod:`.claims` (ablation, claim 1), :mod:`.tables` (text output), :mod:`.plots` (figures),
+:mod:`.verdicts` (the claims judged), :mod:`.resample` (their bootstrap over models),
+:mod:`.published` (published values beside ours); this module runs them in order and writes the
+report.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from .groups import VIEW_DISPLAY, Group, build_groups, view_display
 from .integrity import MIXED_HINT, Mix, Outlier, data_outliers, mixed_groups
 from .published import Comparison, compare, published_md
 from .scan import Exclusion, ReduceError, Run, parse_view_file, scan_sweep
-from .stats import COLUMNS, apply_baselines, group_row, per_model, reduce_group
+from .stats import apply_baselines, columns, group_row, per_model, reduce_group
 from .tables import format_table
 from .verdicts import Judgement, claims_md, judge
 
@@ -122,7 +125,7 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     groups = _reduce_groups(runs, sweep, excluded, warnings, data_outliers(runs), n_boot=n_boot, seed=seed,
                             block_bytes=block_bytes)
     _count_rows(groups, excluded, acc, mixes)
-    df = pd.DataFrame([group_row(g) for g in groups], columns=list(COLUMNS))
+    df = pd.DataFrame([group_row(g) for g in groups], columns=columns())
     apply_baselines(df, groups, formula, baseline)
     c1, c1_lines = claim1(groups, n_boot, seed)
     res = _Results(sweep, len(runs), df, per_model(groups), ablation(groups, seed), c1, c1_lines, excluded,

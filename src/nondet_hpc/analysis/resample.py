@@ -11,7 +11,9 @@ variability". With w_i the times model i was drawn and A a pair matrix with a ze
     mean over pairs = (w^T A w) / ((sum w)^2 - sum w^2),
 
 the weighted mean over pairs of distinct models. With every w_i = 1 this is the group's own
-value (tests/test_claims.py checks it against :func:`nondet_hpc.metrics.group_summary`).
+value (tests/test_claims.py checks it against :func:`nondet_hpc.metrics.group_summary`). Which
+SDs are resampled comes from :mod:`nondet_hpc.registry.metrics`; every pair matrix of the group
+(``PairwiseStats.pairs``) is resampled, through the same formula as the group's own value.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ from typing import Any
 import numpy as np
 
 from .. import metrics as M
+from ..registry.metrics import model_sds
 
-#: metrics every resample yields (the five of the variability reduction)
-KEYS: tuple[str, ...] = M.REDUCTION_KEYS
 CHUNK = 2000  # resamples per matrix product: bounds memory at CHUNK x N floats
 
 
@@ -34,7 +35,8 @@ def draws(n_models: int, n_boot: int, seed: Any) -> np.ndarray:
 
 
 def resampled(stats: M.PairwiseStats, idx: np.ndarray) -> dict[str, np.ndarray]:
-    """Every metric of :data:`KEYS` for each row of ``idx`` ([B, k] model indices, repeats allowed).
+    """Every SD of per-model values and every pairwise metric of ``stats`` for each row of ``idx``
+    ([B, k] model indices, repeats allowed).
 
     A resample that drew a single model k times has no pair of distinct models: its pairwise
     metrics are NaN (callers drop them and say how many).
@@ -42,13 +44,11 @@ def resampled(stats: M.PairwiseStats, idx: np.ndarray) -> dict[str, np.ndarray]:
     idx = np.atleast_2d(np.asarray(idx, dtype=np.int64))
     B = idx.shape[0]
     N, n = stats.n_models, stats.n_examples
-    acc = stats.accuracies
-    out = {key: np.empty(B) for key in KEYS}
-    out["acc_sd"] = _sd(acc[idx])
-    out["ce_sd"] = _sd(stats.ce[idx])
+    values = stats.per_model()
+    out = {m.key: _sd(values[m.per_model][idx]) for m in model_sds()}
+    out.update({key: np.empty(B) for key in stats.pairs})
     c = stats.n_correct.astype(np.float64)
-    agree, corr, ens = (stats.agree.astype(np.float64), stats.corr.astype(np.float64),
-                        stats.ens_correct.astype(np.float64))
+    matrices = {key: p.matrix.astype(np.float64) for key, p in stats.pairs.items()}
     for a in range(0, B, CHUNK):
         b = min(B, a + CHUNK)
         W = np.zeros((b - a, N))
@@ -57,17 +57,12 @@ def resampled(stats: M.PairwiseStats, idx: np.ndarray) -> dict[str, np.ndarray]:
         pairs = S * S - np.einsum("rn,rn->r", W, W)  # ordered pairs of distinct models
         pairs[pairs <= 0] = np.nan
         with np.errstate(divide="ignore", invalid="ignore"):
-            out["disagreement"][a:b] = 100.0 * (1.0 - _pair_mean(W, agree, pairs) / n)
-            out["correlation"][a:b] = _pair_mean(W, corr, pairs)
             # sum over ordered pairs i != j of (c_i + c_j) / 2 = sum_i w_i c_i (S - w_i)
             solo = np.einsum("rn,n,rn->r", W, c, S[:, None] - W)
-            out["ensemble_delta"][a:b] = 100.0 * (np.einsum("rn,rn->r", W @ ens, W) - solo) / (pairs * n)
+            for key, p in stats.pairs.items():
+                sums = M.PairSums(np.einsum("rn,rn->r", W @ matrices[key], W), pairs, solo, n)
+                out[key][a:b] = (p.resampled or p.value)(sums)
     return out
-
-
-def _pair_mean(W: np.ndarray, A: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Weighted mean of the pair matrix A over each resample's ordered pairs of distinct models."""
-    return np.einsum("rn,rn->r", W @ A, W) / pairs
 
 
 def _sd(values: np.ndarray) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 :func:`reduce_group` turns one group's runs into its metrics, leaving out (with a reason) every
 run whose files cannot be used; :func:`apply_baselines` compares rows with their baseline rows.
-The N-models ablation and the claim-1 test are in :mod:`nondet_hpc.analysis.claims`.
+The metrics and their columns are those of :mod:`nondet_hpc.registry.metrics`. The N-models
+ablation and the claim-1 test are in :mod:`nondet_hpc.analysis.claims`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics as M
-from ..rundir import FEATURES, LABELS, RUN_JSON
+from ..registry.metrics import METRICS, model_sds
+from ..registry.sources import CONTROL
+from ..rundir import LABELS, RUN_JSON
 from .groups import Group, view_display
+from .inputs import add_pairs, open_inputs
 from .scan import (
     ACC_ENS,
     BadFile,
@@ -32,11 +36,10 @@ from .scan import (
     rel,
 )
 
-COLUMNS: tuple[str, ...] = (
-    "group", "source", "view", "view_id", "group_key", "n_models", "n_excluded", "n_planned", "n_never_started",
-    "n_distinct",
-    "acc_mean", "acc_sd", "acc_sd_se", "testset_sd", "ce_sd", "ce_sd_se", "disagreement", "correlation",
-    "ensemble_delta", "cka", "baseline", "reduction_pct", "formula", "note")
+#: metrics.csv: these columns, then each metric of the registry (its SE column after it), then TAIL
+HEAD: tuple[str, ...] = ("group", "source", "view", "view_id", "group_key", "n_models", "n_excluded", "n_planned",
+                         "n_never_started", "n_distinct")
+TAIL: tuple[str, ...] = ("baseline", "reduction_pct", "formula", "note")
 
 Exclude = Callable[[Run, str, str], None]  # (run, category, reason): leave a run out of one group
 Used = list[tuple[Run, Logits, M.ModelSummary]]  # a group's usable models with their one-pass summaries
@@ -84,13 +87,14 @@ def reduce_group(g: Group, sweep: Path, excluded: list[Exclusion], warnings: lis
         return
     if g.view_id == "plain":
         _check_recorded_accuracy(used, warnings)
-    features = _features(g, used, sweep, warnings) if g.view_id == "plain" else None
+    inputs = open_inputs(g, [r for r, _, _ in used], [a for _, a, _ in used], sweep, warnings)
     labels = used[0][0].labels
     try:
         # a progress line on stderr once a group takes more than a few seconds (large sweeps)
         g.stats = M.pairwise_stats([a for _, a, _ in used], labels, summaries=[s for _, _, s in used],
-                                   features=features, block_bytes=block_bytes,
+                                   block_bytes=block_bytes,
                                    progress=M.progress_line(f"{g.row_name}: pairwise metrics"))
+        add_pairs(g.stats, inputs, block_bytes)
     except BadFile as e:  # a file replaced or truncated while we read it (a job still writing?)
         g.used = []
         g.notes.append(f"stopped: {e}")
@@ -176,55 +180,35 @@ def _check_recorded_accuracy(used: Used, warnings: list[str]) -> None:
 
 def _spread_and_control(g: Group, n_used: int, warnings: list[str], *, n_boot: int, seed: int) -> None:
     """Bootstrap SEs of the SDs; a determinism control with distinct logits is flagged."""
-    rng_seed = [int(seed), g.seed_key]
-    g.acc_sd_se = M.bootstrap_sd_se(g.stats.accuracies, n_boot=n_boot, seed=rng_seed)
-    g.ce_sd_se = M.bootstrap_sd_se(g.stats.ce, n_boot=n_boot, seed=rng_seed + [1])
-    if g.source_name == "none" and g.stats.n_distinct() > 1:
+    values = g.stats.per_model()
+    for m in model_sds():
+        g.se[m.se] = M.bootstrap_sd_se(values[m.per_model], n_boot=n_boot, seed=[int(seed), g.seed_key, *m.stream])
+    if g.source_name == CONTROL and g.stats.n_distinct() > 1:
         msg = (f"NOT bit-identical: {g.stats.n_distinct()} distinct logits among {n_used} runs of the "
                f"determinism control; some randomness is not controlled")
         g.notes.append(msg)
         warnings.append(f"{g.row_name}: {msg}")
 
 
-def _features(g: Group, used: Used, sweep: Path, warnings: list[str]) -> list[Npy] | None:
-    """Penultimate features of every used run, or None (with a note) if any is missing or bad."""
-    feats = []
-    missing = [r.run_id for r, _, _ in used if not (r.path / FEATURES).exists()]
-    if missing:
-        if len(missing) < len(used):
-            g.notes.append(f"CKA: features.npy missing for {len(missing)} of {len(used)} runs")
-        return None
-    for r, _, _ in used:
-        f = r.path / FEATURES
-        try:
-            arr = Npy(f, rel(f, sweep))
-            if len(arr.shape) != 2 or arr.shape[0] != r.labels.shape[0] or not np.issubdtype(arr.dtype, np.floating):
-                raise BadFile(f"{arr.rel}: wrong shape or dtype {arr.shape} {arr.dtype}; expected float [n_test, d]",
-                              "shape")
-            if not np.isfinite(arr[:]).all():
-                raise BadFile(f"{arr.rel}: non-finite features")
-        except BadFile as e:
-            g.notes.append(f"CKA not computed: {e}")
-            warnings.append(f"{g.row_name}: CKA not computed: {e}")
-            return None
-        feats.append(arr)
-    return feats
+def columns() -> list[str]:
+    """metrics.csv's columns: HEAD, every metric of the registry followed by its SE column, TAIL."""
+    metrics = [c for m in METRICS.values() for c in (m.key, m.se) if c is not None]
+    return [*HEAD, *metrics, *TAIL]
 
 
 def group_row(g: Group) -> dict[str, Any]:
-    """The group's row of metrics.csv (COLUMNS); baseline and reduction are filled in later."""
-    s = g.summary
-    return {
+    """The group's row of metrics.csv (:func:`columns`); baseline and reduction are filled in later."""
+    row: dict[str, Any] = {
         "group": g.row_name, "source": g.name, "view": view_display(g.view_id), "view_id": g.view_id,
         "group_key": g.group_key, "n_models": len(g.used), "n_excluded": g.n_excluded,
         "n_planned": g.n_planned, "n_never_started": g.n_never_started,
         "n_distinct": g.stats.n_distinct() if g.stats is not None else 0,
-        "acc_mean": s.get("acc_mean", math.nan), "acc_sd": s.get("acc_sd", math.nan), "acc_sd_se": g.acc_sd_se,
-        "testset_sd": s.get("testset_sd", math.nan), "ce_sd": s.get("ce_sd", math.nan), "ce_sd_se": g.ce_sd_se,
-        "disagreement": s.get("disagreement", math.nan), "correlation": s.get("correlation", math.nan),
-        "ensemble_delta": s.get("ensemble_delta", math.nan), "cka": s.get("cka", math.nan),
-        "baseline": "", "reduction_pct": math.nan, "formula": "", "note": "; ".join(g.notes),
     }
+    for m in METRICS.values():
+        row[m.key] = g.summary.get(m.key, math.nan)
+        if m.se is not None:
+            row[m.se] = g.se.get(m.se, math.nan)
+    return {**row, "baseline": "", "reduction_pct": math.nan, "formula": "", "note": "; ".join(g.notes)}
 
 
 def apply_baselines(df: pd.DataFrame, groups: list[Group], formula: str, baseline: str | None) -> None:

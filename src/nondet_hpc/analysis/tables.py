@@ -1,7 +1,8 @@
 """Table output of the reducer: the terminal table, Markdown, LaTeX and report.md, from its DataFrames.
 
 Numbers are formatted once (:func:`display_frame`) and every output prints those strings, so the
-terminal, Markdown and LaTeX tables always show the same digits.
+terminal, Markdown and LaTeX tables always show the same digits. Columns, titles, digits and the
+units line come from :mod:`nondet_hpc.registry.metrics`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..registry.metrics import METRICS
 from .claims import ABLATION_SUBSETS
 from .scan import Exclusion
 
@@ -38,22 +40,25 @@ def _n(n: Any, planned: Any) -> str:
     return f"{n}/{int(p)}*" if math.isfinite(p) and n < p else str(n)
 
 
+def _finite(col: pd.Series) -> bool:
+    return bool(np.isfinite(col.to_numpy(dtype=float)).any())
+
+
 def display_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """The metrics table as printed: formatted strings, CKA / Reduction columns only when present."""
+    """The metrics table as printed: formatted strings (``± SE`` where a metric has one); an
+    optional metric's column (CKA) and the Reduction column only when some row has a value."""
     out = pd.DataFrame({
         "Group": df["group"],
         "N": [_n(n, p) for n, p in zip(df["n_models"], df["n_planned"] if "n_planned" in df else [math.nan] * len(df))],
-        "Acc %": [_f(v, 2) for v in df["acc_mean"]],
-        "Acc SD": [_pm(v, s, 3) for v, s in zip(df["acc_sd"], df["acc_sd_se"])],
-        "Test-set SD": [_f(v, 3) for v in df["testset_sd"]],
-        "CE SD": [_pm(v, s, 4) for v, s in zip(df["ce_sd"], df["ce_sd_se"])],
-        "Disagr. %": [_f(v, 2) for v in df["disagreement"]],
-        "Corr.": [_f(v, 4) for v in df["correlation"]],
-        "Ens. Δ": [_f(v, 3) for v in df["ensemble_delta"]],
     })
-    if np.isfinite(df["cka"].to_numpy(dtype=float)).any():
-        out["CKA"] = [_f(v, 4) for v in df["cka"]]
-    if np.isfinite(df["reduction_pct"].to_numpy(dtype=float)).any():
+    for m in METRICS.values():
+        if m.optional and not _finite(df[m.key]):
+            continue
+        if m.se is not None:
+            out[m.header] = [_pm(v, s, m.decimals) for v, s in zip(df[m.key], df[m.se])]
+        else:
+            out[m.header] = [_f(v, m.decimals) for v in df[m.key]]
+    if _finite(df["reduction_pct"]):
         out["Reduction %"] = [_f(v, 1) for v in df["reduction_pct"]]
     return out
 
@@ -83,10 +88,9 @@ def format_table(df: pd.DataFrame) -> str:
 
 
 def units_line(formula: str) -> str:
-    return ("Acc % = mean test accuracy; SDs are population SDs across models with bootstrap SE (pp; CE in nats); "
-            "Test-set SD = SD from test-set sampling alone; Disagr. = mean pairwise % of test examples predicted "
-            "differently; Corr. = mean pairwise Pearson r of logits; Ens. Δ = 2-model ensemble gain (pp); "
-            f"Reduction = variability reduction vs the baseline row ({formula} formula, docs/metrics.md).")
+    """The line under every table: each metric's legend, then the reduction's."""
+    return "; ".join([*(m.legend for m in METRICS.values() if m.legend),
+                      f"Reduction = variability reduction vs the baseline row ({formula} formula, docs/metrics.md)."])
 
 
 def metrics_md(md_table: str, df: pd.DataFrame, formula: str) -> str:
@@ -142,9 +146,10 @@ def ablation_md(ablation: pd.DataFrame) -> str:
         return "No group has 2 or more models; no N-models ablation.\n"
     cols = {"group": "Group", "n": "N", "n_subsets": "subsets"}
     out = ablation[list(cols)].rename(columns=cols).astype(str)
-    for k, nd, title in (("acc_sd", 3, "Acc SD"), ("ce_sd", 4, "CE SD"), ("disagreement", 2, "Disagr. %"),
-                         ("correlation", 4, "Corr."), ("ensemble_delta", 3, "Ens. Δ")):
-        out[title] = [_pm(m, s, nd) for m, s in zip(ablation[f"{k}_mean"], ablation[f"{k}_spread"])]
+    for m in METRICS.values():
+        if m.ablation:
+            out[m.header] = [_pm(v, s, m.decimals) for v, s in zip(ablation[f"{m.key}_mean"],
+                                                                   ablation[f"{m.key}_spread"])]
     return (markdown(out) + "\n\nEach cell: mean ± SD of the metric over random N-subsets of the "
             f"group's runs (up to {ABLATION_SUBSETS} subsets; the last row of a group uses all runs).\n")
 

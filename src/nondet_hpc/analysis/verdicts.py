@@ -18,8 +18,10 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics as M
+from ..registry.metrics import Metric, in_claim
+from ..registry.sources import ALL, BITFLIP, CONTROL
 from . import resample as RS
-from .claims import SINGLE_SOURCES, families
+from .claims import SINGLE_SOURCES, claim1_metric, families
 from .groups import Group
 from .planning import needed_n
 from .tables import markdown
@@ -171,7 +173,7 @@ def judge_claim1(groups: list[Group], c1: pd.DataFrame) -> tuple[list[Stat], lis
     verdicts: list[Verdict] = []
     by_name = dict(zip(c1["group"], c1.to_dict("records")))
     for where, gs in families(groups):
-        ref = next((g for g in gs if g.source_name == "all"), None)
+        ref = next((g for g in gs if g.source_name == ALL), None)
         singles = [g for g in gs if g.source_name in SINGLE_SOURCES]
         if ref is None or not singles:
             miss = "all-sources group" if ref is None else "single-source group"
@@ -179,12 +181,13 @@ def judge_claim1(groups: list[Group], c1: pd.DataFrame) -> tuple[list[Stat], lis
                                     f"Claim 1{where}: not measured: no {miss} with 2 or more models."))
             continue
         mine = []
+        name = claim1_metric().name
         for g in singles:
             r = by_name[g.row_name]
             lo, hi = float(r["ci_low"]), float(r["ci_high"])
             out = ratio_outcome(lo, hi)
             n = min(g.stats.n_models, ref.stats.n_models)
-            mine.append(Stat(1, where, "acc SD / all-sources acc SD", g.row_name, ref.row_name, g.stats.n_models,
+            mine.append(Stat(1, where, f"{name} / all-sources {name}", g.row_name, ref.row_name, g.stats.n_models,
                              ref.stats.n_models, float(r["sd_ratio"]), lo, hi, out,
                              ratio_need(n, float(r["sd_ratio"]), lo, hi) if out == "unclear" else math.nan))
         test = _bf_test(singles + [ref], where)
@@ -197,7 +200,7 @@ def judge_claim1(groups: list[Group], c1: pd.DataFrame) -> tuple[list[Stat], lis
 def _bf_test(gs: list[Group], where: str) -> Stat | None:
     """Brown-Forsythe test of equal accuracy variance over the single sources and all sources."""
     try:
-        W, p = M.equal_variance_test([g.stats.accuracies for g in gs])
+        W, p = M.equal_variance_test([g.stats.per_model()[claim1_metric().per_model] for g in gs])
     except (ImportError, ValueError):
         return None
     n = min(g.stats.n_models for g in gs)
@@ -210,31 +213,41 @@ def judge_claim2(groups: list[Group], res: Resamples) -> tuple[list[Stat], list[
     stats: list[Stat] = []
     verdicts: list[Verdict] = []
     for where, gs in families(groups):
-        bit = next((g for g in gs if g.source_name == "bitflip"), None)
-        ref = next((g for g in gs if g.source_name == "all"), None)
+        bit = next((g for g in gs if g.source_name == BITFLIP), None)
+        ref = next((g for g in gs if g.source_name == ALL), None)
         if bit is None or ref is None:
             if bit is not None or ref is not None:  # a family with neither has nothing to say about claim 2
                 miss = "all-sources group" if ref is None else "bit-change group"
                 verdicts.append(Verdict(2, where, "not measured", math.nan,
                                         f"Claim 2{where}: not measured: no {miss} with 2 or more models."))
             continue
-        acc = M.bootstrap_sd_ratio_ci(bit.stats.accuracies, ref.stats.accuracies, n_boot=res.n_boot,
-                                      seed=[int(res.seed), bit.seed_key, ref.seed_key], level=LEVEL)
-        a, b = res.of(bit), res.of(ref)
-        out = ratio_outcome(acc[1], acc[2])
-        n = min(bit.stats.n_models, ref.stats.n_models)
-        mine = [Stat(2, where, "acc SD ratio", bit.row_name, ref.row_name, bit.stats.n_models, ref.stats.n_models,
-                     acc[0], acc[1], acc[2], out, ratio_need(n, *acc) if out == "unclear" else math.nan)]
-        sb, sr = bit.summary, ref.summary
-        mine.append(_ratio_stat(2, where, "disagreement ratio", bit, ref,
-                                _div(sb["disagreement"], sr["disagreement"]), a["disagreement"], b["disagreement"]))
-        mine.append(_ratio_stat(2, where, "(1 - correlation) ratio", bit, ref,
-                                _div(1.0 - sb["correlation"], 1.0 - sr["correlation"]),
-                                1.0 - a["correlation"], 1.0 - b["correlation"]))
+        mine = [_claim2_stat(m, where, bit, ref, res) for m in in_claim(2)]
         verdict, need = _verdict(mine, "differs", "same")
         stats += mine
         verdicts.append(Verdict(2, where, verdict, need, _claim_text(2, where, verdict, need, mine, None)))
     return stats, verdicts
+
+
+def _claim2_stat(m: Metric, where: str, bit: Group, ref: Group, res: Resamples) -> Stat:
+    """Bit change / all sources for one metric of claim 2, with its 95% CI.
+
+    An SD of per-model values: the two groups' values resampled (:func:`metrics.bootstrap_sd_ratio_ci`);
+    a pairwise metric: the ratio of the groups' bootstrap resamples over models, of 1 - value for a
+    similarity (1 - r is the variability; r itself sits near 0.87 for every group).
+    """
+    if m.per_model is not None:
+        v = M.bootstrap_sd_ratio_ci(bit.stats.per_model()[m.per_model], ref.stats.per_model()[m.per_model],
+                                    n_boot=res.n_boot, seed=[int(res.seed), bit.seed_key, ref.seed_key], level=LEVEL)
+        out = ratio_outcome(v[1], v[2])
+        n = min(bit.stats.n_models, ref.stats.n_models)
+        return Stat(2, where, f"{m.name} ratio", bit.row_name, ref.row_name, bit.stats.n_models, ref.stats.n_models,
+                    v[0], v[1], v[2], out, ratio_need(n, *v) if out == "unclear" else math.nan)
+    num, den = bit.summary[m.key], ref.summary[m.key]
+    rnum, rden = res.of(bit)[m.key], res.of(ref)[m.key]
+    if m.similarity:
+        return _ratio_stat(2, where, f"(1 - {m.name}) ratio", bit, ref, _div(1.0 - num, 1.0 - den), 1.0 - rnum,
+                           1.0 - rden)
+    return _ratio_stat(2, where, f"{m.name} ratio", bit, ref, _div(num, den), rnum, rden)
 
 
 def _div(a: float, b: float) -> float:
@@ -255,7 +268,7 @@ def judge_claim3(groups: list[Group], df: pd.DataFrame, formula: str, res: Resam
     for i, g in enumerate(groups):
         base = by_row.get(str(df.at[i, "baseline"]))
         if (base is None or base is g or g.stats is None or base.stats is None or g.stats.n_models < 2
-                or base.stats.n_models < 2 or g.source_name == "none"
+                or base.stats.n_models < 2 or g.source_name == CONTROL
                 or (g.view_id == "plain" and int(g.identity.get("train.snapshots", 1) or 1) == 1)):
             continue
         new = res.of(g)
@@ -268,8 +281,8 @@ def judge_claim3(groups: list[Group], df: pd.DataFrame, formula: str, res: Resam
         reductions[g.row_name] = {}
         for f in M.FORMULAS:
             value = M.variability_reduction(base.summary, g.summary, f)
-            boot = np.array([M.variability_reduction({k: old[k][j] for k in RS.KEYS},
-                                                     {k: new[k][j] for k in RS.KEYS}, f)
+            boot = np.array([M.variability_reduction({k: old[k][j] for k in M.REDUCTION_KEYS},
+                                                     {k: new[k][j] for k in M.REDUCTION_KEYS}, f)
                              for j in range(res.n_boot)])
             lo, hi = RS.percentile_ci(boot, LEVEL)
             reductions[g.row_name][f] = (value, RS.bootstrap_se(boot), lo, hi)
