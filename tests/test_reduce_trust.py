@@ -145,7 +145,7 @@ def test_incomplete_planned_run_gets_its_slurm_state(tmp_path, fake):
     write_run(sweep, "init", 3, done=False)
     jobs = write_sweep_json(sweep, [("init", 1), ("init", 2), ("init", 3)])
     fake.set_task(jobs[run_id("init", 3)], "TIMEOUT", queue=False)
-    df = R.reduce_sweep(sweep, n_boot=20)
+    df = R.reduce_sweep(sweep, n_boot=20, job_states=job_states)
     r = row(df, "Parameter Initialization")
     assert (r["n_models"], r["n_planned"], r["n_never_started"], r["n_excluded"]) == (2, 3, 0, 1)
     reason = excluded(sweep).query("run_id == 'init-s0003-e10'")["reason"].iloc[0]

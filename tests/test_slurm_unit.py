@@ -565,7 +565,7 @@ def _pickled_cfgs(folder: Path):
         with open(pk, "rb") as fh:
             fn = pickle.load(fh).function
         if isinstance(fn, jobs.RunJob):
-            out.append(jobs._as_config(fn.cfg))  # plain resolved data in the pickle
+            out.append(jobs.as_config(fn.cfg))  # plain resolved data in the pickle
     return out
 
 

@@ -51,7 +51,7 @@ class RunJob:
         log(f"run {self.run_id} -> {self.run_dir} (job {job_label()}, "
              f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')})")
         try:
-            out = task.run(_as_config(self.cfg))
+            out = task.run(as_config(self.cfg))
         except train.Preempted:
             if requeue_after_stop(signals, self.max_requeue):
                 # no result file: the job is not over; SLURM starts it again and it resumes
@@ -155,7 +155,7 @@ class ReduceJob:
         return rc
 
 
-def _as_config(cfg: Any) -> Any:
+def as_config(cfg: Any) -> Any:
     """The launcher pickles a job's resolved config as plain data (fast for 1000s of jobs);
     ``task.run`` takes a DictConfig, in struct mode so a missing key still fails loudly."""
     if not isinstance(cfg, dict):

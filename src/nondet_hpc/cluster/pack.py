@@ -39,7 +39,7 @@ from ..config import threads_for
 from . import fields
 from .client import SubmissionError
 from .joblog import job_label, log
-from .jobs import RunJob, StopSignals, requeue_after_stop
+from .jobs import RunJob, StopSignals, as_config, requeue_after_stop
 
 MPS_MODES = ("auto", "true", "false")
 MPS_CONTROL = "nvidia-cuda-mps-control"
@@ -158,7 +158,7 @@ def _child(job: RunJob, cpus: list[int], threads: int, packing: dict, conn: Conn
     log(f"run {job.run_id} -> {job.run_dir} (job {job_label()}, slot {packing['slot']} of {packing['k']}, "
          f"cpus {cpus}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')})")
     try:
-        out = task.run(job.cfg)
+        out = task.run(as_config(job.cfg))  # the pickle holds plain resolved data, as RunJob's does
         outcome: tuple[str, Any] = ("done", out)
     except train.Preempted as e:
         outcome = ("preempted", str(e))
