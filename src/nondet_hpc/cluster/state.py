@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..rundir import is_done, list_runs, read_run_json
+from ..rundir import RUNS, is_done, list_runs, read_run_json
 from ..sweep.manifest import latest_job, load_manifest, now_iso
 from .client import (ACTIVE_STATES, REQUEUE_STATES, RUNNING_STATES, JobInfo, SlurmError, current_user,
                      query_sacct, query_squeue)
@@ -244,7 +244,7 @@ def sweep_status(sweep_dir: str | os.PathLike, *, timeout: float | None = None, 
     sweep_dir = Path(sweep_dir).absolute()
     manifest = load_manifest(sweep_dir)
     if manifest is None:
-        if (sweep_dir / "runs").is_dir():
+        if (sweep_dir / RUNS).is_dir():
             return _local_status(sweep_dir, stale_s)
         raise FileNotFoundError(f"{sweep_dir} holds neither sweep.json (written by hydra/launcher=slurm) "
                                 "nor runs/: not a sweep folder")

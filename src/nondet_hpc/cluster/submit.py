@@ -4,7 +4,7 @@ The Hydra launcher (hydra_plugins.nondet_hpc_launcher) composes one config per r
 :func:`submit_sweep`, which returns as soon as sbatch has accepted the jobs; nothing here waits
 for a job. sweep.json (:mod:`nondet_hpc.sweep.manifest`) is written before the first sbatch and
 after every step, so a refusal half-way leaves a record of what was queued. Success of a run is
-its DONE file, never SLURM's exit state. The job pickles are :mod:`.pickles`'.
+its DONE file, never SLURM's exit state. The job pickles are written by :mod:`.pickles`.
 """
 
 from __future__ import annotations
