@@ -168,6 +168,7 @@ def test_preset_and_its_jobs_compose(name, tmp_path):
             if k.startswith("train."):
                 assert OmegaConf.select(job, k) == v
         task.validate(job)  # what a job checks before any work
+        task.resolve_threads(job)  # train.threads=0 as the run resolves it here (the local launcher)
         # the planner's fast composition gives the same run as Hydra's own
         rid = run_id(job)
         assert rid in {j["run_id"] for j in planned(name)}

@@ -1,6 +1,6 @@
 """A study grown in waves with the local launcher (hydra_plugins/nondet_hpc_launcher/local.py):
 real digits sweeps that stop at the maximum after several waves, or at wave 1 when the target is
-met; seeds 1..N each trained once, the study recorded in sweep.json as cluster/waves.py records
+met; seeds 1..N each trained once, the study recorded in sweep.json as sweep/waves.py records
 it, and a second identical command trains nothing."""
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from conftest import make_cfg
-from nondet_hpc.cluster import client, jobs, manifest, pack, state, submit
+from nondet_hpc.cluster import client, jobs, pack, state, submit
+from nondet_hpc.sweep import manifest
 from nondet_hpc.rundir import is_done, logits_path, run_dir
 from slurm_fixtures import FakeSlurm, cli_env
 from test_slurm_unit import params_for, plan, sbatch_flags
@@ -43,6 +44,17 @@ def keep_handlers():
         signal.signal(s, h)
 
 
+def task_runs(submission: dict, array: dict) -> list[list[str]]:
+    """The run ids each task of ``array`` holds, read from sweep.json as docs/slurm.md describes it
+    (``tasks``; a manifest written before runs_per_task: one run per task from ``offset``)."""
+    if array.get("tasks") is not None:
+        return [list(t) for t in array["tasks"]]
+    k = int(array.get("runs_per_task", 1))
+    o, n = int(array["offset"]), int(array.get("n_runs", array["size"] * k))
+    mine = submission.get("runs", [])[o:o + n]
+    return [mine[i:i + k] for i in range(0, len(mine), k)]
+
+
 def load_pickle(path: Path):
     with open(path, "rb") as f:
         return pickle.load(f).function
@@ -62,7 +74,7 @@ def test_runs_per_task_array_sizes_and_manifest(fake, tmp_path):
     assert "--array=0-1%2" in sbatch_flags(script_text)
     m = manifest.load_manifest(sweep)
     sub = m["submissions"][0]
-    assert manifest.task_runs(sub, sub["arrays"][0]) == [ids[:4], ids[4:]]
+    assert task_runs(sub, sub["arrays"][0]) == [ids[:4], ids[4:]]
     for t, task_ids in enumerate(arr["tasks"]):
         job = load_pickle(sweep / "slurm" / f"{arr['job_id']}_{t}_submitted.pkl")
         assert isinstance(job, pack.PackJob) and job.run_ids == task_ids and job.mps == "auto"
@@ -82,7 +94,7 @@ def test_runs_per_task_chunks_count_tasks(fake, tmp_path):
     assert [(a["offset"], a["size"], a["n_runs"]) for a in res.arrays] == [(0, 2, 4), (4, 2, 3)]
     assert [j["array"] for j in fake.state["jobs"][:2]] == [2, 2]
     sub = manifest.load_manifest(sweep)["submissions"][0]
-    held = [rid for a in sub["arrays"] for t in manifest.task_runs(sub, a) for rid in t]
+    held = [rid for a in sub["arrays"] for t in task_runs(sub, a) for rid in t]
     assert held == [r.run_id for r in runs]
     last = load_pickle(sweep / "slurm" / f"{res.arrays[1]['job_id']}_1_submitted.pkl")
     assert last.run_ids == [runs[6].run_id] and last.mps == "false"
@@ -101,7 +113,7 @@ def test_one_run_per_task_is_unchanged(fake, tmp_path):
 def test_old_manifest_task_runs():
     # sweep.json written before runs_per_task: no runs_per_task / n_runs / tasks keys
     sub = {"runs": ["a", "b", "c", "d", "e"]}
-    assert manifest.task_runs(sub, {"offset": 2, "size": 3}) == [["c"], ["d"], ["e"]]
+    assert task_runs(sub, {"offset": 2, "size": 3}) == [["c"], ["d"], ["e"]]
 
 
 @pytest.mark.parametrize("key,value,message", [

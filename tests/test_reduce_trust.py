@@ -23,7 +23,8 @@ from test_reduce import LABEL_OF, LABELS, N_CLASSES, excluded, row, write_run
 
 from nondet_hpc.analysis import cli
 from nondet_hpc.analysis import reduce as R
-from nondet_hpc.cluster import manifest as MF
+from nondet_hpc.cluster.client import job_states
+from nondet_hpc.sweep import manifest as MF
 
 
 def run_id(source: str, seed: int, epochs: int = 10) -> str:
@@ -78,7 +79,7 @@ def test_never_started_runs_are_listed_and_the_row_is_marked_below_plan(tmp_path
     jobs = write_sweep_json(sweep, [("init", 1), ("init", 2), ("init", 3), ("shuffle", 1), ("shuffle", 2),
                                     ("shuffle", 3), ("all", 1)])
     fake.set_task(jobs[run_id("init", 3)], "CANCELLED", queue=False)
-    df = R.reduce_sweep(sweep, n_boot=20)
+    df = R.reduce_sweep(sweep, n_boot=20, job_states=job_states)
     init = row(df, "Parameter Initialization")
     assert (init["n_models"], init["n_planned"], init["n_never_started"]) == (2, 3, 1)
     assert "below plan" in init["note"]
@@ -111,7 +112,7 @@ def test_sacct_missing_degrades_to_a_note(tmp_path, monkeypatch):
     for s in (1, 2):
         write_run(sweep, "init", s)
     write_sweep_json(sweep, [("init", 1), ("init", 2), ("init", 3)])
-    df = R.reduce_sweep(sweep, n_boot=20)
+    df = R.reduce_sweep(sweep, n_boot=20, job_states=job_states)
     reason = excluded(sweep).query("run_id == 'init-s0003-e10'")["reason"].iloc[0]
     assert "SLURM not reachable" in reason and "sacct" in reason
     assert "SLURM not reachable" in df.attrs["summary"]
@@ -123,7 +124,7 @@ def test_slow_sacct_does_not_hold_the_report(tmp_path, fake):
     for s in (1, 2):
         write_run(sweep, "init", s)
     write_sweep_json(sweep, [("init", 1), ("init", 2), ("init", 3)])
-    R.reduce_sweep(sweep, n_boot=20, slurm_timeout=0.5)
+    R.reduce_sweep(sweep, n_boot=20, slurm_timeout=0.5, job_states=job_states)
     reason = excluded(sweep).query("run_id == 'init-s0003-e10'")["reason"].iloc[0]
     assert "SLURM not reachable" in reason and "within 0.5 s" in reason
 
@@ -144,7 +145,7 @@ def test_incomplete_planned_run_gets_its_slurm_state(tmp_path, fake):
     write_run(sweep, "init", 3, done=False)
     jobs = write_sweep_json(sweep, [("init", 1), ("init", 2), ("init", 3)])
     fake.set_task(jobs[run_id("init", 3)], "TIMEOUT", queue=False)
-    df = R.reduce_sweep(sweep, n_boot=20)
+    df = R.reduce_sweep(sweep, n_boot=20, job_states=job_states)
     r = row(df, "Parameter Initialization")
     assert (r["n_models"], r["n_planned"], r["n_never_started"], r["n_excluded"]) == (2, 3, 0, 1)
     reason = excluded(sweep).query("run_id == 'init-s0003-e10'")["reason"].iloc[0]

@@ -17,9 +17,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nondet_hpc.cluster import cancel, client, jobs, manifest, params as launcher_settings, script, state, submit
+from nondet_hpc.cluster import cancel, client, jobs, params as launcher_settings, script, state, submit
 from nondet_hpc.config import ConfigError, conf_dir
 from nondet_hpc.registry.options import register_configs
+from nondet_hpc.sweep import identity, manifest
 from slurm_fixtures import FakeSlurm, cli_env, run_cli
 
 PY = "/opt/venv/bin/python"  # a fixed interpreter path makes the scripts comparable
@@ -47,7 +48,7 @@ def job_cfgs(out_dir: Path, sources=("init", "shuffle"), seeds=(1, 2, 3), *extra
 
 
 def plan(out_dir: Path, *extra: str, sources=("init", "shuffle"), seeds=(1, 2, 3)):
-    return [manifest.plan_run(c, [f"source={c.source.name}", f"seed={c.seed}"])
+    return [identity.plan_run(c, [f"source={c.source.name}", f"seed={c.seed}"])
             for c in job_cfgs(out_dir, sources, seeds, *extra)]
 
 
@@ -323,9 +324,9 @@ def test_reusing_folder_with_other_config_is_refused(fake, tmp_path):
     submit.submit_sweep(sweep, plan(sweep), params_for(sweep))
     # another base configuration (different lr): refused, nothing submitted
     n = len(fake.state["jobs"])
-    with pytest.raises(manifest.SweepConfigMismatch, match=r"train.lr: 0.4 \(recorded\) != 0.1 \(now\)"):
+    with pytest.raises(identity.SweepConfigMismatch, match=r"train.lr: 0.4 \(recorded\) != 0.1 \(now\)"):
         submit.submit_sweep(sweep, plan(sweep, "train.lr=0.1", seeds=(7,)), params_for(sweep))
-    with pytest.raises(manifest.SweepConfigMismatch, match="model.name"):
+    with pytest.raises(identity.SweepConfigMismatch, match="model.name"):
         submit.submit_sweep(sweep, plan(sweep, "model=resnet18", seeds=(7,)), params_for(sweep))
     assert len(fake.state["jobs"]) == n
     # a recorded run id must come with its recorded configuration
@@ -333,7 +334,7 @@ def test_reusing_folder_with_other_config_is_refused(fake, tmp_path):
     rid = next(iter(m["runs"]))
     m["runs"][rid]["config_hash"] = "0" * 16
     (sweep / "sweep.json").write_text(json.dumps(m))
-    with pytest.raises(manifest.SweepConfigMismatch, match=f"already has run {rid}"):
+    with pytest.raises(identity.SweepConfigMismatch, match=f"already has run {rid}"):
         submit.submit_sweep(sweep, plan(sweep), params_for(sweep))
     m["runs"][rid]["config_hash"] = plan(sweep)[0].config_hash
     (sweep / "sweep.json").write_text(json.dumps(m))
@@ -425,9 +426,10 @@ def test_manifest_write_is_atomic(tmp_path, monkeypatch):
 def test_sweep_lock_excludes_a_second_submission(tmp_path):
     with manifest.sweep_lock(tmp_path):
         assert (tmp_path / manifest.LOCK).exists()
-        with pytest.raises(client.SlurmError, match=r"\.sweep\.lock is locked by another submission"):
+        with pytest.raises(manifest.SweepError, match=r"\.sweep\.lock is locked by another submission") as e:
             with manifest.sweep_lock(tmp_path, timeout=0):
                 pass
+        assert not isinstance(e.value, client.SlurmError)  # a local sweep's lock is not a SLURM matter
     with manifest.sweep_lock(tmp_path, timeout=0):  # released on exit
         pass
 
@@ -563,7 +565,7 @@ def _pickled_cfgs(folder: Path):
         with open(pk, "rb") as fh:
             fn = pickle.load(fh).function
         if isinstance(fn, jobs.RunJob):
-            out.append(jobs._as_config(fn.cfg))  # plain resolved data in the pickle
+            out.append(jobs.as_config(fn.cfg))  # plain resolved data in the pickle
     return out
 
 
@@ -581,7 +583,8 @@ def test_cli_without_sbatch(tmp_path):
 # ============================================================================ in-job signal handling
 JOB_SCRIPT = textwrap.dedent("""
     import os, signal, sys, threading, time
-    from nondet_hpc.cluster import cancel, client, jobs, manifest, script, state, submit
+    from nondet_hpc.cluster import cancel, client, jobs, script, state, submit
+    from nondet_hpc.sweep import manifest
     from nondet_hpc.run import task, train
 
     def fake_run(cfg):
@@ -720,10 +723,10 @@ def test_identity_check_without_sweep_json_uses_run_json(fake, tmp_path):
     sweep = tmp_path / "local"
     _local_runs(sweep, plan(sweep, "train.threads=0", seeds=(1, 2)))  # as recorded before the thread identity
     assert not (sweep / "sweep.json").exists()
-    with pytest.raises(manifest.SweepConfigMismatch, match=r"train.lr: 0.4 \(recorded\) != 0.1 \(now\)") as e:
+    with pytest.raises(identity.SweepConfigMismatch, match=r"train.lr: 0.4 \(recorded\) != 0.1 \(now\)") as e:
         submit.submit_sweep(sweep, plan(sweep, "train.lr=0.1", "train.threads=0", seeds=(3,)), params_for(sweep))
     assert "run.json; no sweep.json" in str(e.value)
-    with pytest.raises(manifest.SweepConfigMismatch, match=r"train.threads: 0 \(recorded\) != 1 \(now\)") as e:
+    with pytest.raises(identity.SweepConfigMismatch, match=r"train.threads: 0 \(recorded\) != 1 \(now\)") as e:
         submit.submit_sweep(sweep, plan(sweep, "train.threads=1", seeds=(3,)), params_for(sweep))
     assert "train.threads=0 was not resolved" in str(e.value)  # runs of before the thread identity
     assert fake.calls("sbatch") == [] and not (sweep / "sweep.json").exists()
@@ -735,7 +738,7 @@ def test_identity_check_without_sweep_json_uses_run_json(fake, tmp_path):
 def test_identity_check_without_sweep_json_names_the_thread_count(fake, tmp_path):
     sweep = tmp_path / "local"
     _local_runs(sweep, plan(sweep, "train.threads=2", seeds=(1,)))
-    with pytest.raises(manifest.SweepConfigMismatch, match=r"pass train.threads=2"):
+    with pytest.raises(identity.SweepConfigMismatch, match=r"pass train.threads=2"):
         submit.submit_sweep(sweep, plan(sweep, "train.threads=1", seeds=(3,)), params_for(sweep))
 
 

@@ -1,4 +1,4 @@
-"""A study grown in waves (cluster/waves.py) against the fake SLURM client: the first wave and the
+"""A study grown in waves (sweep/waves.py, cluster/advance.py) against the fake SLURM client: the first wave and the
 stop rule recorded before submission, which groups get a next wave, idempotence of a repeated
 reducer run, the message of a refused submission, and the launcher's reruns."""
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from nondet_hpc.cluster import submit, waves
+from nondet_hpc.cluster import advance, submit
+from nondet_hpc.sweep import waves
 from nondet_hpc.config import ConfigError
 from slurm_fixtures import FakeSlurm, cli_env, run_cli
 from test_slurm_unit import fake, params_for, plan  # noqa: F401 - fake is a fixture
@@ -83,10 +84,10 @@ def test_next_wave_only_for_groups_below_target_and_idempotent(fake, tmp_path, m
     sweep = tmp_path / "sw"
     _start(sweep, params_for(sweep))
     _finish_all(sweep)
-    monkeypatch.setattr(waves, "measure", lambda d, s: {"source=init": {"acc_sd_se": 0.1},
+    monkeypatch.setattr(advance, "measure", lambda d, s: {"source=init": {"acc_sd_se": 0.1},
                                                         "source=shuffle": {"acc_sd_se": 0.9}})
     n_jobs = len(fake.state["jobs"])
-    assert waves.advance(sweep, echo=lambda s: None) == 0
+    assert advance.advance(sweep, echo=lambda s: None) == 0
     st = _study(sweep)
     assert st["groups"]["source=init"]["state"] == "target met"
     assert st["waves"][1]["groups"] == {"source=shuffle": [4, 5, 6]}
@@ -99,14 +100,14 @@ def test_next_wave_only_for_groups_below_target_and_idempotent(fake, tmp_path, m
     assert seeds == [1, 2, 3, 4, 5, 6]
     # the same reducer run again: the wave is decided, nothing is submitted
     n_jobs = len(fake.state["jobs"])
-    assert waves.advance(sweep, echo=lambda s: None) == 0
+    assert advance.advance(sweep, echo=lambda s: None) == 0
     assert len(fake.state["jobs"]) == n_jobs
     # wave 2 done, still not met: the last wave is capped at max_models=7 (seed 7 only)
     _finish_all(sweep)
-    assert waves.advance(sweep, echo=lambda s: None) == 0
+    assert advance.advance(sweep, echo=lambda s: None) == 0
     assert _study(sweep)["waves"][2]["groups"] == {"source=shuffle": [7]}
     _finish_all(sweep)
-    assert waves.advance(sweep, echo=lambda s: None) == 0
+    assert advance.advance(sweep, echo=lambda s: None) == 0
     st = _study(sweep)
     assert st["status"] == "done" and "maximum reached (7 models)" in st["stop_reason"]
     assert "target met" in st["stop_reason"] and len(st["waves"]) == 3
@@ -116,11 +117,11 @@ def test_runs_not_done_stop_the_study(fake, tmp_path, monkeypatch):
     sweep = tmp_path / "sw"
     _start(sweep, params_for(sweep))
     out: list[str] = []
-    assert waves.advance(sweep, echo=out.append) == 0 and "still has runs queued" in out[0]  # not yet over
+    assert advance.advance(sweep, echo=out.append) == 0 and "still has runs queued" in out[0]  # not yet over
     for job in list(fake.state["queue"]):
         fake.set_task(job, "FAILED", queue=False, exit="1:0")
     out.clear()
-    assert waves.advance(sweep, echo=out.append) == 1
+    assert advance.advance(sweep, echo=out.append) == 1
     st = _study(sweep)
     assert st["status"] == "stopped" and "6 run(s) not done" in st["stop_reason"] and "rerun" in out[0]
 
@@ -129,10 +130,10 @@ def test_refused_submission_stops_with_its_message(fake, tmp_path, monkeypatch):
     sweep = tmp_path / "sw"
     _start(sweep, params_for(sweep))
     _finish_all(sweep)
-    monkeypatch.setattr(waves, "measure", lambda d, s: {g: {"acc_sd_se": 0.9} for g in s["groups"]})
+    monkeypatch.setattr(advance, "measure", lambda d, s: {g: {"acc_sd_se": 0.9} for g in s["groups"]})
     fake.update(behave={"sbatch": {"fail": "sbatch: error: QOSMaxSubmitJobPerUserLimit"}})
     out: list[str] = []
-    assert waves.advance(sweep, echo=out.append) == 1
+    assert advance.advance(sweep, echo=out.append) == 1
     st = _study(sweep)
     assert st["status"] == "stopped" and st["waves"][1]["status"] == "failed"
     assert "QOSMaxSubmitJobPerUserLimit" in st["stop_reason"] and "Rerun the same sweep command" in st["stop_reason"]
@@ -140,7 +141,7 @@ def test_refused_submission_stops_with_its_message(fake, tmp_path, monkeypatch):
     # a repeated reducer run does not retry behind the user's back
     fake.update(behave={})
     n_jobs = len(fake.state["jobs"])
-    assert waves.advance(sweep, echo=lambda s: None) == 0 and len(fake.state["jobs"]) == n_jobs
+    assert advance.advance(sweep, echo=lambda s: None) == 0 and len(fake.state["jobs"]) == n_jobs
 
 
 def test_cli_first_wave_rerun_and_lost_reducer(tmp_path):

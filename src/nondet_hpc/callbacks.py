@@ -7,13 +7,14 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from hydra_plugins.nondet_hpc_launcher.config import NondetSlurmLauncherConf
 from omegaconf import DictConfig
 
-# the launcher whose sweeps return before their jobs ran (it queues a reducer job instead); after
-# any other launcher (the local preset: hydra_plugins.nondet_hpc_launcher.local, which calls
-# on_job_end here for every job, also those its worker processes ran) the jobs are over at sweep end
-SLURM_LAUNCHER = NondetSlurmLauncherConf._target_
+# SLURM_LAUNCHER: the launcher whose sweeps return before their jobs ran (it queues a reducer job
+# instead); after any other launcher (the local preset: hydra_plugins.nondet_hpc_launcher.local,
+# which calls on_job_end here for every job, also those its worker processes ran) the jobs are
+# over at sweep end
+from .cluster.fields import SLURM_LAUNCHER
+from .rundir import RUNS
 
 
 class ReduceAtSweepEnd(Callback):
@@ -39,17 +40,19 @@ class ReduceAtSweepEnd(Callback):
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         from .analysis import reduce
+        from .cluster.client import job_states
 
-        if (sweep_dir / "runs").is_dir():
+        if (sweep_dir / RUNS).is_dir():
             try:
-                table = reduce.reduce_sweep(sweep_dir)
+                # planned runs that never started get their SLURM state, as from python -m nondet_hpc.reduce
+                table = reduce.reduce_sweep(sweep_dir, job_states=job_states)
                 print(table.attrs.get("summary") or reduce.format_table(table), flush=True)
                 print(f"[nondet_hpc] report: {sweep_dir / 'report'}  (metrics.csv, metrics.md, metrics.tex, plots)",
                       flush=True)
             except Exception as e:  # noqa: BLE001 - the runs are safe; say why there is no report
                 print(f"[nondet_hpc] reducer failed: {type(e).__name__}: {e}; rerun it with "
                       f"python -m nondet_hpc.reduce {sweep_dir}", flush=True)
-        print(f"[nondet_hpc] runs: {sweep_dir / 'runs'}", flush=True)
+        print(f"[nondet_hpc] runs: {sweep_dir / RUNS}", flush=True)
         if self.failures:
             lines = "\n".join(f"  job {n}: {err}" for n, err in self.failures)
             # SystemExit, not an exception: Hydra turns callback exceptions into warnings and exit 0.

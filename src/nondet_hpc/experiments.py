@@ -18,8 +18,9 @@ import itertools
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from .config import threads_for
 from .presets import MEASURED, PRESETS, cost_basis, describe, gpu_hours_per_model
 
 __all__ = ["plan", "main"]
@@ -36,35 +37,67 @@ def _sweep_values(key: str, value: str) -> list[Any]:
     return list(ov.sweep_iterator()) if ov.is_sweep_override() else [ov.value()]
 
 
+def _thread_rule(launcher: Any, overrides: Sequence[str]) -> tuple[Callable[[int], int], int]:
+    """(train.threads -> the count a run computes with, runs per task) for the launcher the sweep uses.
+
+    ``config.threads_for`` is the rule: with ``hydra/launcher=slurm*`` (named in ``overrides``, as on
+    the sweep's command line) train.threads=0 is the task's ``cpus_per_task // runs_per_task``; with
+    the local launcher it is torch's default pool here, as in the process that would train.
+    """
+    from .cluster.fields import SLURM_LAUNCHER
+
+    if launcher.get("_target_") == SLURM_LAUNCHER:
+        cpus, k = int(launcher.cpus_per_task or 1), int(launcher.runs_per_task or 1)
+        return (lambda t: threads_for(t, cpus=cpus, runs_per_task=k)), k
+    packing = 1
+    for o in overrides:  # the local launcher has no runs_per_task: it only changes the cost per model
+        key, _, v = o.partition("=")
+        if key.lstrip("+~") == "hydra.launcher.runs_per_task" and v.isdigit():
+            packing = int(v)
+
+    def local(t: int) -> int:
+        if t:
+            return threads_for(t)
+        import torch  # only a run left at torch's default thread count needs torch's count
+
+        return threads_for(t, local_default=torch.get_num_threads())
+    return local, packing
+
+
 def plan(name: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Every job of ``python -m nondet_hpc -m experiment=name OVERRIDES``, without running anything.
 
     Returns one dict per job: ``run_id``, ``run_dir``, ``done`` (DONE exists), ``gpu_hours`` and
     ``overrides``. Composes the config once per combination of config-group choices (source, data,
     model) and sets the other swept keys directly, so 2,500 jobs take about a second. Overrides in
-    ``KEY=a,b`` form sweep like on the command line and replace the preset's value of KEY.
+    ``KEY=a,b`` form sweep like on the command line and replace the preset's value of KEY. The run
+    ids are the launcher's: ``train.threads=0`` resolves as on ``hydra/launcher=...`` in
+    ``overrides`` (default: the local launcher), by the one thread rule (``config.threads_for``).
     Call it outside a running Hydra app.
     """
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .config import conf_dir
     from .compose import GroupedComposer
+    from .config import conf_dir
     from .registry.options import register_configs
     from .rundir import is_done, run_dir, run_id
 
     register_configs()
+    # the launcher's choice and settings decide a run's thread count, nothing else a run computes;
+    # its settings compose only with a launcher named (the default local one has other fields)
+    launcher_overrides = [o for o in overrides if o.lstrip("+~").startswith(("hydra/launcher=", "hydra.launcher."))]
+    if not any(o.lstrip("+~").startswith("hydra/launcher=") for o in launcher_overrides):
+        launcher_overrides = []
     with initialize_config_dir(conf_dir(), version_base="1.3"):
-        base = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+        base = compose("config", overrides=[f"experiment={name}", *launcher_overrides], return_hydra_config=True)
         params = dict(OmegaConf.to_container(base.hydra.sweeper.params or {}, resolve=False))
         groups = set(base.hydra.runtime.choices)
+        threads, packing = _thread_rule(base.hydra.launcher, overrides)
         # command-line overrides replace the preset's sweep values of the same key, as in Hydra
-        packing = 1
         for o in overrides:
             k, _, v = o.partition("=")
-            if k.lstrip("+~") == "hydra.launcher.runs_per_task" and v.isdigit():
-                packing = int(v)  # changes the cost per model, not what a run computes
-            if k.lstrip("+~").startswith("hydra"):  # launcher settings: no effect on what a run computes
+            if k.lstrip("+~").startswith("hydra"):  # the launcher's: read above
                 continue
             params[k.lstrip("+~")] = v
         keys = list(params)
@@ -81,6 +114,7 @@ def plan(name: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
             for k, v in job.items():
                 if k not in groups:
                     OmegaConf.update(cfg, k, v, merge=False)
+            cfg.train.threads = threads(int(cfg.train.threads))
             rd = run_dir(cfg)
             precision = str(OmegaConf.select(cfg, "train.precision", default="fp32"))
             hours = gpu_hours_per_model(cfg.model.name, int(cfg.train.epochs), num_classes=int(cfg.data.num_classes),

@@ -5,7 +5,8 @@ this package registers the launcher's structured config (``hydra/launcher=nondet
 extended by conf/hydra/launcher/slurm*.yaml) and the local launcher's
 (``hydra/launcher/nondet_local_schema``, extended by conf/hydra/launcher/local.yaml). The SLURM
 launcher class lives in ``.launcher`` and does the work in :mod:`nondet_hpc.cluster` (submit,
-manifest, client); the local one in ``.local``.
+client) and :mod:`nondet_hpc.sweep` (sweep.json, waves); the local one in ``.local``, with the
+same sweep layer and no SLURM code.
 """
 
 from .config import NondetSlurmLauncherConf, ReducerConf, register

@@ -74,7 +74,7 @@ class NondetSlurmLauncher(Launcher):
     # ------------------------------------------------------------------ plan keys (identical reruns)
     @staticmethod
     def _known_runs(sweep_dir: Path) -> dict[str, tuple[str, str]]:
-        from nondet_hpc.cluster.manifest import load_manifest
+        from nondet_hpc.sweep.manifest import load_manifest
 
         try:
             recorded = load_manifest(sweep_dir)
@@ -148,7 +148,9 @@ class NondetSlurmLauncher(Launcher):
                 self._installed.close()  # installed in setup(): Hydra's own load_sweep_config again
 
     def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from nondet_hpc.cluster import client, manifest, submit
+        from nondet_hpc.cluster import client, submit
+        from nondet_hpc.sweep.identity import SweepConfigMismatch
+        from nondet_hpc.sweep.manifest import SweepError
 
         setup_globals()
         assert self.config is not None and self.sweep_dir is not None
@@ -168,7 +170,7 @@ class NondetSlurmLauncher(Launcher):
                 self.composer.known = {}
             planned, returns = self._plan(job_overrides, initial_job_idx, sweep_dir, keys)
             res = submit.submit_sweep(sweep_dir, planned, self.params, argv=sys.argv)
-        except (client.SlurmError, manifest.SweepConfigMismatch) as e:
+        except (client.SlurmError, SweepError, SweepConfigMismatch) as e:
             # a clean message and exit code 1, not Hydra's traceback of the launcher
             raise SystemExit(f"nondet_hpc: error: {e}") from None
         print(submit.describe_submission(res, self.params), flush=True)
@@ -177,8 +179,8 @@ class NondetSlurmLauncher(Launcher):
 
     # ------------------------------------------------------------------ a study grown in waves
     def _study_rule(self) -> dict | None:
-        from nondet_hpc.cluster.waves import rule_from_config
         from nondet_hpc.config import ConfigError
+        from nondet_hpc.sweep.waves import rule_from_config
 
         assert self.config is not None
         try:
@@ -189,9 +191,13 @@ class NondetSlurmLauncher(Launcher):
     def _launch_study(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, sweep_dir: Path,
                       rule: dict) -> Sequence[JobReturn]:
         """Submit the first wave of each group (a rerun: every recorded seed not done or queued, or a
-        reducer job to decide a wave whose reducer was lost); cluster/waves.py grows the rest."""
-        from nondet_hpc.cluster import client, manifest, submit, waves
+        reducer job to decide a wave whose reducer was lost); its reducer jobs grow the rest
+        (nondet_hpc.cluster.advance)."""
+        from nondet_hpc.cluster import client, submit
         from nondet_hpc.config import ConfigError
+        from nondet_hpc.sweep import waves
+        from nondet_hpc.sweep.identity import SweepConfigMismatch
+        from nondet_hpc.sweep.manifest import SweepError
 
         try:
             groups = waves.group_jobs(job_overrides)
@@ -216,7 +222,7 @@ class NondetSlurmLauncher(Launcher):
                     if red is not None:
                         res.submission, res.reducer = red.submission, red.reducer
                 waves.mark_submitted(sweep_dir, res.submission)
-        except (client.SlurmError, manifest.SweepConfigMismatch) as e:
+        except (client.SlurmError, SweepError, SweepConfigMismatch) as e:
             waves.mark_submitted(sweep_dir, None, str(e))
             raise SystemExit(f"nondet_hpc: error: {e}") from None
         print(submit.describe_submission(res, self.params), flush=True)
@@ -262,7 +268,9 @@ class NondetSlurmLauncher(Launcher):
     def _plan(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
               sweep_dir: Path, keys: list[str | None]) -> tuple[list, list[JobReturn]]:
         """Compose and check every job: its PlannedRun (run id, folder, identity) and JobReturn."""
-        from nondet_hpc.cluster.manifest import plan_run
+        from nondet_hpc.config import ConfigError, threads_for
+        from nondet_hpc.run.task import check_groups_chosen
+        from nondet_hpc.sweep.identity import plan_run
 
         assert self.config is not None
         t0 = time.perf_counter()
@@ -271,12 +279,11 @@ class NondetSlurmLauncher(Launcher):
         # keys left out of the config hash beyond the bookkeeping keys, which are never in a run's
         # identity (nondet_hpc.config.BOOKKEEPING_KEYS)
         ignore = list(self.params.get("ignore_keys") or [])
-        # a task's CPUs are split between its runs_per_task runs (cluster/pack.py does the same)
-        threads = max(1, int(self.params.get("cpus_per_task") or 1) // int(self.params.get("runs_per_task") or 1))
+        # train.threads=0: a task's CPUs split between its runs_per_task runs (config.threads_for,
+        # the rule cluster/pack.py applies on the node)
+        threads = threads_for(0, cpus=int(self.params.get("cpus_per_task") or 1),
+                              runs_per_task=int(self.params.get("runs_per_task") or 1))
         task_name = str(self.config.hydra.job.name)
-        from nondet_hpc.config import ConfigError
-        from nondet_hpc.run.task import check_groups_chosen
-
         for i, (overrides, key) in enumerate(zip(job_overrides, keys)):
             job_cfg = self._job_config(overrides, initial_job_idx + i)
             try:  # a group left unset (source=[]) has no run id: say so before computing one
@@ -313,7 +320,7 @@ class NondetSlurmLauncher(Launcher):
     @staticmethod
     def _fill_returns(res: Any, planned: list, returns: list[JobReturn], sweep_dir: Path) -> None:
         """Each job's return value: its run, folder and what happened to it in this launch."""
-        from nondet_hpc.cluster.manifest import latest_job, load_manifest
+        from nondet_hpc.sweep.manifest import latest_job, load_manifest
 
         by_run: dict[str, str] = {}
         jobs: dict[str, str | None] = {}

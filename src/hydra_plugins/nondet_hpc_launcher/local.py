@@ -14,7 +14,8 @@ end-of-sweep report and the exit code see every job, as with Hydra's basic launc
 - A job's result depends on its thread count (``train.threads``, part of the run identity), never
   on how many jobs run beside it: a run trained alone or beside others gives the same logits.
 - ``study.target.*`` (a study grown in waves): the waves run here in sequence, recorded, measured
-  and decided by cluster/waves.py as a SLURM study's reducer job does (``_launch_waves``).
+  and decided by the sweep layer (nondet_hpc.sweep.waves) as a SLURM study's reducer job does
+  (``_launch_waves``); nothing here imports SLURM code.
 """
 
 from __future__ import annotations
@@ -83,11 +84,23 @@ def _job_dir(config: DictConfig) -> Path:
     return Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
 
 
-def _work(payload: bytes) -> JobReturn:
-    """In a worker: run one job (its config composed by the launcher) with output to its job.log."""
+def _work(payload: bytes) -> tuple[JobReturn, str | None]:
+    """In a worker: run one job (its config composed by the launcher) with output to its job.log.
+
+    Returns the JobReturn and, for a job that raised, the exception as text (the exception itself
+    may not pickle, or unpickle in the launcher)."""
     import cloudpickle  # pickles the task function by value (it lives in __main__)
 
     task_function, config = cloudpickle.loads(payload)
+    raised: list[Exception] = []
+
+    def task(cfg: DictConfig) -> Any:
+        try:
+            return task_function(cfg)
+        except Exception as e:  # run_job records it as the job's failure; kept here for its text
+            raised.append(e)
+            raise
+
     job_dir = _job_dir(config)
     job_dir.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
@@ -100,7 +113,7 @@ def _work(payload: bytes) -> JobReturn:
         try:
             setup_globals()
             ret = run_job(hydra_context=HydraContext(config_loader=None, callbacks=_WorkerCallbacks()),  # type: ignore[arg-type]
-                          task_function=task_function, config=config, job_dir_key="hydra.sweep.dir",
+                          task_function=task, config=config, job_dir_key="hydra.sweep.dir",
                           job_subdir_key="hydra.sweep.subdir")
         finally:
             sys.stdout.flush()
@@ -113,10 +126,12 @@ def _work(payload: bytes) -> JobReturn:
         # plain nodes: its structured-config classes may be another import of the same module here
         # (Hydra's plugin scan) and then do not pickle by reference
         ret.hydra_cfg = OmegaConf.create(OmegaConf.to_container(ret.hydra_cfg, resolve=False))
+    error = None
     if ret.status == JobStatus.FAILED:
         # the exception may not pickle (or unpickle) in the launcher: send its text
-        ret.return_value = RuntimeError(f"{type(ret._return_value).__name__}: {ret._return_value}")
-    return ret
+        error = f"{type(raised[-1]).__name__}: {raised[-1]}"  # run_job fails a job only when the task raised
+        ret.return_value = RuntimeError(error)
+    return ret, error
 
 
 def _lost_job(config: DictConfig, overrides: Sequence[str], error: str) -> JobReturn:
@@ -125,9 +140,10 @@ def _lost_job(config: DictConfig, overrides: Sequence[str], error: str) -> JobRe
     task_cfg = copy.deepcopy(config)
     with open_dict(task_cfg):
         del task_cfg["hydra"]
-    return JobReturn(overrides=list(overrides), cfg=task_cfg, hydra_cfg=None, working_dir=os.getcwd(),
-                     task_name=str(config.hydra.job.name), status=JobStatus.COMPLETED,
-                     _return_value={"state": "failed", "error": error})
+    ret = JobReturn(overrides=list(overrides), cfg=task_cfg, hydra_cfg=None, working_dir=os.getcwd(),
+                    task_name=str(config.hydra.job.name), status=JobStatus.COMPLETED)
+    ret.return_value = {"state": "failed", "error": error}
+    return ret
 
 
 class NondetLocalLauncher(Launcher):
@@ -167,8 +183,8 @@ class NondetLocalLauncher(Launcher):
         assert self.hydra_context is not None and self.config is not None and self.task_function is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        from nondet_hpc.cluster.waves import rule_from_config
         from nondet_hpc.config import ConfigError
+        from nondet_hpc.sweep.waves import rule_from_config
 
         try:
             rule = rule_from_config(self.config.get("study"))
@@ -181,12 +197,13 @@ class NondetLocalLauncher(Launcher):
     # ------------------------------------------------------------------ a study grown in waves
     def _launch_waves(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
                       rule: dict) -> list[JobReturn]:
-        """The waves in sequence, with cluster/waves.py's record, measurement and decision: run the
-        recorded seeds (a new study: wave 1 of each group; a rerun: every seed recorded, the finished
-        ones skipped by the task), reduce, measure, decide, run the next seeds; job numbers go on."""
+        """The waves in sequence, with the sweep layer's record and decision: run the recorded seeds
+        (a new study: wave 1 of each group; a rerun: every seed recorded, the finished ones skipped by
+        the task), reduce, measure, decide, run the next seeds; job numbers go on."""
         from nondet_hpc.analysis import reduce
-        from nondet_hpc.cluster import waves
+        from nondet_hpc.analysis.planning import sweep_groups
         from nondet_hpc.config import ConfigError
+        from nondet_hpc.sweep import waves
 
         assert self.config is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
@@ -204,7 +221,8 @@ class NondetLocalLauncher(Launcher):
                 error = None
             except Exception as e:  # noqa: BLE001 - the runs are safe; the study stops with the reason
                 error = f"{type(e).__name__}: {e}"
-            nxt = waves.decide_local(sweep_dir, error, echo=lambda line: log.info(line))
+            nxt = waves.decide_local(sweep_dir, error, lambda d, study: waves.precision(study, sweep_groups(d)),
+                                     echo=lambda line: log.info(line))
             if not nxt:
                 break
             log.info("nondet_hpc: study: next wave: " + "; ".join(f"{k}: seeds {v[0]}-{v[-1]}" for k, v in nxt.items()))
@@ -220,8 +238,8 @@ class NondetLocalLauncher(Launcher):
         """sweep.json's study record (stop rule, groups, their configs, wave 1) before any job runs,
         with each job's run id as the task computes it."""
         from hydra.core.hydra_config import HydraConfig
-        from nondet_hpc.cluster import waves
-        from nondet_hpc.cluster.manifest import plan_run
+        from nondet_hpc.sweep import waves
+        from nondet_hpc.sweep.identity import plan_run
 
         assert self.config is not None
         label_of = {tuple(ov): label for label, seed_jobs in groups.items() for _, ov in seed_jobs}
@@ -287,22 +305,22 @@ class NondetLocalLauncher(Launcher):
                     i = futures[fut]
                     config, overrides = configs[i], job_overrides[i]
                     try:
-                        ret = fut.result()
+                        ret, error = fut.result()
                     except Exception as e:  # noqa: BLE001 - the worker died; the other jobs go on
-                        ret = _lost_job(config, overrides, f"worker process lost: {type(e).__name__}: {e}")
-                    self._echo(config, overrides, ret, len(configs) - len(pending))
+                        ret, error = _lost_job(config, overrides, f"worker process lost: {type(e).__name__}: {e}"), None
+                    self._echo(config, overrides, error, len(configs) - len(pending))
                     callbacks.on_job_end(config=config, job_return=ret)
                     results[i] = ret
         return [r for r in results if r is not None]
 
     @staticmethod
-    def _echo(config: DictConfig, overrides: Sequence[str], ret: JobReturn, n_finished: int) -> None:
-        """One block per finished job: a header, then what the job printed."""
+    def _echo(config: DictConfig, overrides: Sequence[str], error: str | None, n_finished: int) -> None:
+        """One block per finished job: a header, then what the job printed (and what it raised)."""
         path = _job_dir(config) / JOB_LOG
         text = path.read_text(errors="replace") if path.is_file() else ""
         print(f"[nondet_hpc] --- job #{config.hydra.job.num} ({n_finished} finished): "
               f"{' '.join(filter_overrides(overrides))}", flush=True)
         if text:
             print(text.rstrip("\n"), flush=True)
-        if ret.status == JobStatus.FAILED:
-            print(f"[nondet_hpc] job #{config.hydra.job.num} raised {ret._return_value}", flush=True)
+        if error is not None:
+            print(f"[nondet_hpc] job #{config.hydra.job.num} raised {error}", flush=True)

@@ -4,24 +4,30 @@ A run that never created its folder (a task cancelled while pending, a node that
 job started) is invisible to a scan of runs/. When the sweep has a manifest (hydra/launcher=slurm
 writes it), every planned run is matched to its group, and one without a folder becomes a
 "never started" entry of excluded.csv with its job id and, where sacct answers within a short
-timeout, its SLURM state. The reducer may run on a laptop or a node without accounting, so a
-missing or silent sacct only changes the state to "SLURM not reachable".
+timeout, its SLURM state. The lookup is the caller's (``job_states``: the reducer's command line
+and the SLURM reducer job pass the cluster's, :func:`nondet_hpc.cluster.client.job_states`), so
+the report needs no SLURM code; without one the state says "SLURM not asked". The reducer may run
+on a laptop or a node without accounting, so a missing or silent sacct only changes the state to
+"SLURM not reachable".
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..rundir import RUNS
+from ..sweep.manifest import latest_job, load_manifest
 from .scan import Exclusion, Run, rel
 
 NEVER_STARTED = "never started"
 DEFAULT_SLURM_TIMEOUT_S = 10.0  # sacct is asked once; a dead controller must not hold the report
 NOT_PLANNED = ("duplicate", "identity")  # exclusions that are copies of a run, not runs of their own
+#: (job ids, timeout in s) -> (job id -> SLURM state, a note when SLURM did not answer)
+JobStates = Callable[[list[str], float], tuple[dict[str, str], str]]
 
 
 @dataclass
@@ -57,32 +63,22 @@ def _canon_identity(flat: Mapping) -> str:
     return json.dumps({k: v for k, v in flat.items() if k != "seed"}, sort_keys=True, default=str)
 
 
-def _slurm_states(job_ids: list[str], timeout: float) -> tuple[dict[str, str], str]:
-    """job id -> SLURM state from sacct, and a note when SLURM did not answer."""
+def _slurm_states(job_ids: list[str], timeout: float, job_states: JobStates | None) -> tuple[dict[str, str], str]:
+    """job id -> SLURM state from the caller's lookup, and a note when SLURM was not asked or did not answer."""
     if not job_ids:
         return {}, ""
-    if timeout <= 0:
-        return {}, "SLURM not asked (--slurm-timeout 0)"
-    from ..cluster.client import SlurmError, query_sacct
-
-    try:
-        infos = query_sacct(job_ids, timeout)
-    except SlurmError as e:
-        return {}, f"SLURM not reachable ({e})"
-    return {j: infos[j].state for j in job_ids if j in infos}, ""
+    if job_states is None:
+        return {}, "SLURM not asked"
+    return job_states(job_ids, timeout)
 
 
 def account(sweep: Path, runs: list[Run], excluded: list[Exclusion], *,
-            slurm_timeout: float = DEFAULT_SLURM_TIMEOUT_S) -> Accounting:
+            slurm_timeout: float = DEFAULT_SLURM_TIMEOUT_S, job_states: JobStates | None = None) -> Accounting:
     """Match sweep.json's planned runs to the groups found; add "never started" exclusions.
 
-    Incomplete runs the manifest knows get their job's SLURM state appended to their reason.
+    Incomplete runs the manifest knows get their job's SLURM state appended to their reason, as
+    ``job_states`` gives it within ``slurm_timeout`` seconds (None: SLURM is not asked).
     """
-    from ..cluster.manifest import (  # torch-free; only sweep.json is read
-        latest_job,
-        load_manifest,
-    )
-
     try:
         manifest = load_manifest(sweep)
     except (OSError, ValueError) as e:
@@ -117,7 +113,7 @@ def account(sweep: Path, runs: list[Run], excluded: list[Exclusion], *,
     jobs = {rid: (latest_job(records.get(rid)) or {}).get("job_id", "") for rid in map(str, records)}
     incomplete = [e for e in excluded if e.category == "incomplete" and jobs.get(e.run_id)]
     asked = sorted({jobs[r] for r, *_ in missing if jobs[r]} | {jobs[e.run_id] for e in incomplete})
-    states, acc.slurm_note = _slurm_states(asked, slurm_timeout)
+    states, acc.slurm_note = _slurm_states(asked, slurm_timeout, job_states)
 
     def job_text(rid: str) -> str:
         jid = jobs.get(rid, "")

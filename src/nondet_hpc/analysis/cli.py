@@ -7,12 +7,15 @@ import sys
 from collections.abc import Sequence
 
 from .. import metrics as M
-from .accounting import DEFAULT_SLURM_TIMEOUT_S
+from .accounting import DEFAULT_SLURM_TIMEOUT_S, JobStates
 from .reduce import ReduceError, reduce_sweep
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Reduce the sweep, print the summary; 2 (message on stderr) when there is nothing to reduce."""
+def main(argv: Sequence[str] | None = None, job_states: JobStates | None = None) -> int:
+    """Reduce the sweep, print the summary; 2 (message on stderr) when there is nothing to reduce.
+
+    ``job_states``: the SLURM lookup for planned runs that never started (the entry point passes
+    the cluster's; None: SLURM is not asked)."""
     p = argparse.ArgumentParser(prog="python -m nondet_hpc.reduce",
                                 description="Reduce a sweep's logits to metrics tables and plots in SWEEP_DIR/report/.")
     p.add_argument("sweep_dir", help="sweep folder holding runs/<run id>/")
@@ -32,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         df = reduce_sweep(args.sweep_dir, formula=args.formula, n_boot=args.n_boot, seed=args.seed,
-                          baseline=args.baseline, allow_mixed=args.allow_mixed, slurm_timeout=args.slurm_timeout)
+                          baseline=args.baseline, allow_mixed=args.allow_mixed, slurm_timeout=args.slurm_timeout,
+                          job_states=job_states)
     except ReduceError as e:
         print(f"nondet_hpc.reduce: {e}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ from .accounting import (
     DEFAULT_SLURM_TIMEOUT_S,
     NEVER_STARTED,
     Accounting,
+    JobStates,
     account,
     summary_lines,
 )
@@ -91,7 +92,7 @@ class _Results:
 
 def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot: int = 10_000, seed: int = 0,
                  baseline: str | None = None, block_bytes: int = M.DEFAULT_BLOCK_BYTES, allow_mixed: bool = False,
-                 slurm_timeout: float = DEFAULT_SLURM_TIMEOUT_S) -> pd.DataFrame:
+                 slurm_timeout: float = DEFAULT_SLURM_TIMEOUT_S, job_states: JobStates | None = None) -> pd.DataFrame:
     """Reduce a sweep: write SWEEP_DIR/report/ and return the metrics table (one row per group).
 
     ``formula`` picks the variability-reduction formula ("paper" or "report", docs/metrics.md);
@@ -101,7 +102,8 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     the bootstrap SEs reproducible. A group whose runs come from different environments raises
     :class:`ReduceError` naming them, unless ``allow_mixed`` (then the report states the mix).
     ``slurm_timeout``: seconds sacct may take to give the state of planned runs that never started
-    (0: do not ask). The printed summary (table, claim-1 line, what was left out) is in
+    (0: do not ask); ``job_states`` is that lookup (the cluster's, passed by the entry points; None:
+    SLURM is not asked). The printed summary (table, claim-1 line, what was left out) is in
     ``df.attrs["summary"]``; the report folder in ``df.attrs["report_dir"]``.
     Raises :class:`ReduceError` when there is nothing to reduce or the input cannot be used.
     """
@@ -118,7 +120,7 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
         lines = [ln for m in mixes for ln in m.describe()]
         raise ReduceError(f"{len(mixes)} group(s) of {sweep} hold runs of different environments:\n"
                           + "\n".join(lines) + "\n" + MIXED_HINT)
-    acc = account(sweep, runs, excluded, slurm_timeout=slurm_timeout)
+    acc = account(sweep, runs, excluded, slurm_timeout=slurm_timeout, job_states=job_states)
     if not runs:
         pending = tables.excluded_summary(excluded)
         raise ReduceError(f"{sweep}/runs has no complete run to reduce.\n" + "\n".join(pending))
@@ -276,7 +278,7 @@ def _extra_sections(res: _Results) -> str:
         parts += ["## Mixed environments (--allow-mixed)", "",
                   "These groups average over runs computed in different environments:", ""]
         parts += [f"    {ln}" for m in res.mixes for ln in m.describe()] + [""]
-    from ..cluster.waves import report_section  # torch-free; the study's record in sweep.json
+    from ..sweep.waves import report_section  # torch-free; the study's record in sweep.json
 
     parts += report_section(res.sweep)
     return "\n" + "\n".join(parts) if parts else ""

@@ -16,9 +16,9 @@ import os
 import sys
 from pathlib import Path
 
+from ..sweep.manifest import SweepError, load_manifest, manifest_path, now_iso, sweep_lock, write_manifest
 from .cli import main_quietly
 from .client import ACTIVE_STATES, SlurmError, current_user, query_squeue, run_command
-from .manifest import load_manifest, manifest_path, now_iso, sweep_lock, write_manifest
 
 
 def cancel_sweep(sweep_dir: str | os.PathLike, *, dry_run: bool = False, keep_reducer: bool = False,
@@ -72,7 +72,7 @@ def _main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"nondet_hpc.cancel: {e}", file=sys.stderr)
         return 2
-    except SlurmError as e:
+    except (SlurmError, SweepError) as e:
         print(f"nondet_hpc.cancel: {e}", file=sys.stderr)
         return 1
     if not ids:

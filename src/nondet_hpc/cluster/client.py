@@ -296,6 +296,23 @@ def query_sacct(job_ids: Iterable[str], timeout: float | None = None) -> dict[st
     return parse_sacct(run_command(sacct_command(ids), timeout).check().stdout)
 
 
+def job_states(job_ids: list[str], timeout: float) -> tuple[dict[str, str], str]:
+    """job id -> SLURM state from sacct, and a note when SLURM was not asked or did not answer.
+
+    The reducer's lookup for planned runs that never started (``analysis.reduce.reduce_sweep``'s
+    ``job_states``): a missing or silent sacct only changes the note, never stops the report.
+    """
+    if not job_ids:
+        return {}, ""
+    if timeout <= 0:
+        return {}, "SLURM not asked (--slurm-timeout 0)"
+    try:
+        infos = query_sacct(job_ids, timeout)
+    except SlurmError as e:
+        return {}, f"SLURM not reachable ({e})"
+    return {j: infos[j].state for j in job_ids if j in infos}, ""
+
+
 def current_user() -> str:
     try:
         return getpass.getuser()

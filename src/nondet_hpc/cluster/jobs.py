@@ -1,10 +1,11 @@
 """What runs on the compute nodes: the callables submitit pickles into each job.
 
-``RunJob`` trains one run (one array task), ``ReduceJob`` runs the reducer; ``pack.PackJob``
-trains K runs of one task as K processes (``hydra.launcher.runs_per_task``). The only cluster
-module that imports the trainer (:mod:`nondet_hpc.run`), and only inside the job, so submitting
-and status never import torch. ``nondet_hpc.slurm`` re-exports both under their old import path
-for job pickles written before the cluster code moved.
+``RunJob`` trains one run (one array task), ``ReduceJob`` runs the reducer and then a study's
+next-wave step, both as commands; ``pack.PackJob`` trains K runs of one task as K processes
+(``hydra.launcher.runs_per_task``). With :mod:`.pack`, the only cluster modules that import the
+trainer (:mod:`nondet_hpc.run`), and only inside the job, so submitting and status never import
+torch. Job pickles name these classes by their import path and attributes: both stay as they
+are (``nondet_hpc.slurm`` re-exports them under the path of pickles older still).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import threading
 import time
 from typing import Any, Callable
 
+from . import fields
 from .client import run_command
+from .joblog import job_label, log
 
 
 class RunJob:
@@ -32,7 +35,7 @@ class RunJob:
     cancelled job stays cancelled, and SLURM requeues preempted jobs on its own.
     """
 
-    def __init__(self, cfg: Any, run_id: str, run_dir: str, max_requeue: int = 20) -> None:
+    def __init__(self, cfg: Any, run_id: str, run_dir: str, max_requeue: int = fields.default("max_requeue")) -> None:
         self.cfg = cfg
         self.run_id = run_id
         self.run_dir = str(run_dir)
@@ -45,16 +48,16 @@ class RunJob:
         from ..run import task, train
 
         signals.keep_stopping(train.request_stop)
-        _log(f"run {self.run_id} -> {self.run_dir} (job {_job_label()}, "
+        log(f"run {self.run_id} -> {self.run_dir} (job {job_label()}, "
              f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')})")
         try:
-            out = task.run(_as_config(self.cfg))
+            out = task.run(as_config(self.cfg))
         except train.Preempted:
             if requeue_after_stop(signals, self.max_requeue):
                 # no result file: the job is not over; SLURM starts it again and it resumes
                 os._exit(0)
             raise
-        _log(f"run {self.run_id}: {out.get('state') if isinstance(out, dict) else out}")
+        log(f"run {self.run_id}: {out.get('state') if isinstance(out, dict) else out}")
         return out
 
 
@@ -112,39 +115,39 @@ def requeue_after_stop(signals: StopSignals, max_requeue: int) -> bool:
     when the signal was the time-limit warning and the requeue budget is left. True = requeued
     (the caller exits 0 without a result); False = stay stopped (the caller raises)."""
     if not signals.time_limit:
-        _log("stopped by SIGTERM (cancelled or preempted): checkpoint saved, not requeueing")
+        log("stopped by SIGTERM (cancelled or preempted): checkpoint saved, not requeueing")
         return False
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     if restarts >= max_requeue:
-        _log(f"time limit again after {restarts} requeues (max_requeue={max_requeue}): "
+        log(f"time limit again after {restarts} requeues (max_requeue={max_requeue}): "
              "checkpoint saved; rerun the sweep command to resume")
         return False
     job = os.environ.get("SLURM_JOB_ID", "")
     res = run_command(["scontrol", "requeue", job], timeout=60)
     if not res.ok:
-        _log(f"`scontrol requeue {job}` failed: {res.message()}")
+        log(f"`scontrol requeue {job}` failed: {res.message()}")
         return False
-    _log(f"time limit near: checkpoint saved, job {job} requeued (restart {restarts + 1})")
+    log(f"time limit near: checkpoint saved, job {job} requeued (restart {restarts + 1})")
     sys.stdout.flush()
     sys.stderr.flush()
     return True
 
 
 class ReduceJob:
-    """The reducer job: ``python -m nondet_hpc.reduce SWEEP_DIR``; fails when that fails. In a
-    study grown in waves it then decides the wave and submits the next (cluster/waves.py)."""
+    """The reducer job: ``python -m nondet_hpc.reduce SWEEP_DIR``; fails when that fails. Then,
+    also as a command, the next-wave step (``python -m nondet_hpc.cluster.advance``): in a study
+    grown in waves it decides the wave and submits the next; without a study it does nothing."""
 
     def __init__(self, sweep_dir: str) -> None:
         self.sweep_dir = str(sweep_dir)
 
     def __call__(self) -> int:
         cmd = [sys.executable, "-m", "nondet_hpc.reduce", self.sweep_dir]
-        _log(f"running {shlex.join(cmd)}")
+        log(f"running {shlex.join(cmd)}")
         sys.stdout.flush()
         rc = subprocess.call(cmd)
-        from .waves import after_reduce  # a study grown in waves: decide this wave, submit the next
-
-        study_rc = after_reduce(self.sweep_dir, rc, by=f"reducer job {_job_label()}")
+        study_rc = subprocess.call([sys.executable, "-m", "nondet_hpc.cluster.advance", self.sweep_dir,
+                                    "--after-reducer", str(rc)])
         if rc != 0:
             raise RuntimeError(f"{shlex.join(cmd)} exited with {rc}")
         if study_rc != 0:
@@ -152,7 +155,7 @@ class ReduceJob:
         return rc
 
 
-def _as_config(cfg: Any) -> Any:
+def as_config(cfg: Any) -> Any:
     """The launcher pickles a job's resolved config as plain data (fast for 1000s of jobs);
     ``task.run`` takes a DictConfig, in struct mode so a missing key still fails loudly."""
     if not isinstance(cfg, dict):
@@ -162,13 +165,3 @@ def _as_config(cfg: Any) -> Any:
     out = OmegaConf.create(cfg)
     OmegaConf.set_struct(out, True)
     return out
-
-
-def _job_label() -> str:
-    if os.environ.get("SLURM_ARRAY_JOB_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '?')}"
-    return os.environ.get("SLURM_JOB_ID", "?")
-
-
-def _log(msg: str) -> None:
-    print(f"[nondet_hpc.slurm {time.strftime('%H:%M:%S')}] {msg}", flush=True)

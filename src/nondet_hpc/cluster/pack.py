@@ -34,8 +34,12 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .. import rundir
+from ..config import threads_for
+from . import fields
 from .client import SubmissionError
-from .jobs import RunJob, StopSignals, _job_label, _log, requeue_after_stop
+from .joblog import job_label, log
+from .jobs import RunJob, StopSignals, as_config, requeue_after_stop
 
 MPS_MODES = ("auto", "true", "false")
 MPS_CONTROL = "nvidia-cuda-mps-control"
@@ -48,11 +52,11 @@ def mps_mode(value: Any) -> str:
 
 def check_packing(params: Mapping[str, Any]) -> tuple[int, str]:
     """(runs_per_task, mps) of the launcher config, or a SubmissionError saying what is valid."""
-    k = params.get("runs_per_task", 1)
+    k = fields.value(params, "runs_per_task")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise SubmissionError(f"hydra.launcher.runs_per_task={k!r} is invalid: the number of runs each array task "
                               "trains at once, an integer >= 1 (default 1; docs/slurm.md, 'Several runs per task').")
-    mode = mps_mode(params.get("mps", "auto"))
+    mode = mps_mode(fields.value(params, "mps"))
     if mode not in MPS_MODES:
         raise SubmissionError(f"hydra.launcher.mps={params.get('mps')!r} is invalid: valid values are "
                               f"{', '.join(MPS_MODES)}.")
@@ -93,7 +97,7 @@ class Mps:
         exe = shutil.which(MPS_CONTROL)
         why = (f"{MPS_CONTROL} not on PATH" if exe is None else "no GPU visible" if not _gpu_visible() else "")
         if not why:
-            self.base = Path(tempfile.mkdtemp(prefix=f"nondet-mps-{_job_label().replace('?', 'x')}-"))
+            self.base = Path(tempfile.mkdtemp(prefix=f"nondet-mps-{job_label().replace('?', 'x')}-"))
             self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(self.base / "pipe"),
                         "CUDA_MPS_LOG_DIRECTORY": str(self.base / "log")}
             for d in self.env.values():
@@ -111,12 +115,12 @@ class Mps:
             if self.mode == "true":
                 raise RuntimeError(f"hydra.launcher.mps=true but the MPS daemon could not start: {why}. "
                                    "Use mps=auto (runs share the GPU without MPS) or mps=false.")
-            _log(f"MPS not started ({why}); the {self.k} runs time-slice the GPU")
+            log(f"MPS not started ({why}); the {self.k} runs time-slice the GPU")
             return
         self.ran = True
         self.reason = "started"
         os.environ.update(self.env)  # the runs (child processes) find the daemon through these
-        _log(f"MPS control daemon started (pipe {self.env['CUDA_MPS_PIPE_DIRECTORY']})")
+        log(f"MPS control daemon started (pipe {self.env['CUDA_MPS_PIPE_DIRECTORY']})")
 
     def stop(self) -> None:
         if not self.ran:
@@ -125,7 +129,7 @@ class Mps:
             subprocess.run([MPS_CONTROL], input="quit\n", env={**os.environ, **self.env}, capture_output=True,
                            text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as e:
-            _log(f"stopping the MPS daemon: {e}")
+            log(f"stopping the MPS daemon: {e}")
         for key in self.env:
             os.environ.pop(key, None)
         self._cleanup()
@@ -148,24 +152,23 @@ def _child(job: RunJob, cpus: list[int], threads: int, packing: dict, conn: Conn
         os.sched_setaffinity(0, cpus)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # torch's default pool when train.threads=0
 
-    from ..rundir import RunRecord
     from ..run import task, train
 
     signals.keep_stopping(train.request_stop)
-    _log(f"run {job.run_id} -> {job.run_dir} (job {_job_label()}, slot {packing['slot']} of {packing['k']}, "
+    log(f"run {job.run_id} -> {job.run_dir} (job {job_label()}, slot {packing['slot']} of {packing['k']}, "
          f"cpus {cpus}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')})")
     try:
-        out = task.run(job.cfg)
+        out = task.run(as_config(job.cfg))  # the pickle holds plain resolved data, as RunJob's does
         outcome: tuple[str, Any] = ("done", out)
     except train.Preempted as e:
         outcome = ("preempted", str(e))
     except BaseException as e:  # noqa: BLE001 - one run's failure is reported, its siblings go on
         outcome = ("failed", f"{type(e).__name__}: {e}")
-    run_json = Path(job.run_dir) / "run.json"
+    run_json = Path(job.run_dir) / rundir.RUN_JSON
     skipped = outcome[0] == "done" and str(outcome[1].get("state", "")).startswith("skipped")
     if run_json.is_file() and not skipped:  # a run DONE earlier keeps the record of the task that trained it
-        RunRecord(run_json).update(packing=packing)
-    _log(f"run {job.run_id}: {outcome[0]}")
+        rundir.RunRecord(run_json).update(packing=packing)
+    log(f"run {job.run_id}: {outcome[0]}")
     conn.send(outcome)
     conn.close()
 
@@ -173,7 +176,8 @@ def _child(job: RunJob, cpus: list[int], threads: int, packing: dict, conn: Conn
 class PackJob:
     """What one array task executes when it holds K runs (pickled by submitit)."""
 
-    def __init__(self, jobs: Sequence[RunJob], mps: str = "auto", max_requeue: int = 20) -> None:
+    def __init__(self, jobs: Sequence[RunJob], mps: str = fields.default("mps"),
+                 max_requeue: int = fields.default("max_requeue")) -> None:
         self.jobs = list(jobs)
         self.mps = mps_mode(mps)
         self.max_requeue = max_requeue
@@ -195,12 +199,12 @@ class PackJob:
         signals.install(forward)
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
         shares = split_cpus(cpus, k)
-        threads = max(1, len(cpus) // k)  # each run's torch pool when its train.threads=0
+        threads = threads_for(0, cpus=len(cpus), runs_per_task=k)  # each run's torch pool when its train.threads=0
         mps = Mps(self.mps, k)
         mps.start()
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold CUDA or threads
         conns: list[Connection] = []
-        _log(f"task {_job_label()}: {k} runs at once on cpus {cpus}: {', '.join(self.run_ids)}")
+        log(f"task {job_label()}: {k} runs at once on cpus {cpus}: {', '.join(self.run_ids)}")
         try:
             # signals stay blocked while a run starts: one arriving before its handlers exist would
             # kill it (the default action); it is delivered once the run unblocks them
@@ -208,7 +212,7 @@ class PackJob:
             try:
                 for slot, (job, share) in enumerate(zip(self.jobs, shares)):
                     recv, send = ctx.Pipe(duplex=False)
-                    packing = {"k": k, "slot": slot, "job": _job_label(), "cpus": share, "mps": mps.record(),
+                    packing = {"k": k, "slot": slot, "job": job_label(), "cpus": share, "mps": mps.record(),
                                "runs": self.run_ids}
                     p = ctx.Process(target=_child, args=(job, share, threads, packing, send),
                                     name=f"nondet-run-{slot}")

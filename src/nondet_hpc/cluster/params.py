@@ -15,11 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import ConfigError
-
-#: hydra-submitit-launcher name -> ours (same meaning)
-ALIASES = {"name": "job_name", "max_num_timeout": "max_requeue"}
-#: the schema's defaults of the aliased settings (an alias may replace a default, never a value set)
-ALIAS_DEFAULTS = {"job_name": None, "max_requeue": 20}
+from . import fields
 #: sbatch options (ours or in additional_parameters) that give a job a GPU
 GPU_OPTIONS = ("gres", "gpus", "gpus_per_node", "gpus_per_task", "gpus-per-node", "gpus-per-task", "G")
 
@@ -35,12 +31,13 @@ def normalize(params: Mapping[str, Any], sweep_dir: str | Path) -> dict[str, Any
     Raises ConfigError (what was wrong, what is valid, what to do) on a conflict.
     """
     p = dict(params)
-    for alias, ours in ALIASES.items():
+    for alias, ours in fields.ALIASES.items():
         value = p.pop(alias, None)
         if value is None:
             continue
-        current = p.get(ours, ALIAS_DEFAULTS[ours])
-        if current != ALIAS_DEFAULTS[ours] and current != value:
+        # an alias may replace our field's default, never a value set
+        current = fields.value(p, ours)
+        if current != fields.default(ours) and current != value:
             raise ConfigError(
                 f"hydra.launcher.{alias}={value} and hydra.launcher.{ours}={current} disagree: {alias} is "
                 f"hydra-submitit-launcher's name for {ours}. Set only one of them.")
@@ -48,7 +45,7 @@ def normalize(params: Mapping[str, Any], sweep_dir: str | Path) -> dict[str, Any
     if not p.get("job_name"):
         p["job_name"] = default_job_name(sweep_dir)
     for key in ("nodes", "tasks_per_node"):
-        value = p.get(key, 1)
+        value = fields.value(p, key)
         if value not in (None, 1):
             raise ConfigError(
                 f"hydra.launcher.{key}={value}: one run of nondet_hpc is one process on one node, so 1 is the "

@@ -15,17 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from . import fields
+
 # job-side contract with submitit (see the module docstring)
 SUBMIT_MODULE = "submitit.core._submit"
 EXECUTOR_ENV = "export SUBMITIT_EXECUTOR=slurm"
-DEFAULT_JOB_NAME = "nondet"  # the launcher passes "nondet-<sweep folder>" (cluster.params)
-
-
-def _mem(mem_gb: Any) -> str | None:
-    if mem_gb is None:
-        return None
-    mem_gb = float(mem_gb)
-    return f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB"
+#: the reducer's place: its own where set, else the training job's
+REDUCER_PLACE = ("partition", "account", "qos")
 
 
 def _drop_none(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -35,45 +31,31 @@ def _drop_none(options: Mapping[str, Any]) -> dict[str, Any]:
 def reducer_options(params: Mapping[str, Any]) -> dict[str, Any]:
     """``#SBATCH`` options of the reducer job: its own resources, the training job's place unless set."""
     r = dict(params.get("reducer") or {})
-    out = _drop_none({
-        "job_name": f"{params.get('job_name') or DEFAULT_JOB_NAME}-reduce",
-        "partition": r.get("partition") or params.get("partition"),
-        "account": r.get("account") or params.get("account"),
-        "qos": r.get("qos") or params.get("qos"),
-        "cpus_per_task": r.get("cpus_per_task", 1),
-        "time": int(r.get("timeout_min", 60)),
-        "mem": _mem(r.get("mem_gb")),
-        "nodes": 1,
-        # no --signal: the reducer has no checkpoint to write, a warning signal would be ignored
-    })
-    out.update(dict(r.get("additional_parameters") or {}))
+    out = fields.sbatch_options(r, reducer=True)
+    for key in REDUCER_PLACE:
+        out.pop(key, None)
+    out.update(_drop_none({key: r.get(key) or params.get(key) for key in REDUCER_PLACE}))
+    out["job_name"] = f"{params.get('job_name') or fields.DEFAULT_JOB_NAME}-reduce"
+    out["nodes"] = 1
+    # no --signal: the reducer has no checkpoint to write, a warning signal would be ignored
+    out.update(dict(fields.value(r, "additional_parameters", reducer=True) or {}))
     if params.get("hold"):
         out["hold"] = True
     return out
 
 
 def array_options(params: Mapping[str, Any]) -> dict[str, Any]:
-    """``#SBATCH`` options of a training array (one task = one run)."""
+    """``#SBATCH`` options of a training array (one task = one run, or runs_per_task runs)."""
     p = params
-    out = _drop_none({
-        "job_name": p.get("job_name") or DEFAULT_JOB_NAME,
-        "partition": p.get("partition"), "account": p.get("account"), "qos": p.get("qos"),
-        "constraint": p.get("constraint"), "gres": p.get("gres"), "gpus_per_node": p.get("gpus_per_node"),
-        "gpus_per_task": p.get("gpus_per_task"), "cpus_per_gpu": p.get("cpus_per_gpu"),
-        "exclude": p.get("exclude"), "nodelist": p.get("nodelist"), "comment": p.get("comment"),
-        "cpus_per_task": p.get("cpus_per_task", 1),
-        "mem": _mem(p.get("mem_gb")), "mem_per_cpu": p.get("mem_per_cpu"), "mem_per_gpu": p.get("mem_per_gpu"),
-        "time": int(p.get("timeout_min", 60)),
-        "nodes": 1,  # cluster.params refuses any other value of nodes / tasks_per_node
-        "signal": f"USR2@{int(p.get('signal_delay_s', 120))}",
-        # the job requeues itself at the time limit (scontrol requeue): it must be requeueable
-        "requeue": True,
-    })
-    if not p.get("use_srun", True):
+    out = fields.sbatch_options(p)
+    out["nodes"] = 1  # cluster.params refuses any other value of nodes / tasks_per_node
+    # the job requeues itself at the time limit (scontrol requeue): it must be requeueable
+    out["requeue"] = True
+    if not fields.value(p, "use_srun"):
         # without srun the run is the batch shell's child: `--signal` without B: reaches job steps
         # only, so signal the batch shell, which `exec`s python (python_command)
-        out["signal"] = f"B:USR2@{int(p.get('signal_delay_s', 120))}"
-    out.update(dict(p.get("additional_parameters") or {}))
+        out["signal"] = "B:" + out["signal"]
+    out.update(dict(fields.value(p, "additional_parameters") or {}))
     if p.get("hold"):
         out["hold"] = True
     return out
@@ -82,7 +64,7 @@ def array_options(params: Mapping[str, Any]) -> dict[str, Any]:
 def python_command(params: Mapping[str, Any], folder: Path) -> str:
     """The job's command line: submitit's job-side entry point on the pickles in ``folder``."""
     python = params.get("python") or shlex.quote(sys.executable)
-    exec_ = "" if params.get("use_srun", True) else "exec "
+    exec_ = "" if fields.value(params, "use_srun") else "exec "
     return f"{exec_}{python} -u -m {SUBMIT_MODULE} {shlex.quote(str(folder))}"
 
 
@@ -136,6 +118,6 @@ def sbatch_script(params: Mapping[str, Any], folder: Path, *, array_size: int | 
         options.setdefault("dependency", dependency)  # additional_parameters win, as for any option
     array = (int(array_size), int(parallelism or array_size)) if array_size is not None else None
     return render_script(options, folder=folder, command=python_command(params, folder),
-                         setup=list(params.get("setup") or []), use_srun=params.get("use_srun", True),
+                         setup=list(params.get("setup") or []), use_srun=fields.value(params, "use_srun"),
                          srun_args=list(params.get("srun_args") or []), array=array,
-                         stderr_to_stdout=bool(params.get("stderr_to_stdout", False)))
+                         stderr_to_stdout=bool(fields.value(params, "stderr_to_stdout")))

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..rundir import is_done, list_runs, read_run_json
+from ..rundir import RUNS, is_done, list_runs, read_run_json
+from ..sweep.manifest import latest_job, load_manifest, now_iso
 from .client import (ACTIVE_STATES, REQUEUE_STATES, RUNNING_STATES, JobInfo, SlurmError, current_user,
                      query_sacct, query_squeue)
-from .manifest import latest_job, load_manifest, now_iso
 
 # what python -m nondet_hpc.status counts
 STATES = ("pending", "running", "requeued", "done", "failed", "unsubmitted", "unknown")
@@ -244,7 +244,7 @@ def sweep_status(sweep_dir: str | os.PathLike, *, timeout: float | None = None, 
     sweep_dir = Path(sweep_dir).absolute()
     manifest = load_manifest(sweep_dir)
     if manifest is None:
-        if (sweep_dir / "runs").is_dir():
+        if (sweep_dir / RUNS).is_dir():
             return _local_status(sweep_dir, stale_s)
         raise FileNotFoundError(f"{sweep_dir} holds neither sweep.json (written by hydra/launcher=slurm) "
                                 "nor runs/: not a sweep folder")
@@ -264,7 +264,7 @@ def sweep_status(sweep_dir: str | os.PathLike, *, timeout: float | None = None, 
 
 
 def _study_summary(study: Mapping | None) -> dict | None:
-    """A study grown in waves (cluster/waves.py) without the configs and launcher settings it keeps."""
+    """A study grown in waves (sweep/waves.py) without the configs and launcher settings it keeps."""
     if not study:
         return None
     out = {k: v for k, v in study.items() if k not in ("params", "ignore_keys", "groups")}

@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 
+from ..sweep import waves
 from .cli import main_quietly
 from .client import ACTIVE_STATES, DEFAULT_TIMEOUT_S
 from .state import STATES, format_duration, sweep_status
@@ -53,9 +54,7 @@ def format_status(st: dict, *, show_done: bool = True, tail: bool = True) -> str
     for cmd, err in st.get("errors", {}).items():
         lines.append(f"  note: {cmd} unavailable: {err}")
     if st.get("study"):
-        from .waves import describe
-
-        lines += ["  " + line for line in describe(st["study"])]
+        lines += ["  " + line for line in waves.describe(st["study"])]
     runs = sorted(st["runs"], key=lambda r: (ORDER.get(r["state"], 9), r["run_id"]))
     if not show_done:
         runs = [r for r in runs if r["state"] != "done"]

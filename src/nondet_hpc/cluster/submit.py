@@ -2,30 +2,31 @@
 
 The Hydra launcher (hydra_plugins.nondet_hpc_launcher) composes one config per run and calls
 :func:`submit_sweep`, which returns as soon as sbatch has accepted the jobs; nothing here waits
-for a job. sweep.json (:mod:`.manifest`) is written before the first sbatch and after every step,
-so a refusal half-way leaves a record of what was queued. Success of a run is its DONE file,
-never SLURM's exit state.
+for a job. sweep.json (:mod:`nondet_hpc.sweep.manifest`) is written before the first sbatch and
+after every step, so a refusal half-way leaves a record of what was queued. Success of a run is
+its DONE file, never SLURM's exit state. The job pickles are written by :mod:`.pickles`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shlex
 import socket
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..rundir import is_done
+from ..sweep.identity import PlannedRun, check_compatible, manifest_from_runs, varying_keys
+from ..sweep.manifest import (jsonable, latest_job, load_manifest, manifest_path, new_manifest, now_iso,
+                              submission_folders, sweep_lock, write_manifest)
+from . import fields
 from .client import (ACTIVE_STATES, DEFAULT_TIMEOUT_S, JobInfo, SlurmError, SubmissionError, current_user,
                      max_array_size, query_squeue, require_sbatch, run_command, sbatch, submit_limit)
-from .jobs import ReduceJob, RunJob
-from .pack import PackJob, check_packing
-from .manifest import (PlannedRun, check_compatible, latest_job, load_manifest, manifest_from_runs, manifest_path,
-                       new_manifest, now_iso, submission_folders, sweep_lock, varying_keys, write_manifest)
+from .jobs import ReduceJob
+from .pack import check_packing
+from .pickles import discard_temporary, job_pickle_path, pickle_job, private_folder, task_job
 from .script import sbatch_script
 
 
@@ -138,26 +139,6 @@ def _submitit_folder(sweep_dir: Path, params: Mapping[str, Any]) -> Path:
     return Path(str(params.get("submitit_folder") or sweep_dir / "slurm")).absolute()
 
 
-def _private_folder(folder: Path, echo: Callable[[str], None]) -> None:
-    """The job pickles' folder: created 0o700; refused when anyone may write it.
-
-    submitit's job side unpickles ``<job id>_submitted.pkl`` from it with full pickle, so whoever
-    can write there can run code as the job's user (docs/slurm.md, "Sharing a sweep folder").
-    """
-    if not folder.exists():
-        folder.mkdir(parents=True, mode=0o700)
-        return
-    mode = folder.stat().st_mode
-    if mode & 0o002:
-        raise SubmissionError(
-            f"{folder} is world-writable (mode {mode & 0o777:o}): anyone on the cluster could plant a job pickle "
-            f"there and run code as you when the job starts. Make it private (chmod 700 {shlex.quote(str(folder))}, "
-            f"or chmod 750 to let your group read the logs) and rerun.")
-    if mode & 0o020:
-        echo(f"nondet_hpc: warning: {folder} is group-writable (mode {mode & 0o777:o}): every member of its group "
-             f"can run code as you through the job pickles there (chmod g-w {shlex.quote(str(folder))} to stop it).")
-
-
 def _within_submit_limit(launch: _Launch, todo: list[PlannedRun],
                          want_reducer: bool) -> tuple[list[PlannedRun], list[PlannedRun]]:
     """(what fits under the user's MaxSubmitJobs, what does not); refuses when nothing fits."""
@@ -179,10 +160,6 @@ def _within_submit_limit(launch: _Launch, todo: list[PlannedRun],
     return todo[:room], todo[room:]
 
 
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-
-
 def _new_record(launch: _Launch, runs: list[PlannedRun], todo: list[PlannedRun], skipped: dict[str, list[str]],
                 argv: Sequence[str] | None) -> dict[str, Any]:
     """The submission record appended to sweep.json before anything is queued."""
@@ -191,7 +168,7 @@ def _new_record(launch: _Launch, runs: list[PlannedRun], todo: list[PlannedRun],
     return {
         "n": len(launch.manifest["submissions"]), "time": now_iso(), "user": launch.user,
         "host": socket.gethostname(), "cwd": os.getcwd(), "argv": list(argv if argv is not None else sys.argv),
-        "status": "planned", "launcher": _jsonable(launch.params), "folder": str(launch.folder),
+        "status": "planned", "launcher": jsonable(launch.params), "folder": str(launch.folder),
         "base_config": {k: v for k, v in flats[0].items() if k not in set(vary)} if flats else {},
         "varying_keys": vary,
         "runs": [r.run_id for r in todo],
@@ -211,26 +188,6 @@ def _record_runs(manifest: dict, runs: list[PlannedRun]) -> None:
             rec["plan_key"] = r.plan_key
         else:
             rec.pop("plan_key", None)
-
-
-def _pickle_job(folder: Path, fn: Callable[[], Any], timeout_min: int, max_requeue: int) -> Path:
-    """Pickle a job for submitit's job side under a temporary name (renamed once SLURM gave an id)."""
-    import cloudpickle  # submitit's pickler (by reference for importable classes)
-    from submitit.core.utils import DelayedSubmission
-
-    tmp = folder / f".tmp_{uuid.uuid4().hex}.pkl"
-    ds = DelayedSubmission(fn)
-    ds.set_timeout(timeout_min, max_requeue)
-    with tmp.open("wb") as f:
-        cloudpickle.dump(ds, f)
-    return tmp
-
-
-def _job_pickle_path(folder: Path, job_id: str) -> Path:
-    """Where submitit's job side looks for job ``job_id``'s pickle ("A_i" for array tasks)."""
-    from submitit.core.utils import JobPaths
-
-    return JobPaths(folder, job_id=job_id).submitted_pickle
 
 
 def _fail(launch: _Launch, status: str, error: str) -> None:
@@ -254,17 +211,6 @@ def _check_reducer_place(launch: _Launch) -> None:
         raise SubmissionError(f"reducer job (hydra.launcher.reducer.*): {e}") from None
 
 
-def _task_job(launch: _Launch, runs: list[PlannedRun]) -> Callable[[], Any]:
-    """What one array task executes: its one run (RunJob), or its K runs at once (PackJob)."""
-    max_requeue = int(launch.params.get("max_requeue", 20))
-    # the plain resolved config where the launcher has it (fast to pickle and to load), else the config
-    jobs = [RunJob(run.container if run.container is not None else run.cfg, run.run_id, str(run.run_dir),
-                   max_requeue) for run in runs]
-    if int(launch.params.get("runs_per_task") or 1) == 1:
-        return jobs[0]
-    return PackJob(jobs, mps=str(launch.params.get("mps", "auto")), max_requeue=max_requeue)
-
-
 def _submit_array(launch: _Launch, c: int, runs: list[PlannedRun], offset: int, parallelism: int | None,
                   dependency: str | None) -> dict:
     """Write one array's script and pickles, sbatch it, record its tasks in the manifest.
@@ -276,12 +222,11 @@ def _submit_array(launch: _Launch, c: int, runs: list[PlannedRun], offset: int, 
     script_path = folder / f"sub{sub_n:03d}_array{c:02d}.sh"
     script_path.write_text(sbatch_script(p, folder, array_size=len(tasks), parallelism=parallelism,
                                          dependency=dependency))
-    max_requeue = int(p.get("max_requeue", 20))
-    tmp_pickles = [_pickle_job(folder, _task_job(launch, task), int(p.get("timeout_min", 60)), max_requeue)
-                   for task in tasks]
+    max_requeue, timeout_min = int(fields.value(p, "max_requeue")), int(fields.value(p, "timeout_min"))
+    tmp_pickles = [pickle_job(folder, task_job(p, task), timeout_min, max_requeue) for task in tasks]
     array_id = sbatch(script_path, launch.timeout)
     for i, tmp in enumerate(tmp_pickles):
-        tmp.rename(_job_pickle_path(folder, f"{array_id}_{i}"))
+        tmp.rename(job_pickle_path(folder, f"{array_id}_{i}"))
     arr = {"job_id": array_id, "offset": offset, "size": len(tasks), "parallelism": parallelism or len(tasks),
            "dependency": dependency, "script": str(script_path), "command": f"sbatch --parsable {script_path}",
            "runs_per_task": k, "n_runs": len(runs), "tasks": [[r.run_id for r in task] for task in tasks]}
@@ -316,8 +261,7 @@ def _submit_arrays(launch: _Launch, todo: list[PlannedRun], result: SubmissionRe
             result.submitted += [r.run_id for r in todo[offset:offset + n]]
             prev_array = arr["job_id"]
     except SlurmError as e:
-        for tmp in launch.folder.glob(".tmp_*.pkl"):
-            tmp.unlink(missing_ok=True)
+        discard_temporary(launch.folder)
         _fail(launch, "failed" if not launch.record["arrays"] else "partial", str(e))
         if launch.record["arrays"]:
             echo(f"nondet_hpc: submitted {len(result.submitted)} runs before SLURM refused the rest; "
@@ -347,15 +291,15 @@ def _submit_reducer(launch: _Launch, result: SubmissionResult) -> None:
     dependency, earlier_reducers = _reducer_dependency(launch)
     script_path = launch.folder / f"sub{launch.record['n']:03d}_reduce.sh"
     script_path.write_text(sbatch_script(launch.params, launch.folder, reducer=True, dependency=dependency))
-    timeout_min = int(dict(launch.params.get("reducer") or {}).get("timeout_min", 60))
-    tmp = _pickle_job(launch.folder, ReduceJob(str(launch.sweep_dir)), timeout_min, 0)
+    timeout_min = int(fields.value(dict(launch.params.get("reducer") or {}), "timeout_min", reducer=True))
+    tmp = pickle_job(launch.folder, ReduceJob(str(launch.sweep_dir)), timeout_min, 0)
     try:
         red_id = sbatch(script_path, launch.timeout)
     except SlurmError as e:
         tmp.unlink(missing_ok=True)
         _fail(launch, "partial", f"reducer job: {e}")
         raise
-    tmp.rename(_job_pickle_path(launch.folder, red_id))
+    tmp.rename(job_pickle_path(launch.folder, red_id))
     launch.record["reducer"] = {"job_id": red_id, "dependency": dependency, "script": str(script_path),
                                 "command": f"sbatch --parsable {script_path}"}
     result.reducer = launch.record["reducer"]
@@ -379,7 +323,7 @@ def submit_sweep(sweep_dir: str | os.PathLike, planned: Sequence[PlannedRun], pa
     sweep_dir = Path(sweep_dir).absolute()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     runs, duplicates = _unique(planned)
-    want_reducer = bool(dict(params.get("reducer") or {}).get("enabled", True))
+    want_reducer = bool(fields.value(dict(params.get("reducer") or {}), "enabled", reducer=True))
     run_keys, ignore_keys = list(params.get("run_keys") or []), list(params.get("ignore_keys") or [])
     with sweep_lock(sweep_dir):
         recorded = load_manifest(sweep_dir)
@@ -403,7 +347,7 @@ def submit_sweep(sweep_dir: str | os.PathLike, planned: Sequence[PlannedRun], pa
         if not todo:
             launch.save()  # runs recorded, no submission record
             return result
-        _private_folder(launch.folder, echo)  # before any record: a refusal leaves sweep.json as it was
+        private_folder(launch.folder, echo)  # before any record: a refusal leaves sweep.json as it was
         launch.manifest["submissions"].append(launch.record)
         launch.save()  # sweep.json exists before anything is submitted
         result.submission = launch.record["n"]
@@ -420,7 +364,7 @@ def submit_sweep(sweep_dir: str | os.PathLike, planned: Sequence[PlannedRun], pa
 def submit_reducer_only(sweep_dir: str | os.PathLike, params: Mapping[str, Any], *,
                         argv: Sequence[str] | None = None) -> SubmissionResult | None:
     """Queue a reducer job and no runs (a study whose reducer was lost between waves: the new one
-    decides the wave, cluster/waves.py); None when a reducer of this sweep is still queued/running.
+    decides the wave, cluster/advance.py); None when a reducer of this sweep is still queued/running.
     It waits (afterany) for every array of the sweep SLURM still lists."""
     params = dict(params)
     require_sbatch()
@@ -438,7 +382,7 @@ def submit_reducer_only(sweep_dir: str | os.PathLike, params: Mapping[str, Any],
                 return None
         launch.record = _new_record(launch, [], [], {"done": [], "active": [], "over_limit": [], "duplicates": []},
                                     argv)
-        _private_folder(launch.folder, print)
+        private_folder(launch.folder, print)
         launch.manifest["submissions"].append(launch.record)
         launch.save()
         result = SubmissionResult(sweep_dir, launch.record["n"], [], [], [], [], [], None)

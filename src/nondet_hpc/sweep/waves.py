@@ -1,21 +1,22 @@
-"""A SLURM sweep grown in waves until its precision target is met (issue 13, part 2).
+"""A sweep grown in waves until its precision target is met: the stop rule and its record.
 
-``study.target.acc_sd_se=0.02 study.wave=10 study.max_models=100``: the launcher submits the
-first ``wave`` seeds of each group (the seeds in the sweep's order) and records the stop rule in
-sweep.json (``"study"``) BEFORE anything is queued. The reducer job after each wave
-(:class:`.jobs.ReduceJob`) calls :func:`advance`: it measures each group's precision (the
-bootstrap SE of its SD, the reducer's own number) and submits the next seeds of the groups that
-have not met the target and are below the maximum, through :func:`.submit.submit_sweep` (chunking,
-submit limits, the afterany reducer), so every guarantee of a plain submission holds.
+``study.target.acc_sd_se=0.02 study.wave=10 study.max_models=100``: the launcher runs the first
+``wave`` seeds of each group (the seeds in the sweep's order) and records the stop rule in
+sweep.json (``"study"``) BEFORE anything runs. After each wave the precision of each group is
+measured (the bootstrap SE of its SD, the reducer's own number, :func:`precision`) and
+:func:`decide_wave` records the next seeds of the groups that have not met the target and are
+below the maximum. Who runs them is the caller's: the SLURM reducer job submits them
+(:mod:`nondet_hpc.cluster.advance`), the local launcher runs them itself. This module decides;
+it never submits, and it needs no SLURM.
 
 The reducer job has no Hydra context, so sweep.json holds per group everything needed to build
 the next seeds' configs: the group's resolved config as plain data (its first run's) and the seed
-key; :func:`.manifest.plan_run` makes the run id exactly as the launcher does.
+key; :func:`.identity.plan_run` makes the run id exactly as the launcher does.
 
 Safety: the decision is taken under the sweep lock, and a wave is recorded (seeds and all) before
 it is submitted, so a second reducer run (or a rerun of the sweep command) never submits a seed
-twice. A failed sbatch stops the study with its message in the reducer's log and in sweep.json;
-rerunning the sweep command continues it. Record in sweep.json::
+twice. A failed submission stops the study with its message in sweep.json; rerunning the sweep
+command continues it. Record in sweep.json::
 
     "study": {"rule": {"targets": {...}, "wave": W, "max_models": M}, "status": "running|done|stopped",
               "stop_reason": str | null, "params": {launcher settings}, "ignore_keys": [...],
@@ -27,22 +28,25 @@ rerunning the sweep command continues it. Record in sweep.json::
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from .. import metrics as M
 from ..config import ConfigError
-from ..rundir import is_done
-from .client import SlurmError
-from .manifest import PlannedRun, load_manifest, new_manifest, now_iso, plan_run, sweep_lock, write_manifest
+from ..rundir import RUNS, is_done
+from .identity import PlannedRun, plan_run
+from .manifest import jsonable, load_manifest, new_manifest, now_iso, sweep_lock, write_manifest
 
 SEED_KEY = "seed"
 #: study target -> per-model column of report/per_model.csv (the planner's names, analysis/planning.py)
 TARGET_COLUMNS = {"acc_sd_se": "acc", "ce_sd_se": "ce"}
 MIN_WAVE = 2  # an SD needs 2 models
+
+#: What measures a study: (sweep folder, study record) -> {group label: {target: precision now}}.
+#: The caller passes it (the reducer's groups live in nondet_hpc.analysis, above this layer).
+Measure = Callable[[Path, Mapping], dict[str, dict[str, float]]]
 
 
 class StudyMismatch(ValueError):
@@ -135,13 +139,11 @@ def record_first_waves(sweep_dir: str | Path, rule: Mapping, groups: Mapping[str
                        ignore_keys: Sequence[str]) -> dict:
     """Write the study (rule, groups, their configs, wave 1 of new groups) to sweep.json, under the
     sweep lock, before anything is submitted; a wave of a rerun is marked submitted again."""
-    from .submit import _jsonable
-
     with sweep_lock(sweep_dir):
         manifest = load_manifest(sweep_dir) or new_manifest(sweep_dir)
         study = manifest.setdefault("study", {"rule": dict(rule), "status": "running", "stop_reason": None,
                                               "groups": {}, "waves": []})
-        study["params"], study["ignore_keys"] = _jsonable(dict(params)), list(ignore_keys)
+        study["params"], study["ignore_keys"] = jsonable(dict(params)), list(ignore_keys)
         new = {}
         for label, jobs in groups.items():
             if label in study["groups"] or not planned.get(label):
@@ -153,7 +155,7 @@ def record_first_waves(sweep_dir: str | Path, rule: Mapping, groups: Mapping[str
             study["groups"][label] = {
                 "overrides": split_seed(first.overrides)[0], "seeds": seeds, "submitted": wave,
                 "run_ids": {str(s): r.run_id for s, r in zip(wave, planned[label])},
-                "config": _jsonable(first.container), "precision": {}, "n_models": 0, "state": "growing"}
+                "config": jsonable(first.container), "precision": {}, "n_models": 0, "state": "growing"}
             new[label] = wave
         if new:
             study["waves"].append({"n": len(study["waves"]) + 1, "time": now_iso(), "by": "launcher",
@@ -186,16 +188,17 @@ def mark_submitted(sweep_dir: str | Path, submission: int | None, error: str | N
         write_manifest(sweep_dir, manifest)
 
 
-# =============================================================================== the reducer job's side
-def measure(sweep_dir: str | Path, study: Mapping) -> dict[str, dict[str, float]]:
+# =============================================================================== deciding a wave
+def precision(study: Mapping, groups: Iterable[Any]) -> dict[str, dict[str, float]]:
     """Group label -> {target: precision now}: the bootstrap SE of the SD, as the reducer computes it
-    (analysis/planning.py: same resamples, same seed), the worst over the group's views."""
-    from .. import metrics as M
-    from ..analysis.planning import sweep_groups
+    (analysis/planning.py: same resamples, same seed), the worst over the group's views.
 
+    ``groups``: the reducer's per-model groups of the sweep (``analysis.planning.sweep_groups``:
+    each has a ``frame`` with run_id, acc and ce columns, and the ``seed_key`` of its bootstrap).
+    """
     owner = {rid: label for label, g in study["groups"].items() for rid in g["run_ids"].values()}
     out: dict[str, dict[str, float]] = {label: {} for label in study["groups"]}
-    for g in sweep_groups(Path(sweep_dir)):
+    for g in groups:
         labels = {owner.get(str(r)) for r in g.frame["run_id"]} - {None}
         for label in labels:
             part = g.frame[[owner.get(str(r)) == label for r in g.frame["run_id"]]]
@@ -227,28 +230,15 @@ def decide(study: dict, precision: Mapping[str, Mapping[str, float]]) -> dict[st
     return nxt
 
 
-def _not_done(sweep_dir: Path, study: Mapping, manifest: Mapping) -> list[str]:
+def not_done(sweep_dir: Path, study: Mapping, manifest: Mapping) -> list[str]:
+    """The run ids of the study with no DONE file (yet)."""
     out = []
     for g in study["groups"].values():
         for rid in g["run_ids"].values():
             rec = manifest["runs"].get(rid) or {}
-            if not is_done(Path(rec.get("run_dir") or sweep_dir / "runs" / rid)):
+            if not is_done(Path(rec.get("run_dir") or sweep_dir / RUNS / rid)):
                 out.append(rid)
     return out
-
-
-def _still_queued(run_ids: Sequence[str], manifest: Mapping) -> bool:
-    """Any of these runs' newest jobs still in SLURM's queue (squeue; our jobs only)."""
-    from .client import ACTIVE_STATES, DEFAULT_TIMEOUT_S, current_user, query_squeue
-    from .manifest import latest_job
-
-    queue = query_squeue(current_user(), DEFAULT_TIMEOUT_S)
-    for rid in run_ids:
-        job = latest_job(manifest["runs"].get(rid))
-        q = queue.get(job["job_id"]) if job else None
-        if q and q.state in ACTIVE_STATES:
-            return True
-    return False
 
 
 def plan_next(study: Mapping, nxt: Mapping[str, list[int]]) -> dict[str, list[PlannedRun]]:
@@ -264,36 +254,22 @@ def plan_next(study: Mapping, nxt: Mapping[str, list[int]]) -> dict[str, list[Pl
     return planned
 
 
-@contextlib.contextmanager
-def _outside_this_job() -> Iterator[None]:
-    """Submit as from the login node: sbatch exports the caller's environment to the new jobs, and
-    this reducer job's SLURM_* variables (SLURM_MEM_PER_NODE, SLURM_JOB_ID, ...) would leak into
-    them (srun in the new task refuses SLURM_MEM_PER_CPU beside SLURM_MEM_PER_NODE)."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("SLURM_")}
-    for k in saved:
-        del os.environ[k]
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
-def _stop(study: dict, status: str, reason: str) -> None:
+def stop(study: dict, status: str, reason: str) -> None:
     study["status"], study["stop_reason"] = status, reason
 
 
-def _decide_locked(sweep_dir: Path, manifest: dict, by: str,
-                   echo: Callable[[str], None]) -> tuple[int, dict[str, list[int]], list[PlannedRun]]:
+def decide_wave(sweep_dir: Path, manifest: dict, by: str, echo: Callable[[str], None],
+                measure: Measure) -> tuple[int, dict[str, list[int]], list[PlannedRun]]:
     """Under the sweep lock, the newest wave's runs over: measure, decide, and record the next wave
     (seeds and run ids, before anything runs it). (rc, the next seeds per group, their PlannedRuns);
     no next seeds = the study stopped (rc 1: runs not done) or is done (rc 0)."""
     study = manifest["study"]
     last = study["waves"][-1]
-    missing = _not_done(sweep_dir, study, manifest)
+    missing = not_done(sweep_dir, study, manifest)
     if missing:
-        _stop(study, "stopped", f"wave {last['n']}: {len(missing)} run(s) not done ({', '.join(missing[:5])}"
-                                f"{' ...' if len(missing) > 5 else ''}); see python -m nondet_hpc.status "
-                                f"{sweep_dir}, then rerun the same sweep command to run them again")
+        stop(study, "stopped", f"wave {last['n']}: {len(missing)} run(s) not done ({', '.join(missing[:5])}"
+                               f"{' ...' if len(missing) > 5 else ''}); see python -m nondet_hpc.status "
+                               f"{sweep_dir}, then rerun the same sweep command to run them again")
         write_manifest(sweep_dir, manifest)
         echo(f"nondet_hpc: study stopped: {study['stop_reason']}")
         return 1, {}, []
@@ -301,7 +277,7 @@ def _decide_locked(sweep_dir: Path, manifest: dict, by: str,
     last["decided"] = True
     if not nxt:
         states = sorted({g["state"] for g in study["groups"].values()})
-        _stop(study, "done", f"after {len(study['waves'])} wave(s): every group stopped ({'; '.join(states)})")
+        stop(study, "done", f"after {len(study['waves'])} wave(s): every group stopped ({'; '.join(states)})")
         write_manifest(sweep_dir, manifest)
         echo(f"nondet_hpc: study done: {study['stop_reason']}")
         return 0, {}, []
@@ -316,11 +292,11 @@ def _decide_locked(sweep_dir: Path, manifest: dict, by: str,
     return 0, nxt, [r for runs in by_group.values() for r in runs]
 
 
-def decide_local(sweep_dir: str | Path, reducer_error: str | None, *, by: str = "local launcher",
-                 echo: Callable[[str], None] = print) -> dict[str, list[int]]:
+def decide_local(sweep_dir: str | Path, reducer_error: str | None, measure: Measure, *,
+                 by: str = "local launcher", echo: Callable[[str], None] = print) -> dict[str, list[int]]:
     """The local launcher's step between waves (it ran the newest wave and the reducer itself):
-    the same measurement and decision as a reducer job's :func:`advance`, and the next wave
-    recorded in sweep.json; the next seeds per group to run here, {} when the study is over."""
+    the same measurement and decision as a SLURM reducer job's (:func:`decide_wave`), and the next
+    wave recorded in sweep.json; the next seeds per group to run here, {} when the study is over."""
     sweep_dir = Path(sweep_dir).absolute()
     with sweep_lock(sweep_dir):
         manifest = load_manifest(sweep_dir)
@@ -329,74 +305,25 @@ def decide_local(sweep_dir: str | Path, reducer_error: str | None, *, by: str = 
             return {}
         study["waves"][-1]["status"] = "submitted"  # ran here: "submitted" is the state advance decides
         if reducer_error is not None:
-            _stop(study, "stopped", f"the reducer failed after wave {len(study['waves'])} ({reducer_error}); fix "
-                                    "that and rerun the same sweep command to continue")
+            stop(study, "stopped", f"the reducer failed after wave {len(study['waves'])} ({reducer_error}); fix "
+                                   "that and rerun the same sweep command to continue")
             write_manifest(sweep_dir, manifest)
             echo(f"nondet_hpc: study stopped: {study['stop_reason']}")
             return {}
-        return _decide_locked(sweep_dir, manifest, by, echo)[1]
+        return decide_wave(sweep_dir, manifest, by, echo, measure)[1]
 
 
-def advance(sweep_dir: str | Path, *, by: str = "reducer job", echo: Callable[[str], None] = print) -> int:
-    """After the reducer: decide the newest wave and submit the next one. 0 = fine, 1 = stopped
-    on an error (the message is in sweep.json and printed). Safe to run twice."""
-    from .submit import submit_sweep
-
-    sweep_dir = Path(sweep_dir).absolute()
-    with sweep_lock(sweep_dir):
-        manifest = load_manifest(sweep_dir)
-        study = (manifest or {}).get("study")
-        if not study or not study["waves"]:
-            return 0
-        last = study["waves"][-1]
-        if study["status"] != "running" or last.get("decided") or last["status"] != "submitted":
-            echo(f"nondet_hpc: study: nothing to decide (status {study['status']}, wave {last['n']} "
-                 f"{'decided' if last.get('decided') else last['status']})")
-            return 0
-        missing = _not_done(sweep_dir, study, manifest)
-        if missing and _still_queued(missing, manifest):
-            # a repeated or early reducer run: the reducer queued behind this wave decides it
-            echo(f"nondet_hpc: study: wave {last['n']} still has runs queued or running; its reducer decides it")
-            return 0
-        rc, nxt, planned = _decide_locked(sweep_dir, manifest, by, echo)
-        if rc or not nxt:
-            return rc
-        params = dict(study["params"])
-    n = study["waves"][-1]["n"]
-    try:
-        with _outside_this_job():
-            res = submit_sweep(sweep_dir, planned, params, argv=[by, f"wave {n}"], echo=echo)
-    except (SlurmError, OSError, ValueError) as e:
-        mark_submitted(sweep_dir, None, f"{type(e).__name__}: {e}")
-        echo(f"nondet_hpc: study stopped: submission of wave {n} failed: {e}. Rerun the same sweep command to "
-             "continue.")
-        return 1
-    mark_submitted(sweep_dir, res.submission)
-    echo(f"nondet_hpc: study: wave {n} submitted: " + "; ".join(f"{k}: seeds {v[0]}-{v[-1]}" for k, v in nxt.items()))
-    return 0
-
-
-def after_reduce(sweep_dir: str | Path, reducer_rc: int, *, by: str = "reducer job",
-                 echo: Callable[[str], None] = print) -> int:
-    """The reducer job's last step: nothing without a study; a failed reducer stops the study."""
-    sweep_dir = Path(sweep_dir).absolute()
-    try:
-        if load_study(sweep_dir) is None:
-            return 0
-    except (OSError, ValueError) as e:
-        echo(f"nondet_hpc: study: cannot read {sweep_dir / 'sweep.json'}: {e}")
-        return 1
-    if reducer_rc == 0:
-        return advance(sweep_dir, by=by, echo=echo)
+def reducer_failed(sweep_dir: str | Path, reducer_rc: int, echo: Callable[[str], None] = print) -> None:
+    """A SLURM reducer job's reducer exited with ``reducer_rc``: a running study stops (the next
+    wave would be decided from no numbers); rerunning the sweep command continues it."""
     with sweep_lock(sweep_dir):
         manifest = load_manifest(sweep_dir)
         study = manifest["study"]
         if study["status"] == "running":
-            _stop(study, "stopped", f"the reducer exited with {reducer_rc} after wave {len(study['waves'])} (its "
-                                    "log says why); fix that and rerun the same sweep command to continue")
+            stop(study, "stopped", f"the reducer exited with {reducer_rc} after wave {len(study['waves'])} (its "
+                                   "log says why); fix that and rerun the same sweep command to continue")
             write_manifest(sweep_dir, manifest)
             echo(f"nondet_hpc: study stopped: {study['stop_reason']}")
-    return 1
 
 
 # =============================================================================== showing it
