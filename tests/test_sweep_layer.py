@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 
 from nondet_hpc import experiments, rundir
 from nondet_hpc.cluster import fields, jobs, pack, params as launcher_settings, submit
-from nondet_hpc.config import conf_dir, register_configs
+from nondet_hpc.config import conf_dir
+from nondet_hpc.registry.options import register_configs
 from nondet_hpc.sweep import identity, manifest, waves
 from slurm_fixtures import FakeSlurm, cli_env, run_cli
 
