@@ -628,30 +628,6 @@ def test_job_pickles_of_the_old_import_path_still_load():
     assert pickle.loads(b"cnondet_hpc.slurm\nReduceJob\n.") is jobs.ReduceJob
 
 
-def test_no_private_hydra_or_submitit_imports_outside_compose():
-    """Private names of Hydra and submitit (``_internal``, a leading underscore) are imported in
-    nondet_hpc/compose.py only, so a release that renames them breaks one module with a fallback."""
-    import ast
-
-    src = Path(__file__).resolve().parents[1] / "src"
-    offenders = []
-    for path in sorted(src.rglob("*.py")):
-        if path == src / "nondet_hpc" / "compose.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            for name in names:
-                parts = name.split(".")
-                if parts[0] in ("hydra", "submitit") and any(p.startswith("_") for p in parts[1:]):
-                    offenders.append(f"{path.relative_to(src)}:{node.lineno}: {name}")
-    assert offenders == []
-
-
 # ============================================================================ issue 9: identity, aliases, fast paths
 def test_thread_count_is_part_of_the_run_id(tmp_path):
     """The same config with another effective thread count is another run; threads=0 is resolved
