@@ -9,8 +9,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from nondet_hpc import compose as fast
-from nondet_hpc.__main__ import conf_dir
-from nondet_hpc.config import register_configs
+from nondet_hpc.config import conf_dir, register_configs
 
 JOBS = [["source=init", "seed=1"], ["source=init", "seed=2"], ["source=shuffle", "seed=1"],
         ["source=shuffle", "seed=3", "train.lr=0.2"], ["seed=4", "train.epochs=3"], ["source=init", "seed=5"]]
