@@ -1,32 +1,23 @@
-"""Shared fixtures: compose the real conf/ with Hydra's compose API, as the CLI does."""
+"""The tests' fixtures, one of each kind. Plain helpers (configs, command lines, the fake SLURM
+client, synthetic sweeps) are in helpers.py, slurm_fixtures.py and synthetic_sweep.py."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from nondet_hpc.config import conf_dir
-from nondet_hpc.registry.options import register_configs
-
-REPO = Path(__file__).resolve().parents[1]
-
-# A run that trains in about a second on one CPU core: digits, 2 epochs, a 256-image subset.
-FAST = ["train.epochs=2", "train.warmup_epochs=1", "data.train_subset=256", "data.test_subset=120",
-        "train.batch_size=64", "train.threads=1"]
-
-
-def make_cfg(out_dir: Path | str, *overrides: str, fast: bool = True) -> DictConfig:
-    register_configs()
-    with initialize_config_dir(conf_dir(), version_base="1.3"):
-        return compose("config", overrides=[f"out_dir={out_dir}", *(FAST if fast else []), *overrides])
+from helpers import interrupt_run, make_cfg
+from slurm_fixtures import FakeSlurm
 
 
 @pytest.fixture
-def cfg_factory(tmp_path):
+def cfg_factory(tmp_path) -> Callable[..., DictConfig]:
+    """Configs composed from conf/ (fast by default) writing under ``tmp_path / out``."""
     def factory(*overrides: str, out: str = "sweep", fast: bool = True) -> DictConfig:
         return make_cfg(tmp_path / out, *overrides, fast=fast)
     return factory
@@ -43,27 +34,39 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def cli_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+@pytest.fixture
+def fake(tmp_path, monkeypatch) -> FakeSlurm:
+    """A fake SLURM client (slurm_fixtures.FakeSlurm) first on PATH, for this process and the
+    commands it starts (helpers.cli_env copies the environment)."""
+    f = FakeSlurm(tmp_path / "fake-slurm")
+    monkeypatch.setenv("PATH", f"{f.bin}{os.pathsep}{os.environ['PATH']}")
+    return f
 
 
-def interrupt_run(cfg, monkeypatch, at_step: int) -> None:
-    """Train ``cfg`` until optimizer step ``at_step``, then stop it as a SLURM signal would: the run
-    checkpoints and raises Preempted. The trainer is restored afterwards."""
-    from nondet_hpc.run import task, train
+@pytest.fixture
+def bit_exact_resume(cfg_factory, monkeypatch) -> Callable[..., dict]:
+    """``check(*overrides, stop_at_step=N)``: train the config straight through (in ``ref/``) and
+    again (in ``interrupted/``) stopped at optimizer step N as a SLURM signal stops it, then
+    resumed. The stopped run is left preempted without DONE; the resumed one is done on its second
+    attempt, and every .npy file it wrote (each view's logits, labels, features) equals the
+    straight run's byte for byte. Returns the resumed run's run.json."""
+    from nondet_hpc.rundir import run_dir
+    from nondet_hpc.run import task
 
-    real = train.Trainer.set_lr
-
-    def set_lr(self, step):
-        if step == at_step:
-            train.request_stop()
-        return real(self, step)
-    monkeypatch.setattr(train.Trainer, "set_lr", set_lr)
-    try:
-        with pytest.raises(train.Preempted):
-            task.run(cfg)
-    finally:
-        monkeypatch.setattr(train.Trainer, "set_lr", real)
+    def check(*overrides: str, stop_at_step: int) -> dict:
+        ref = Path(task.run(cfg_factory(*overrides, out="ref"))["run_dir"])
+        cfg = cfg_factory(*overrides, out="interrupted")
+        interrupt_run(cfg, monkeypatch, stop_at_step)
+        resumed = run_dir(cfg)
+        stopped = json.loads((resumed / "run.json").read_text())
+        assert stopped["state"] == "preempted" and not (resumed / "DONE").exists()
+        assert task.run(cfg)["state"] == "done"
+        rec = json.loads((resumed / "run.json").read_text())
+        assert rec["attempts"] == 2 and rec["resumed_from"]
+        files = sorted(str(p.relative_to(ref)) for p in ref.rglob("*.npy"))
+        assert files == sorted(str(p.relative_to(resumed)) for p in resumed.rglob("*.npy"))
+        assert "logits/plain.npy" in files
+        for name in files:
+            assert (resumed / name).read_bytes() == (ref / name).read_bytes(), name
+        return rec
+    return check

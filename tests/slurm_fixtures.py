@@ -1,10 +1,12 @@
-"""Helpers of the SLURM tests: a fake SLURM client for unit tests, cluster checks, CLI runners.
+"""Helpers of the SLURM tests: a fake SLURM client for unit tests, the launcher's settings and
+planned runs as the launcher makes them, and what the real-cluster tests wait on.
 
-The fake client (``FakeSlurm``) is a directory of executables (sbatch, squeue, sacct, scontrol,
-sacctmgr, scancel) backed by one JSON state file, so submission, status and cancel logic can be
-tested without a cluster. The real-cluster tests use ``require_cluster()``: they skip with a
-reason when no cluster is reachable, but FAIL when CI=true (CI starts one with
-launch/start_slurm.sh, so a missing cluster there is a bug, not a reason to skip).
+The fake client (``FakeSlurm``; the ``fake`` fixture of conftest.py puts one on PATH) is a
+directory of executables (sbatch, squeue, sacct, scontrol, sacctmgr, scancel) backed by one JSON
+state file, so submission, status and cancel logic can be tested without a cluster. The
+real-cluster tests use ``require_cluster()``: they skip with a reason when no cluster is
+reachable, but FAIL when CI=true (CI starts one with launch/start_slurm.sh, so a missing cluster
+there is a bug, not a reason to skip).
 """
 
 from __future__ import annotations
@@ -19,8 +21,14 @@ import time
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import run_cli
+from nondet_hpc.cluster import params as launcher_settings
+from nondet_hpc.sweep import identity
+from nondet_hpc.config import conf_dir
+from nondet_hpc.registry.options import register_configs
 
 FAKE_TOOL = textwrap.dedent(r'''
     #!{python}
@@ -142,6 +150,50 @@ class FakeSlurm:
         return env
 
 
+# ------------------------------------------------------------------------------ the launcher's view
+PY = "/opt/venv/bin/python"  # a fixed interpreter path makes the sbatch scripts comparable
+
+
+def launcher_params(preset: str, *overrides: str, out_dir: str = "/sweep") -> dict:
+    """The SLURM launcher's settings of ``hydra/launcher=PRESET``, normalized as its setup does."""
+    register_configs()
+    with initialize_config_dir(conf_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={preset}", f"out_dir={out_dir}", *overrides],
+                      return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    params["python"] = PY
+    return launcher_settings.normalize(params, out_dir)
+
+
+def params_for(sweep: Path, **kw) -> dict:
+    p = launcher_params("slurm", out_dir=str(sweep))
+    p.update(kw)
+    return p
+
+
+def job_cfgs(out_dir: Path, sources=("init", "shuffle"), seeds=(1, 2, 3), *extra: str):
+    """One composed config per (source, seed), 2 epochs."""
+    register_configs()
+    cfgs = []
+    with initialize_config_dir(conf_dir(), version_base="1.3"):
+        for src in sources:
+            for seed in seeds:
+                cfgs.append(compose("config", overrides=[f"out_dir={out_dir}", f"source={src}", f"seed={seed}",
+                                                         "train.epochs=2", *extra]))
+    return cfgs
+
+
+def plan(out_dir: Path, *extra: str, sources=("init", "shuffle"), seeds=(1, 2, 3)):
+    """The planned runs of a sweep over ``sources`` x ``seeds``, as the launcher plans them."""
+    return [identity.plan_run(c, [f"source={c.source.name}", f"seed={c.seed}"])
+            for c in job_cfgs(out_dir, sources, seeds, *extra)]
+
+
+def sbatch_flags(text: str) -> list[str]:
+    """The #SBATCH lines of a script as command-line flags (what sbatch will apply)."""
+    return [line[len("#SBATCH "):].strip() for line in text.splitlines() if line.startswith("#SBATCH ")]
+
+
 # ------------------------------------------------------------------------------ real cluster
 def cluster_problem(timeout: float = 15.0) -> str | None:
     """None when a SLURM cluster answers here, else why not."""
@@ -168,25 +220,6 @@ def require_cluster() -> None:
         pytest.fail(f"CI=true but the SLURM cluster is not up: {problem}. .ci/run must run "
                     "launch/start_slurm.sh before the tests.", pytrace=False)
     pytest.skip(f"SLURM cluster not reachable: {problem}")
-
-
-def cli_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["HYDRA_FULL_ERROR"] = "0"
-    if extra:
-        env.update(extra)
-    return env
-
-
-def run_cli(args: list[str], *, env: dict | None = None, timeout: float = 120, cwd: Path | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                       env=env or cli_env(), cwd=cwd or REPO, stdin=subprocess.DEVNULL)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{args} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
-    return p
 
 
 def sweep_status(sweep_dir: Path, env: dict | None = None) -> dict:

@@ -1,21 +1,18 @@
 """The real command line: `python -m nondet_hpc [-m] ...` composing conf/ into a temporary folder."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import FAST, cli_env
+from helpers import FAST, cli_env, run_cli
 
 
-def cli(tmp_path, *args, check=True):
-    r = subprocess.run([sys.executable, "-m", "nondet_hpc", *args, *FAST, f"out_dir={tmp_path / 'sweep'}"],
-                       cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
-    if check and r.returncode != 0:
-        raise AssertionError(f"exit {r.returncode}\nSTDOUT:\n{r.stdout}\nSTDERR:\n{r.stderr}")
-    return r
+def cli(tmp_path, *args, check=True, out_dir=True):
+    """``python -m nondet_hpc ARGS`` (fast training) in tmp_path, writing to tmp_path/sweep unless
+    ``out_dir`` is False (the arguments name the folder)."""
+    where = [f"out_dir={tmp_path / 'sweep'}"] if out_dir else []
+    return run_cli(["-m", "nondet_hpc", *args, *FAST, *where], cwd=tmp_path, check=check)
 
 
 def test_multirun_sweep_writes_the_contract_and_a_rerun_trains_nothing(tmp_path):
@@ -57,9 +54,7 @@ def test_bad_config_fails_at_composition(tmp_path, args, message):
 
 
 def test_help_lists_the_config_groups(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "nondet_hpc", "--help"], cwd=tmp_path, env=cli_env(),
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0
+    r = run_cli(["-m", "nondet_hpc", "--help"], cwd=tmp_path)
     for group in ("data:", "model:", "source:", "cifar10", "resnet34", "bitflip", "shuffle+cudnn"):
         assert group in r.stdout
 
@@ -70,8 +65,8 @@ def test_bad_input_of_a_single_run_is_one_message_and_exit_2(tmp_path, full_erro
     env.pop("HYDRA_FULL_ERROR", None)
     if full_error:
         env["HYDRA_FULL_ERROR"] = "1"
-    r = subprocess.run([sys.executable, "-m", "nondet_hpc", "seed=0", *FAST, f"out_dir={tmp_path / 'sweep'}"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    r = run_cli(["-m", "nondet_hpc", "seed=0", *FAST, f"out_dir={tmp_path / 'sweep'}"], env=env, cwd=tmp_path,
+                check=False)
     if full_error:  # debugging: the traceback is there
         assert r.returncode != 0 and "Traceback" in r.stderr and "ConfigError" in r.stderr
     else:
@@ -80,23 +75,20 @@ def test_bad_input_of_a_single_run_is_one_message_and_exit_2(tmp_path, full_erro
     assert not list((tmp_path / "sweep").glob("runs/*"))
 
 
-def _run(tmp_path, *args):
-    return subprocess.run([sys.executable, "-m", "nondet_hpc", *args, *FAST], cwd=tmp_path, env=cli_env(),
-                          capture_output=True, text=True, timeout=600)
-
-
 def test_hydra_sweep_and_run_dir_set_the_sweep_folder(tmp_path):
-    r = _run(tmp_path, "-m", "source=init", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'hs'}")
+    r = cli(tmp_path, "-m", "source=init", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'hs'}", check=False,
+            out_dir=False)
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "hs" / "runs").iterdir())) == 2 and (tmp_path / "hs" / "report" / "metrics.csv").exists()
     assert f"runs: {tmp_path / 'hs' / 'runs'}" in r.stdout
-    r = _run(tmp_path, "source=init", "seed=3", f"hydra.run.dir={tmp_path / 'hr'}")
+    r = cli(tmp_path, "source=init", "seed=3", f"hydra.run.dir={tmp_path / 'hr'}", check=False, out_dir=False)
     assert r.returncode == 0, r.stderr
     assert [p.name[:8] for p in (tmp_path / "hr" / "runs").iterdir()] == ["init-s00"]
 
 
 def test_contradicting_sweep_folders_are_refused(tmp_path):
-    r = _run(tmp_path, "-m", "seed=1", f"out_dir={tmp_path / 'a'}", f"hydra.sweep.dir={tmp_path / 'b'}")
+    r = cli(tmp_path, "-m", "seed=1", f"out_dir={tmp_path / 'a'}", f"hydra.sweep.dir={tmp_path / 'b'}", check=False,
+            out_dir=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "name different folders" in r.stderr and "Give only out_dir=PATH" in r.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -108,7 +100,7 @@ def test_a_bad_out_dir_is_refused_before_hydra_creates_folders(tmp_path, where, 
     (tmp_path / "afile").write_text("")
     out = where if where.startswith("/") else str(tmp_path / where)
     for mode in (["-m"], []):
-        r = _run(tmp_path, *mode, "seed=1", f"out_dir={out}")
+        r = cli(tmp_path, *mode, "seed=1", f"out_dir={out}", check=False, out_dir=False)
         assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr
         assert r.stderr.startswith(f"nondet_hpc: error: out_dir='{out}' is not writable") and why in r.stderr
         assert "out_dir=PATH" in r.stderr

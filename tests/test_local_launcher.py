@@ -9,12 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import FAST, run_cli
 from hydra_plugins.nondet_hpc_launcher.local import default_n_jobs
 from nondet_hpc.rundir import list_runs, logits_path
-from slurm_fixtures import run_cli
-
-FAST = ["train.epochs=2", "train.warmup_epochs=1", "data.train_subset=256", "data.test_subset=120",
-        "train.batch_size=64", "train.threads=1"]
 
 
 @pytest.mark.parametrize("threads,cores,n", [([1], 2, 2), ([1, 1], 16, 16), ([2], 2, 1), ([3], 2, 1),
@@ -31,7 +28,7 @@ def test_parallel_jobs_match_solo_runs_and_failures_are_reported(tmp_path):
     sweep = tmp_path / "par"
     # two runs side by side; then a sweep where one job is refused (3 snapshots do not divide 2 epochs)
     p = run_cli(["-m", "nondet_hpc", "-m", "source=init,shuffle", "seed=1", "train.snapshots=1", *FAST,
-                 f"out_dir={sweep}", "hydra.launcher.n_jobs=2"], check=False, timeout=300)
+                 f"out_dir={sweep}", "hydra.launcher.n_jobs=2"], check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 at a time" in p.stdout + p.stderr
     # one block per job: its header, then its own lines
@@ -41,11 +38,11 @@ def test_parallel_jobs_match_solo_runs_and_failures_are_reported(tmp_path):
         assert out.index("[nondet_hpc] ", head + 1) > head
     for src in ("init", "shuffle"):
         solo = tmp_path / f"solo-{src}"
-        run_cli(["-m", "nondet_hpc", f"source={src}", "seed=1", *FAST, f"out_dir={solo}"], timeout=300)
+        run_cli(["-m", "nondet_hpc", f"source={src}", "seed=1", *FAST, f"out_dir={solo}"])
         (name, got), = [(k, v) for k, v in _logits(sweep).items() if k.startswith(src)]
         assert _logits(solo) == {name: got}  # same run id, bit-identical logits
     bad = run_cli(["-m", "nondet_hpc", "-m", "source=init", "seed=2", "train.snapshots=1,3", *FAST,
-                   f"out_dir={tmp_path / 'bad'}", "hydra.launcher.n_jobs=2"], check=False, timeout=300)
+                   f"out_dir={tmp_path / 'bad'}", "hydra.launcher.n_jobs=2"], check=False)
     assert bad.returncode != 0
     assert "1 job(s) of the sweep failed" in bad.stdout + bad.stderr and "train.snapshots=3" in bad.stderr
     assert "[nondet_hpc] report:" in bad.stdout  # the finished run is still reduced

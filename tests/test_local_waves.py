@@ -9,8 +9,8 @@ import json
 import math
 from pathlib import Path
 
+from helpers import run_cli
 from nondet_hpc.rundir import list_runs, logits_path
-from slurm_fixtures import run_cli
 
 TINY = ["train.epochs=1", "train.warmup_epochs=1", "data.train_subset=64", "data.test_subset=60",
         "train.batch_size=32", "train.threads=1", "train.snapshots=1"]
@@ -19,7 +19,7 @@ TINY = ["train.epochs=1", "train.warmup_epochs=1", "data.train_subset=64", "data
 def _sweep(out: Path, sources: str, seeds: int, target: str, wave: int, max_models: int):
     return run_cli(["-m", "nondet_hpc", "-m", f"source={sources}", f"seed=range(1,{seeds + 1})", *TINY,
                     f"study.target.{target}", f"study.wave={wave}", f"study.max_models={max_models}",
-                    f"out_dir={out}"], timeout=900)
+                    f"out_dir={out}"])
 
 
 def _seeds_by_source(out: Path) -> dict[str, list[int]]:
@@ -70,5 +70,5 @@ def test_target_met_at_wave_one_trains_only_the_first_wave(tmp_path):
     assert len(study["waves"]) == 1 and study["status"] == "done"
     assert {g["state"] for g in study["groups"].values()} == {"target met"}
     assert all(g["submitted"] == [1, 2] for g in study["groups"].values())
-    status = run_cli(["-m", "nondet_hpc.status", str(out)], timeout=120)
+    status = run_cli(["-m", "nondet_hpc.status", str(out)])
     assert "target met" in status.stdout

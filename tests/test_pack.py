@@ -20,19 +20,11 @@ import cloudpickle
 import numpy as np
 import pytest
 
-from conftest import make_cfg
+from helpers import cli_env, make_cfg
 from nondet_hpc.cluster import client, jobs, pack, state, submit
 from nondet_hpc.sweep import manifest
 from nondet_hpc.rundir import is_done, logits_path, run_dir
-from slurm_fixtures import FakeSlurm, cli_env
-from test_slurm_unit import params_for, plan, sbatch_flags
-
-
-@pytest.fixture
-def fake(tmp_path, monkeypatch):
-    f = FakeSlurm(tmp_path)
-    monkeypatch.setenv("PATH", f"{f.bin}{os.pathsep}{os.environ['PATH']}")
-    return f
+from slurm_fixtures import params_for, plan, sbatch_flags
 
 
 @pytest.fixture
@@ -183,7 +175,7 @@ def test_mps_daemon_started_and_stopped(tmp_path, monkeypatch):
 
 
 # ============================================================================ the node-side packer
-TINY = ["train.threads=1"]  # conftest's FAST: 2 epochs of a 256-image subset
+TINY = ["train.threads=1"]  # on top of helpers.FAST: 2 epochs of a 256-image subset
 
 
 def _job(out: Path, *overrides: str) -> jobs.RunJob:
@@ -222,8 +214,7 @@ PACK_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("sig,requeued", [("SIGUSR2", True), ("SIGTERM", False)])
-def test_stop_signal_checkpoints_both_runs_and_requeues_once(tmp_path, sig, requeued):
-    f = FakeSlurm(tmp_path)
+def test_stop_signal_checkpoints_both_runs_and_requeues_once(tmp_path, fake, sig, requeued):
     # long enough to be training when the signal comes (each epoch is a few steps of a tiny model)
     many = ["train.epochs=400", "train.checkpoint_every=1000"]
     runs = [_job(tmp_path / "sw", "source=init", "seed=1", *many), _job(tmp_path / "sw", "source=none", "seed=1", *many)]
@@ -231,8 +222,7 @@ def test_stop_signal_checkpoints_both_runs_and_requeues_once(tmp_path, sig, requ
     job_pkl.write_bytes(cloudpickle.dumps(pack.PackJob(runs, mps="false")))
     script_path = tmp_path / "pack_job.py"
     script_path.write_text(PACK_SCRIPT)
-    env = cli_env({"PATH": f"{f.bin}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "777",
-                   "SLURM_RESTART_COUNT": "0"})
+    env = cli_env({"SLURM_JOB_ID": "777", "SLURM_RESTART_COUNT": "0"})
     p = subprocess.Popen([sys.executable, str(script_path), str(job_pkl)], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     try:
@@ -241,7 +231,7 @@ def test_stop_signal_checkpoints_both_runs_and_requeues_once(tmp_path, sig, requ
             assert p.poll() is None, p.stdout.read() if p.stdout else ""
             time.sleep(0.2)
         p.send_signal(getattr(signal, sig))
-        out, _ = p.communicate(timeout=300)
+        out, _ = p.communicate()
     finally:
         if p.poll() is None:
             p.kill()
@@ -251,10 +241,10 @@ def test_stop_signal_checkpoints_both_runs_and_requeues_once(tmp_path, sig, requ
         assert (Path(r.run_dir) / "checkpoint.pt").is_file() and not is_done(Path(r.run_dir))
     if requeued:
         assert p.returncode == 0, out
-        assert f.calls("scontrol") == [["requeue", "777"]]  # once for the task, not once per run
+        assert fake.calls("scontrol") == [["requeue", "777"]]  # once for the task, not once per run
     else:
         assert p.returncode != 0 and "stopped by a signal" in out
-        assert f.calls("scontrol") == []
+        assert fake.calls("scontrol") == []
 
 
 def _heartbeat(rd: Path) -> bool:

@@ -1,4 +1,5 @@
-"""The reducer on tiny synthetic sweeps written by the run-directory contract (docs/contracts.md).
+"""The reducer on tiny synthetic sweeps written by the run-directory contract (docs/contracts.md;
+the writer: tests/synthetic_sweep.py).
 
 Expected values are computed here from the arrays the test wrote, with plain numpy, not by the
 reducer's own code paths.
@@ -22,64 +23,7 @@ from nondet_hpc.analysis import cli, scan, tables
 from nondet_hpc.analysis import reduce as R
 from nondet_hpc.analysis import resample as RS
 from nondet_hpc.registry import metrics as RM
-
-N_TEST, N_CLASSES = 120, 4
-LABELS = np.random.default_rng(99).integers(0, N_CLASSES, N_TEST)
-SIGNAL = np.random.default_rng(98).normal(size=(N_TEST, N_CLASSES)).astype(np.float32)
-SIGNAL[np.arange(N_TEST), LABELS] += 1.5
-LABEL_OF = {"none": "Determinism Control", "init": "Parameter Initialization", "shuffle": "Data Shuffling",
-            "all": "All Nondeterminism Sources", "bitflip": "Random Bit Change"}
-
-
-def logits_for(source: str, seed: int, salt: int = 0) -> np.ndarray:
-    """Deterministic per (source, seed): the control gets the same array for every seed."""
-    s = 0 if source == "none" else seed
-    noise = np.random.default_rng([s, salt, len(source)]).normal(size=(N_TEST, N_CLASSES))
-    return (SIGNAL + noise).astype(np.float32)
-
-
-def write_run(sweep: Path, source: str, seed: int, *, epochs: int = 10, done: bool = True,
-              views: dict[str, np.ndarray] | None = None, snapshots: int = 0, features: bool = False,
-              labels: np.ndarray | None = None, group_label: str | None = None) -> Path:
-    rid = f"{source}-s{seed:04d}-e{epochs}"
-    d = sweep / "runs" / rid
-    (d / "logits").mkdir(parents=True)
-    if views is None:
-        plain = logits_for(source, seed, epochs)
-        views = {"plain": plain, "flip": (plain + SIGNAL) / 2}
-        for k in range(1, snapshots + 1):
-            views[f"snapshot-{k}"] = snap = logits_for(source, seed, 1000 * k + epochs)
-            views[f"snapshot-{k}_flip"] = (snap + SIGNAL) / 2
-    for name, arr in views.items():
-        np.save(d / "logits" / f"{name}.npy", arr, allow_pickle=False)
-    np.save(d / "labels.npy", (LABELS if labels is None else labels).astype(np.int64), allow_pickle=False)
-    if features:
-        f = np.random.default_rng([0 if source == "none" else seed, 7]).normal(size=(N_TEST, 6)) + np.arange(6)
-        np.save(d / "features.npy", f.astype(np.float32), allow_pickle=False)
-    plain = views.get("plain")
-    acc = float(np.mean(plain.argmax(1) == LABELS)) if plain is not None and np.isfinite(plain).all() else None
-    info = {"run_id": rid, "state": "done" if done else "running", "seed": seed,
-            "group_key": f"{source}-e{epochs}", "group_label": group_label or LABEL_OF[source],
-            "identity": {"source.name": source, "source.label": LABEL_OF[source], "train.epochs": epochs,
-                         "data.name": "digits", "model.name": "resnet14"},
-            "views": [v for v in views if not v.startswith("snapshot-")],
-            "snapshots": [v for v in views if v.startswith("snapshot-") and "_" not in v],
-            "result": {"test_acc": acc, "test_ce": 0.0}}
-    (d / "run.json").write_text(json.dumps(info))
-    if done:
-        (d / "DONE").write_text("{}")
-    return d
-
-
-def row(df: pd.DataFrame, group: str) -> pd.Series:
-    hits = df[df["group"] == group]
-    assert len(hits) == 1, (group, list(df["group"]))
-    return hits.iloc[0]
-
-
-def excluded(sweep: Path) -> pd.DataFrame:
-    return pd.read_csv(sweep / "report" / "excluded.csv", keep_default_na=False)
-
+from synthetic_sweep import LABELS, N_CLASSES, N_TEST, excluded, logits_for, row, write_run
 
 # --------------------------------------------------------------------------------------------
 # a healthy sweep, reduced once for several tests

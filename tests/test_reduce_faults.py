@@ -3,7 +3,8 @@
 For every case the reducer must end with a reason in excluded.csv, a line in its summary or a
 clear error (exit 2), never a traceback; duplicates must not change N; and runs/ must be
 byte-identical afterwards (every file hashed before and after, nothing added or removed). Cases
-that could block (FIFOs) run the reducer in a subprocess with a timeout, so a hang fails fast.
+that could block (FIFOs) run the reducer in its own process, so a hang cannot block the tests'
+(pytest-timeout ends it).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import hashlib
 import os
 import shutil
 import stat
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from slurm_fixtures import cli_env
-from test_reduce import LABELS, N_CLASSES, write_run
-from test_reduce_trust import CPU_ENV, run_id, set_env, write_sweep_json
+from helpers import run_cli
+from synthetic_sweep import CPU_ENV, LABELS, N_CLASSES, run_id, set_env, write_run, write_sweep_json
 
 from nondet_hpc.analysis import cli
 
@@ -38,7 +36,7 @@ class Case:
     expect: str  # substring of the outcome: the run's reason in excluded.csv, the summary, or stderr
     run: str = ""  # the run whose excluded.csv reason must hold ``expect`` ("" : summary or stderr)
     n_init: int | None = 3  # N of the init single-model row afterwards (None: exit 2 expected)
-    subprocess: bool = False  # may block: run in a subprocess with a timeout
+    subprocess: bool = False  # may block: run the reducer in its own process
     planned: int | None = 3  # n_planned of that row (None: no readable sweep.json)
 
 
@@ -213,8 +211,7 @@ def base(tmp_path_factory) -> Path:
 def reduce_case(sweep: Path, case: Case, capsys) -> tuple[int, str, str]:
     args = [str(sweep), "--n-boot", "20", "--slurm-timeout", "0"]
     if case.subprocess:
-        p = subprocess.run([sys.executable, "-m", "nondet_hpc.reduce", *args], check=False, capture_output=True, text=True,
-                           timeout=60, env=cli_env(), stdin=subprocess.DEVNULL)
+        p = run_cli(["-m", "nondet_hpc.reduce", *args], check=False)
         return p.returncode, p.stdout, p.stderr
     rc = cli.main(args)
     out = capsys.readouterr()

@@ -1,8 +1,8 @@
 """The reducer's trust items: every planned run accounted for, one environment per group, each model
 counted once, labels agreeing across the sweep (issues 9 and 10).
 
-Sweeps are synthetic run folders (tests/test_reduce.py's writer) plus, where planned runs matter, a
-sweep.json written through the manifest module the SLURM launcher uses.
+Sweeps are synthetic run folders plus, where planned runs matter, a sweep.json written through the
+manifest module the SLURM launcher uses (both: tests/synthetic_sweep.py).
 """
 
 from __future__ import annotations
@@ -11,65 +11,20 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from slurm_fixtures import FakeSlurm, cli_env
-from test_reduce import LABEL_OF, LABELS, N_CLASSES, excluded, row, write_run
+from helpers import run_cli
+from synthetic_sweep import (CPU_ENV, LABELS, N_CLASSES, excluded, row, run_id, set_env, write_run,
+                             write_sweep_json)
 
 from nondet_hpc.analysis import cli
 from nondet_hpc.analysis import reduce as R
 from nondet_hpc.cluster.client import job_states
-from nondet_hpc.sweep import manifest as MF
-
-
-def run_id(source: str, seed: int, epochs: int = 10) -> str:
-    return f"{source}-s{seed:04d}-e{epochs}"  # what write_run names its folders
-
-
-def write_sweep_json(sweep: Path, planned: list[tuple[str, int]], array_job: str = "500") -> dict[str, str]:
-    """A manifest planning ``planned`` (source, seed) runs as tasks of one array; run id -> job id."""
-    m = MF.new_manifest(sweep)
-    base = {"data.name": "digits", "model.name": "resnet14", "train.epochs": 10}
-    values, jobs = {}, {}
-    for i, (src, seed) in enumerate(planned):
-        rid = run_id(src, seed)
-        values[rid] = {"source.name": src, "source.label": LABEL_OF[src], "seed": seed}
-        jobs[rid] = f"{array_job}_{i}"
-        m["runs"][rid] = {"run_dir": str(sweep / "runs" / rid), "overrides": [], "config_hash": "h",
-                          "jobs": [{"submission": 0, "job_id": jobs[rid], "array_job_id": array_job, "index": i}]}
-    m["submissions"].append({"n": 0, "base_config": base, "varying_keys": ["seed", "source.label", "source.name"],
-                             "runs": list(values), "run_values": values, "arrays": [{"job_id": array_job}],
-                             "reducer": None})
-    MF.write_manifest(sweep, m)
-    return jobs
-
-
-def set_env(d: Path, **fields) -> None:
-    """Record an environment in a run's run.json as run/task.py's provenance() does."""
-    p = d / "run.json"
-    info = json.loads(p.read_text())
-    info.update(fields)
-    p.write_text(json.dumps(info))
-
-
-CPU_ENV = {"threads": 1, "device": {"type": "cpu"}, "versions": {"torch": "2.9.0", "cuda": None, "cudnn": None},
-           "fp32": {"fp32_precision": "ieee"}}
 
 
 # ------------------------------------------------------------------------------ issue 9 §1: planned runs
-@pytest.fixture
-def fake(tmp_path, monkeypatch) -> FakeSlurm:
-    """The fake SLURM client first on PATH (sacct answers from its state file)."""
-    f = FakeSlurm(tmp_path / "slurm")
-    monkeypatch.setenv("PATH", f"{f.bin}{os.pathsep}{os.environ['PATH']}")
-    return f
-
-
 def test_never_started_runs_are_listed_and_the_row_is_marked_below_plan(tmp_path, fake):
     sweep = tmp_path / "sweep"
     for s in (1, 2):
@@ -242,15 +197,15 @@ def test_symlinked_logits_file_is_not_read(tmp_path):
     assert "symbolic link" in reason
 
 
-def test_fifo_plain_npy_returns_within_seconds(tmp_path):
+def test_fifo_plain_npy_is_excluded_without_blocking(tmp_path):
+    """Opening a FIFO without a writer blocks for ever: the reducer (in its own process, so a hang
+    cannot block this one) must finish without opening it."""
     for s in (1, 2, 3):
         write_run(tmp_path, "init", s)
     p = tmp_path / "runs" / "init-s0002-e10" / "logits" / "plain.npy"
     p.unlink()
     os.mkfifo(p)
-    proc = subprocess.run([sys.executable, "-m", "nondet_hpc.reduce", str(tmp_path), "--n-boot", "20",
-                           "--slurm-timeout", "0"], check=False, capture_output=True, text=True, timeout=60, env=cli_env(),
-                          stdin=subprocess.DEVNULL)
+    proc = run_cli(["-m", "nondet_hpc.reduce", str(tmp_path), "--n-boot", "20", "--slurm-timeout", "0"], check=False)
     assert proc.returncode == 0, proc.stderr
     reason = excluded(tmp_path).query("run_id == 'init-s0002-e10'")["reason"].iloc[0]
     assert "runs/init-s0002-e10/logits/plain.npy: is a FIFO, not a regular file" == reason

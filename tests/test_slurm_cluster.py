@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slurm_fixtures import (heartbeat, measure_epoch_seconds, require_cluster, run_cli, sweep_status, wait_for,
+from helpers import run_cli
+from slurm_fixtures import (heartbeat, measure_epoch_seconds, require_cluster, sweep_status, wait_for,
                             wait_progressing)
 
 pytestmark = pytest.mark.slurm

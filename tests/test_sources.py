@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import cli_env, run_cli
 from nondet_hpc.run.data import draw_augment, epoch_order
 from nondet_hpc.run.models import build_model, init_weights
 from nondet_hpc.config import ConfigError
@@ -138,12 +139,8 @@ def test_cuda_without_gpu_is_refused():
 
 
 def test_cublas_workspace_is_fixed_on_import_before_any_cuda_work():
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
-    out = subprocess.run([sys.executable, "-c", "import os, nondet_hpc; print(os.environ['CUBLAS_WORKSPACE_CONFIG'])"],
-                         env=env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    env = {k: v for k, v in cli_env().items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    out = run_cli(["-c", "import os, nondet_hpc; print(os.environ['CUBLAS_WORKSPACE_CONFIG'])"], env=env).stdout.strip()
     assert out == ":4096:8"
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import interrupt_run
+from helpers import interrupt_run
 from nondet_hpc.run import task
 from nondet_hpc.rundir import run_dir
 from nondet_hpc.config import ConfigError
@@ -53,19 +53,10 @@ def test_a_run_leaves_the_global_rng_alone(cfg_factory):
 
 
 @pytest.mark.parametrize("stop_at_step", [5, 8])  # mid-epoch, and exactly at an epoch boundary (4 steps/epoch)
-def test_resume_from_checkpoint_is_bit_exact(cfg_factory, monkeypatch, stop_at_step):
-    args = ("source=all", "seed=3", "train.epochs=3", "train.checkpoint_every=1", "eval.features=true")
-    ref = task.run(cfg_factory(*args, out="ref"))
-    cfg = cfg_factory(*args, out="interrupted")
-    interrupt_run(cfg, monkeypatch, stop_at_step)
-    rec = json.load(open(run_dir(cfg) / "run.json"))
-    assert rec["state"] == "preempted" and not (run_dir(cfg) / "DONE").exists()
-    out = task.run(cfg)
-    rec = json.load(open(run_dir(cfg) / "run.json"))
+def test_resume_from_checkpoint_is_bit_exact(bit_exact_resume, stop_at_step):
+    rec = bit_exact_resume("source=all", "seed=3", "train.epochs=3", "train.checkpoint_every=1", "eval.features=true",
+                           stop_at_step=stop_at_step)  # logits and features.npy compared
     assert rec["resumed_from"]["epoch"] * 4 + rec["resumed_from"]["batch"] == stop_at_step + 1
-    assert rec["attempts"] == 2
-    assert np.array_equal(_logits(ref), _logits(out))
-    assert np.array_equal(np.load(run_dir(cfg) / "features.npy"), np.load(os.path.join(ref["run_dir"], "features.npy")))
 
 
 def test_run_directory_contract(cfg_factory, monkeypatch):

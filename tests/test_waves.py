@@ -5,16 +5,15 @@ reducer run, the message of a refused submission, and the launcher's reruns."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
+from helpers import run_cli
 from nondet_hpc.cluster import advance, submit
 from nondet_hpc.sweep import waves
 from nondet_hpc.config import ConfigError
-from slurm_fixtures import FakeSlurm, cli_env, run_cli
-from test_slurm_unit import fake, params_for, plan  # noqa: F401 - fake is a fixture
+from slurm_fixtures import params_for, plan
 
 RULE = {"targets": {"acc_sd_se": 0.5}, "wave": 3, "max_models": 7}
 
@@ -144,14 +143,12 @@ def test_refused_submission_stops_with_its_message(fake, tmp_path, monkeypatch):
     assert advance.advance(sweep, echo=lambda s: None) == 0 and len(fake.state["jobs"]) == n_jobs
 
 
-def test_cli_first_wave_rerun_and_lost_reducer(tmp_path):
-    f = FakeSlurm(tmp_path)
-    env = cli_env({"PATH": f"{f.bin}{os.pathsep}{os.environ['PATH']}"})
+def test_cli_first_wave_rerun_and_lost_reducer(tmp_path, fake):
     sweep = tmp_path / "sw"
     args = ["-m", "nondet_hpc", "-m", "source=init,shuffle", "seed=range(1,9)", f"out_dir={sweep}",
             "train.epochs=2", "hydra/launcher=slurm", "study.target.acc_sd_se=0.5", "study.wave=3",
             "study.max_models=7"]
-    p = run_cli(args, env=env)
+    p = run_cli(args)
     assert "6 submitted now" in p.stdout and "stop rule: acc_sd_se <= 0.5, wave 3, max 7" in p.stdout
     st = _study(sweep)
     assert st["groups"]["source=shuffle"]["submitted"] == [1, 2, 3]
@@ -159,20 +156,20 @@ def test_cli_first_wave_rerun_and_lost_reducer(tmp_path):
     again = waves.plan_next(st, {"source=shuffle": [2]})["source=shuffle"][0]
     assert again.run_id == st["groups"]["source=shuffle"]["run_ids"]["2"]
     # a second identical command while the wave is queued: nothing new
-    n = len(f.state["jobs"])
-    p = run_cli(args, env=env)
-    assert "0 submitted now" in p.stdout and len(f.state["jobs"]) == n
+    n = len(fake.state["jobs"])
+    p = run_cli(args)
+    assert "0 submitted now" in p.stdout and len(fake.state["jobs"]) == n
     # the reducer is cancelled and the runs finish: the rerun queues only a reducer to decide the wave
-    reducer = f.state["jobs"][-1]["id"]
-    run_cli(["-m", "nondet_hpc.cancel", str(sweep)], env=env)
-    assert reducer not in f.state["queue"]
+    reducer = fake.state["jobs"][-1]["id"]
+    run_cli(["-m", "nondet_hpc.cancel", str(sweep)])
+    assert reducer not in fake.state["queue"]
     _finish_all(sweep)
-    p = run_cli(args, env=env)
-    new = f.state["jobs"][n:]
+    p = run_cli(args)
+    new = fake.state["jobs"][n:]
     assert len(new) == 1 and new[0]["array"] is None and new[0]["dependency"] is None, new
     # the status command shows the study
-    p = run_cli(["-m", "nondet_hpc.status", str(sweep)], env=env)
+    p = run_cli(["-m", "nondet_hpc.status", str(sweep)])
     assert "study: running after 1 wave(s)" in p.stdout and "group source=init: 3 seeds submitted" in p.stdout
     # a different stop rule is refused without a traceback
-    p = run_cli(args[:-1] + ["study.max_models=8"], env=env, check=False)
+    p = run_cli(args[:-1] + ["study.max_models=8"], check=False)
     assert p.returncode == 1 and "fixed before its first wave" in p.stderr and "Traceback" not in p.stderr
