@@ -16,8 +16,8 @@ process whatever n_jobs is (n_jobs is capped by the number of jobs), so the suit
 have no worker path to test with n_jobs=2; they run with n_jobs=1. ``IntegrationTestSuite``'s
 applications are all one job, so it runs once, with the launcher's default n_jobs.
 
-KNOWN_BUGS marks what the suites found wrong in the launcher, as strict expected failures: a fix
-makes them pass, which fails them until the entry is removed.
+The parallel run found that a spawned worker reported Hydra's job name as UNKNOWN_NAME (fixed in
+local.py's ``_work``: the worker sets the job's name in Hydra's JobRuntime before running it).
 """
 
 from __future__ import annotations
@@ -30,17 +30,6 @@ from nondet_hpc.config import conf_dir
 SEARCH_CONF = f"hydra.searchpath=[file://{conf_dir()}]"  # where hydra/launcher=local is
 MODES = {"serial": 1, "parallel": 2}  # hydra.launcher.n_jobs
 
-_NO_JOB_NAME = (
-    "local launcher, n_jobs>1: a spawned worker starts with fresh Hydra singletons, so run_job "
-    "returns task_name='UNKNOWN_NAME' (Hydra's JobRuntime 'name' is unset there) and the suite "
-    "looks for UNKNOWN_NAME.log; fix in hydra_plugins/nondet_hpc_launcher/local.py _work: set "
-    "JobRuntime.instance().set('name', config.hydra.job.name) (or pass Singleton.get_state()) "
-    "before run_job")
-KNOWN_BUGS = {("parallel", name): _NO_JOB_NAME for name in (
-    "test_sweep_2_jobs", "test_sweep_2_optimizers", "test_sweep_over_unspecified_mandatory_default",
-    "test_sweep_and_override")}  # the suite's tests with two jobs: the ones that run in workers
-
-
 _ONE_JOB = ("one job: the local launcher runs a sweep of one job in the launching process whatever "
             "n_jobs is, so n_jobs=2 has no worker path to test here; this test runs with n_jobs=1")
 SKIPPED = {("parallel", name): _ONE_JOB for name in (
@@ -49,12 +38,10 @@ SKIPPED = {("parallel", name): _ONE_JOB for name in (
 
 
 @pytest.fixture(autouse=True)
-def _skipped_and_known_bugs(request):
+def _skipped(request):
     key = (request.node.callspec.id.split("-")[0], request.node.originalname)
     if key in SKIPPED:
         pytest.skip(SKIPPED[key])
-    if key in KNOWN_BUGS:
-        request.node.add_marker(pytest.mark.xfail(reason=KNOWN_BUGS[key], strict=True))
 
 
 @pytest.mark.parametrize("launcher_name, overrides", [

@@ -81,7 +81,6 @@ def plan(name: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     from .compose import GroupedComposer
     from .config import conf_dir
     from .registry.options import register_configs
-    from .rundir import is_done, run_dir, run_id
 
     register_configs()
     # the launcher's choice and settings decide a run's thread count, nothing else a run computes;
@@ -115,16 +114,25 @@ def plan(name: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
                 if k not in groups:
                     OmegaConf.update(cfg, k, v, merge=False)
             cfg.train.threads = threads(int(cfg.train.threads))
-            rd = run_dir(cfg)
-            precision = str(OmegaConf.select(cfg, "train.precision", default="fp32"))
-            hours = gpu_hours_per_model(cfg.model.name, int(cfg.train.epochs), num_classes=int(cfg.data.num_classes),
-                                        snapshots=int(cfg.train.snapshots), views=list(cfg.eval.views),
-                                        precision=precision, runs_per_task=packing)
-            jobs.append({"run_id": run_id(cfg), "run_dir": str(rd), "done": is_done(rd), "gpu_hours": hours,
-                         "cost_basis": cost_basis(cfg.model.name, precision, packing)["note"],
-                         "overrides": [f"{k}={v}" for k, v in job.items()], "experiment": cfg.experiment,
-                         "data": cfg.data.name})
+            jobs.append(_job_record(cfg, job, packing))
     return jobs
+
+
+def _job_record(cfg: Any, job: dict[str, Any], packing: int) -> dict[str, Any]:
+    """One planned job: its run id and folder, whether it is DONE, and its cost."""
+    from omegaconf import OmegaConf
+
+    from .rundir import is_done, run_dir, run_id
+
+    rd = run_dir(cfg)
+    precision = str(OmegaConf.select(cfg, "train.precision", default="fp32"))
+    hours = gpu_hours_per_model(cfg.model.name, int(cfg.train.epochs), num_classes=int(cfg.data.num_classes),
+                                snapshots=int(cfg.train.snapshots), views=list(cfg.eval.views),
+                                precision=precision, runs_per_task=packing)
+    return {"run_id": run_id(cfg), "run_dir": str(rd), "done": is_done(rd), "gpu_hours": hours,
+            "cost_basis": cost_basis(cfg.model.name, precision, packing)["note"],
+            "overrides": [f"{k}={v}" for k, v in job.items()], "experiment": cfg.experiment,
+            "data": cfg.data.name}
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, JobRuntime, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -112,6 +112,9 @@ def _work(payload: bytes) -> tuple[JobReturn, str | None]:
         os.dup2(f.fileno(), 2)
         try:
             setup_globals()
+            # a spawned worker starts with fresh Hydra state: the job's name (HydraConfig's
+            # hydra.job.name, used by the task and its logs) is the launching process's
+            JobRuntime.instance().set("name", str(config.hydra.job.name))
             ret = run_job(hydra_context=HydraContext(config_loader=None, callbacks=_WorkerCallbacks()),  # type: ignore[arg-type]
                           task_function=task, config=config, job_dir_key="hydra.sweep.dir",
                           job_subdir_key="hydra.sweep.subdir")
