@@ -182,6 +182,20 @@ def test_a_checkpoint_whose_model_is_not_the_recorded_one_is_refused(tmp_path):
     assert old.points == [] and old.trajectory().complete is False
 
 
+def test_channels_last_weights_are_recorded_in_their_logical_order(tmp_path):
+    cfg = _cfg(tmp_path)
+    data = load_dataset(cfg.data)
+    tr, _ = _trainer(cfg, data, tmp_path / "c.pt")
+    flat, logits = tr.recorder.read_point()
+    tr.model.to(memory_format=torch.channels_last)
+    assert not tr.model.layers[0].conv1.weight.is_contiguous()
+    cl = Recorder(tr.model, tr.recorder.probe_images, tr.recorder.probe_index, tr.recorder.probe_label, 10,
+                  tr.recorder.normalize, [0], 4, channels_last=True)
+    flat_cl, logits_cl = cl.read_point()
+    assert np.array_equal(flat, flat_cl)  # the fingerprint and sketch do not depend on the memory format
+    np.testing.assert_allclose(logits, logits_cl, rtol=1e-5, atol=1e-5)
+
+
 def test_one_device_to_host_read_per_recorded_point(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     data = load_dataset(cfg.data)

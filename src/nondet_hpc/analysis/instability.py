@@ -71,7 +71,9 @@ def exact_distance(a: WeightsFile, b: WeightsFile, block_bytes: int = BLOCK_BYTE
 
 def final_distance_matrix(files: Sequence[WeightsFile], block_bytes: int = BLOCK_BYTES) -> np.ndarray:
     """float64 [N, N]: exact pairwise parameter distances of N weights files, streamed in blocks of
-    the flat vector (memory about ``block_bytes``), differences row by row (exact zeros for copies)."""
+    the flat vector, ``block_bytes`` of float64 values over all N runs at a time (memory about three
+    times that with the float32 reads and one row's differences), differences row by row (exact
+    zeros for copies). Time: N^2 / 2 x P subtractions (100 digits ResNet-14 runs: ~3 s here)."""
     _check_layouts(files)
     N = len(files)
     if N == 0:
