@@ -108,7 +108,8 @@ def test_the_twin_of_a_bit_change_run_is_found_by_its_key():
     bit = {"identity": {**identity, "source.name": "bitflip", "source.label": "Random Bit Change",
                         "source.vary": ["bitflip"]},
            "seeds": {"init": 1, "shuffle": 1, "augment": 1, "bitflip": 7, "deterministic_kernels": True}}
-    control = {"identity": {**identity, "source.name": "none", "source.label": "Determinism Control", "source.vary": []},
+    control = {"identity": {**identity, "source.name": "none", "source.label": "Determinism Control",
+                            "source.vary": []},
                "seeds": {"init": 1, "shuffle": 1, "augment": 1, "bitflip": None, "deterministic_kernels": True}}
     init2 = {**control, "seeds": {**control["seeds"], "init": 2}}
     longer = {**control, "identity": {**control["identity"], "train.epochs": 4}}

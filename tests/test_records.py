@@ -27,7 +27,7 @@ from nondet_hpc.records.projection import (SKETCH_KEY, CountSketch, Layout, fing
                                            tensor_digests, tensor_norms, total_norm)
 from nondet_hpc.records.safe_io import RefusedFile
 from nondet_hpc.records.schedule import Grid, probe_indices
-from nondet_hpc.records.trajectory import SPEC, Trajectory, read_trajectory, trajectory_bytes, write_trajectory
+from nondet_hpc.records.trajectory import SPEC, Trajectory, read_trajectory, write_trajectory
 from nondet_hpc.records.weights import WeightsFile, read_weights, write_weights
 
 
@@ -104,8 +104,8 @@ def test_tensor_norms_are_the_l2_norms():
     x = rng.standard_normal(layout.n_values).astype(np.float32)
     norms = tensor_norms(layout, x)
     assert norms[1] == 0.0
-    np.testing.assert_allclose(norms[[0, 2]], [np.linalg.norm(x[:12].astype(float)), np.linalg.norm(x[12:].astype(float))],
-                               rtol=1e-14)
+    direct = [np.linalg.norm(x[:12].astype(float)), np.linalg.norm(x[12:].astype(float))]
+    np.testing.assert_allclose(norms[[0, 2]], direct, rtol=1e-14)
     np.testing.assert_allclose(total_norm(norms), np.linalg.norm(x.astype(float)), rtol=1e-14)
 
 
@@ -134,7 +134,8 @@ def test_probe_indices_are_fixed_even_and_all_of_a_small_test_set():
 
 
 # --- trajectory file ----------------------------------------------------------------------------------
-def make_trajectory(T: int = 4, K: int = 6, C: int = 3, D: int = 16, run_id: str = "run-a", seed: int = 0) -> Trajectory:
+def make_trajectory(T: int = 4, K: int = 6, C: int = 3, D: int = 16, run_id: str = "run-a",
+                    seed: int = 0) -> Trajectory:
     rng = np.random.default_rng(seed)
     return Trajectory(run_id=run_id, complete=True, steps_per_epoch=4, step=np.array([0, 1, 2, 4, 8][:T]),
                       fingerprint=rng.integers(0, 256, (T, 32), dtype=np.uint8),

@@ -159,7 +159,8 @@ def check(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
         a = arrays[name]
         ok_dtype = a.dtype.kind == "U" if dtype == "U" else a.dtype == np.dtype(dtype)
         if not ok_dtype or a.ndim != ndim:
-            raise RefusedFile(where, f"array {name} is {a.dtype} with {a.ndim} dimensions; expected {dtype} with {ndim}")
+            raise RefusedFile(where, f"array {name} is {a.dtype} with {a.ndim} dimensions; expected {dtype} "
+                                     f"with {ndim}")
     T, n, K = arrays["step"].shape[0], arrays["tensor_name"].shape[0], arrays["probe_index"].shape[0]
     D = arrays["sketch"].shape[1]
     expect = {"fingerprint": (T, FINGERPRINT_BYTES), "tensor_digest": (T, n, FINGERPRINT_BYTES), "tensor_size": (n,),

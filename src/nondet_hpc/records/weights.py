@@ -135,7 +135,8 @@ def _parse_header(f: RegularFile) -> tuple[dict[str, _Entry], dict[str, str]]:
         try:
             dtype, shape, (a, b) = _DTYPES[e["dtype"]], tuple(int(d) for d in e["shape"]), e["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise RefusedFile(f.path, f"tensor {name!r}: dtype not one of {sorted(_DTYPES)} or malformed entry") from None
+            raise RefusedFile(f.path, f"tensor {name!r}: dtype not one of {sorted(_DTYPES)} or malformed "
+                                      f"entry") from None
         if any(d < 0 for d in shape) or not (isinstance(a, int) and isinstance(b, int)) or \
                 b - a != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or a < 0:
             raise RefusedFile(f.path, f"tensor {name!r}: offsets do not match dtype and shape")

@@ -156,12 +156,14 @@ class Recorder:
         K, C = len(self.probe_index), self.num_classes
         if not T:
             return {"step": np.zeros(0, np.int64), "fingerprint": np.zeros((0, FINGERPRINT_BYTES), np.uint8),
-                    "tensor_digest": np.zeros((0, n, FINGERPRINT_BYTES), np.uint8), "tensor_norm": np.zeros((0, n)), "sketch": np.zeros((0, D)),
+                    "tensor_digest": np.zeros((0, n, FINGERPRINT_BYTES), np.uint8),
+                    "tensor_norm": np.zeros((0, n)), "sketch": np.zeros((0, D)),
                     "probe_logits": np.zeros((0, K, C), np.float32)}
         step, fp, digests, norms, sketch, logits = zip(*self.points)
         return {"step": np.array(step, np.int64),
                 "fingerprint": np.frombuffer(b"".join(fp), np.uint8).reshape(T, FINGERPRINT_BYTES).copy(),
-                "tensor_digest": np.stack(digests), "tensor_norm": np.stack(norms), "sketch": np.stack(sketch), "probe_logits": np.stack(logits)}
+                "tensor_digest": np.stack(digests), "tensor_norm": np.stack(norms), "sketch": np.stack(sketch),
+                "probe_logits": np.stack(logits)}
 
     def trajectory(self) -> Trajectory:
         return Trajectory(run_id=self.run_id, complete=self.complete, steps_per_epoch=self.steps_per_epoch,
@@ -176,7 +178,8 @@ class Recorder:
     # --- checkpoints -------------------------------------------------------------------------
     def settings(self) -> dict:
         """What must be equal for a checkpoint's points to continue in this recorder."""
-        return {"sketch_dim": self.sketch.dim, "sketch_key": f"{SKETCH_KEY:#x}", "steps_per_epoch": self.steps_per_epoch,
+        return {"sketch_dim": self.sketch.dim, "sketch_key": f"{SKETCH_KEY:#x}",
+                "steps_per_epoch": self.steps_per_epoch,
                 "grid": list(self.grid), "probe_index": self.probe_index.tolist(), "num_classes": self.num_classes,
                 "tensor_name": list(self.layout.names), "tensor_size": self.layout.sizes.tolist()}
 
