@@ -1,0 +1,113 @@
+"""Cost of recording one trajectory point, as a ratio to one training step of the same model.
+
+For each model (digits ResNet-14: 1x8x8 images, batch 128; CIFAR-shaped ResNet-14: 3x32x32,
+batch 512; random uint8 images) this process times the package's training step
+(nondet_hpc.run.step, as the Trainer builds it) and the Recorder's work at one point (one
+device-to-host copy of the parameters and the probe logits, SHA-256, per-tensor norms, count
+sketch; probe of 512 test images, or all 497 of digits' test set), alternating the two --repeats
+times so machine load hits both, and prints the medians, their ratio, and the overhead that
+ratio implies for the default grid of the model's usual schedule (digits: 40 epochs of 11 steps;
+CIFAR-10: 500 epochs of 98 steps): points x point cost / (steps x step cost). Writing the
+trajectory file (at each checkpoint) and the weights file (once) is timed too.
+
+    python benchmarks/record_overhead.py                    # CPU, one thread
+    python benchmarks/record_overhead.py --device cuda --steps 20 --points 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nondet_hpc.records.schedule import Grid
+from nondet_hpc.run.data import Normalize
+from nondet_hpc.run.models import build_model, init_weights
+from nondet_hpc.run.recorder import Recorder, write_model_weights
+from nondet_hpc.run.sources import configure_kernels, make_generator
+from nondet_hpc.run.step import StepPlan, make_optimizer, make_step
+from nondet_hpc.run.train import param_groups
+
+#: name: (channels, image size, batch, probe images, steps per epoch, epochs of the usual schedule)
+MODELS = {"digits-resnet14": (1, 8, 128, 497, 11, 40), "cifar-resnet14": (3, 32, 512, 512, 98, 500)}
+
+
+def setup(name: str, device: torch.device):
+    c, size, batch, probe, spe, epochs = MODELS[name]
+    model = build_model("resnet14", [16, 32, 64], [2, 2, 2], 10, c, "A")
+    init_weights(model, make_generator("init", 1))
+    model.to(device).train()
+    plan = StepPlan("fp32", None, False, False, False, False)
+    opt = make_optimizer(param_groups(model, 0.4, 0.1, 5e-4, "authors"), 0.9, plan)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (batch, c, size, size), generator=g, dtype=torch.uint8).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    norm = Normalize([0.5] * c, [0.25] * c, device)
+    step = make_step(model, opt, norm, plan, device, tuple(x.shape))
+    images = torch.randint(0, 256, (probe, c, size, size), generator=g, dtype=torch.uint8).to(device)
+    grid = Grid().steps(spe, epochs)
+    rec = Recorder(model, images, torch.arange(probe).numpy(), torch.zeros(probe, dtype=torch.int64).numpy(), 10, norm,
+                   grid, spe, run_id=name)
+    return model, step, x, y, rec, len(grid), spe * epochs
+
+
+def timed(fn, n: int, device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
+def measure(name: str, device: torch.device, steps: int, points: int, repeats: int) -> dict:
+    model, step, x, y, rec, n_points, n_steps = setup(name, device)
+    lrs = [0.01, 0.001]
+    step(x, y, lrs)  # warm-up of both
+    rec.read_point()
+    step_s, point_s = [], []
+    for _ in range(repeats):
+        step_s.append(timed(lambda: step(x, y, lrs), steps, device))
+        rec.points.clear()
+        point_s.append(timed(lambda: rec.maybe_record(rec.grid[len(rec.points)]), points, device))
+    for s in rec.grid[len(rec.points):]:  # a full default-grid trajectory, for the file's size and write time
+        rec.maybe_record(s)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_s = timed(lambda: rec.write(Path(tmp) / "t.npz"), 3, device)
+        weights_s = timed(lambda: write_model_weights(Path(tmp) / "w.safetensors", model, run_id=name, step=0), 3,
+                          device)
+        sizes = ((Path(tmp) / "t.npz").stat().st_size, (Path(tmp) / "w.safetensors").stat().st_size)
+    st, pt = statistics.median(step_s), statistics.median(point_s)
+    return {"model": name, "step_s": st, "point_s": pt, "ratio": pt / st, "points": n_points, "steps": n_steps,
+            "overhead": n_points * pt / (n_steps * st), "write_s": write_s, "weights_s": weights_s, "sizes": sizes}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as digits runs)")
+    ap.add_argument("--steps", type=int, default=4, help="training steps per timing block")
+    ap.add_argument("--points", type=int, default=4, help="recorded points per timing block")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    configure_kernels(True, device)
+    print(f"device {device}, {torch.get_num_threads()} thread(s), medians of {args.repeats} alternating blocks")
+    for name in args.models:
+        r = measure(name, device, args.steps, args.points, args.repeats)
+        print(f"{r['model']:>16}: step {1e3 * r['step_s']:8.2f} ms, point {1e3 * r['point_s']:7.2f} ms, "
+              f"ratio {r['ratio']:.3f} steps/point; default grid {r['points']} points in {r['steps']:,} steps "
+              f"-> overhead {100 * r['overhead']:.3f} %")
+        print(f"{'':>16}  trajectory file {r['sizes'][0] / 1e6:.2f} MB written in {1e3 * r['write_s']:.1f} ms "
+              f"(each checkpoint); weights file {r['sizes'][1] / 1e6:.2f} MB in {1e3 * r['weights_s']:.1f} ms (once)")
+
+
+if __name__ == "__main__":
+    main()
