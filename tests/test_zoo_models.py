@@ -425,6 +425,32 @@ def test_cifar_models_take_digits_input(name):
     _train_step(m, (1, 8, 8), 10)
 
 
+def test_every_entry_names_a_family_and_the_init_rule_it_implements():
+    from nondet_hpc.run.zoo.build import FAMILY_INIT, entry
+
+    for name, e in MODELS.items():
+        assert entry(name).init == FAMILY_INIT[e.family] and e.doc and e.params > 0
+
+
+@pytest.mark.parametrize("name", ["linearnet", "hiddennet2", "mnistnet", "resnet10", "vgg11", "shufflenet05",
+                                  "imagenet_resnet18"])
+def test_one_step_under_deterministic_algorithms(name):
+    """No op without a deterministic implementation (checked on CPU here; the CUDA-only alerts are
+    avoided by construction: no adaptive pooling, no 3-D pooling, no index_add)."""
+    from nondet_hpc.run.zoo.tv_resnet import GlobalMean
+
+    e = MODELS[name]
+    m = build(name, e.in_shape, 5, _g())
+    assert not any(isinstance(x, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) for x in m.modules())
+    assert name != "imagenet_resnet18" or isinstance(m.avgpool, GlobalMean)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _train_step(m, e.in_shape, 5)
+    finally:
+        torch.use_deterministic_algorithms(old)
+
+
 def test_shapes_a_family_cannot_take_are_refused_with_the_reason():
     with pytest.raises(ConfigError, match=r"model=vgg11 on images \[1, 8, 8\].*at least 32 pixels"):
         build("vgg11", (1, 8, 8), 10, _g())

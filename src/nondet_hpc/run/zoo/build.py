@@ -45,10 +45,21 @@ FAMILIES: dict[str, Builder] = {
 }
 
 
+#: The init rule each family implements (registry/zoo.py ``init``): cifar_resnet draws its weights
+#: itself (cifar_resnet.init_explicit); every other family keeps its constructor's defaults, drawn
+#: inside the init stream's fork.
+FAMILY_INIT = {family: "torch_default" for family in FAMILIES} | {"cifar_resnet": "explicit"}
+
+
 def entry(name: str) -> ZooModel:
+    """The registry entry of ``name``, checked against what its family implements."""
     if name not in MODELS:
         raise ConfigError(f"model={name!r} is not in the zoo; valid: {sorted(MODELS)} (or model=custom).")
-    return MODELS[name]
+    e = MODELS[name]
+    if FAMILY_INIT.get(e.family) != e.init:
+        raise ConfigError(f"registry entry {name!r}: family {e.family!r} initialises by rule "
+                          f"{FAMILY_INIT.get(e.family)!r}, the entry says {e.init!r}; fix registry/zoo.py.")
+    return e
 
 
 def build(name: str, in_shape: Shape, num_classes: int, g: torch.Generator,
