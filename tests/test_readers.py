@@ -337,3 +337,29 @@ def test_folder_total_size_limit(tmp_path):
     root = write_folder(tmp_path / "d")
     with pytest.raises(ConfigError, match=r"6 images of 3x8x8 take 1,152 bytes, over data\.max_bytes=1,000"):
         read_folder(root, max_bytes=1000)
+
+
+# --- declarations and the torch side ----------------------------------------------------------------
+def test_dataset_declarations_name_real_readers_and_the_authors_mnist_facts():
+    import nondet_hpc.readers as readers
+    from nondet_hpc.registry.datasets import DATASETS
+
+    assert all(callable(getattr(readers, d.reader)) for d in DATASETS.values())
+    m = DATASETS["mnist"]  # the authors' data.py: ToTensor + Normalize((0.1307,), (0.3081,)), no augmentation
+    assert (m.num_classes, m.channels, m.image_size, m.pad, m.flip, m.mean, m.std) == \
+        (10, 1, 28, 0, False, (0.1307,), (0.3081,))
+
+
+def test_mnist_arrays_feed_the_pipeline_and_train_mnistnet(tmp_path):
+    import torch
+
+    from nondet_hpc.run.data import Normalize
+    from nondet_hpc.run.zoo import build
+
+    write_mnist(tmp_path, n_train=8)
+    d = read_mnist(tmp_path, verify_md5=False)
+    x = Normalize([0.1307], [0.3081])(torch.from_numpy(d.train_x))
+    model = build("mnistnet", d.image_shape, d.num_classes, torch.Generator().manual_seed(1))
+    loss = torch.nn.functional.cross_entropy(model(x), torch.from_numpy(d.train_y))
+    loss.backward()
+    assert torch.isfinite(loss) and model.conv1.weight.grad is not None
