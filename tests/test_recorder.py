@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_cfg
+from helpers import make_cfg
 from nondet_hpc.analysis.instability import initial_change, pair_result
 from nondet_hpc.records.projection import CountSketch, Layout, fingerprint, relative_sd
 from nondet_hpc.records.schedule import Grid

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli_env
+from helpers import cli_env
 from nondet_hpc.config import ConfigError
 from nondet_hpc.records.projection import (SKETCH_KEY, CountSketch, Layout, fingerprint, relative_sd, splitmix64,
                                            tensor_digests, tensor_norms, total_norm)
-from nondet_hpc.records.safe_io import RefusedFile
+from nondet_hpc.safeio import RefusedFile
 from nondet_hpc.records.schedule import Grid, probe_indices
 from nondet_hpc.records.trajectory import SPEC, Trajectory, read_trajectory, write_trajectory
 from nondet_hpc.records.weights import WeightsFile, read_weights, write_weights

@@ -47,6 +47,10 @@ LAYERS = {
     "nondet_hpc.metrics": SHARED,  # the metric formulas, arrays only (a module or a package)
     "nondet_hpc.registry": SHARED,  # declarations: sources, models, metrics
     "nondet_hpc.sweep": SHARED,  # the sweep folder's contract: sweep.json, its lock, the wave stop rule
+    "nondet_hpc.safeio": SHARED,  # reading and writing shared folders: regular files only, no links
+    "nondet_hpc.records": SHARED,  # the formats of a run's weights and trajectory files (numpy, safetensors)
+    "nondet_hpc.readers": SHARED,  # dataset files (IDX, npz, image folders) as uint8 arrays, no torch
+    "nondet_hpc.model_factory": SHARED,  # a researcher's model factory: its name, arguments and source hash
     # 2. one trained model (torch)
     "nondet_hpc.run": RUN,
     # 3. the report of a sweep (pandas, matplotlib)

@@ -6,5 +6,5 @@ training steps (:mod:`.trajectory`, an ``.npz`` read without pickle). What is re
 (:mod:`.schedule`) and how parameters are fingerprinted and projected (:mod:`.projection`) are
 defined here too, so the trainer that writes these files and the reducer that reads them compute
 the same numbers from the same definitions. Reading never executes anything from a file and
-opens only regular files of bounded size (:mod:`.safe_io`).
+opens only regular files of bounded size (:mod:`nondet_hpc.safeio`).
 """

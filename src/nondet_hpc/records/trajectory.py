@@ -31,7 +31,7 @@ with fixed entry order and timestamps, so the same content always gives the same
 resumed run's file is byte-identical to an uninterrupted run's). A reader accepts only a
 regular file of bounded size holding exactly these entries, uncompressed, with these dtypes and
 consistent shapes; anything else (a pickle, a link, extra or missing arrays) is refused
-(:class:`~nondet_hpc.records.safe_io.RefusedFile`) and nothing in it is executed.
+(:class:`~nondet_hpc.safeio.RefusedFile`) and nothing in it is executed.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from .projection import FINGERPRINT_BYTES, MAX_SKETCH_DIM, total_norm
-from .safe_io import RefusedFile, read_regular, write_bytes
+from ..safeio import RefusedFile, read_regular, write_bytes
 
 VERSION = 1
 #: Largest trajectory file read: 500 points of a 4096-bucket sketch and 512 x 100 probe logits

@@ -33,7 +33,7 @@ import numpy as np
 import safetensors.numpy
 
 from .projection import Layout, fingerprint
-from .safe_io import RefusedFile, RegularFile, write_bytes
+from ..safeio import RefusedFile, RegularFile, write_bytes
 
 FORMAT = "nondet_hpc.weights"
 VERSION = "1"

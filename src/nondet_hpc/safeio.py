@@ -14,7 +14,7 @@ import os
 import stat
 from pathlib import Path
 
-from ..rundir import atomic_write
+from .rundir import atomic_write
 
 
 class RefusedFile(ValueError):
