@@ -24,7 +24,8 @@ from nondet_hpc.cluster import fields, jobs, pack, params as launcher_settings, 
 from nondet_hpc.config import conf_dir
 from nondet_hpc.registry.options import register_configs
 from nondet_hpc.sweep import identity, manifest, waves
-from slurm_fixtures import FakeSlurm, cli_env, run_cli
+from helpers import cli_env, run_cli
+from slurm_fixtures import FakeSlurm
 
 REPO = Path(__file__).resolve().parents[1]
 LEGACY = REPO / "tests" / "data" / "legacy_0_1_0"
