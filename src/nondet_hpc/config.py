@@ -195,11 +195,19 @@ def key_matches(key: str, patterns: Any) -> bool:
     return any(key == p or key.startswith(p + ".") for p in patterns)
 
 
+#: Identity keys added after version 0.1.0, with the value that computes exactly what a run of
+#: 0.1.0 computed. While a key holds that value it is left out of the identity, so adding an option
+#: never renames (or retrains) the runs that do not use it; any other value is part of the run id.
+#: A new identity key with a neutral default gets its entry here, in the same change.
+NEUTRAL_DEFAULTS: dict[str, Any] = {}
+
+
 def identity_items(cfg: Any) -> dict:
     """The config keys that decide what a run computes, flattened to dotted names.
 
-    Only the IDENTITY_ROOTS nodes, without BOOKKEEPING_KEYS and RETIRED_KEYS. ``cfg``: a config, or the
-    plain resolved container of one (the SLURM launcher has it already for 1000s of jobs).
+    Only the IDENTITY_ROOTS nodes, without BOOKKEEPING_KEYS, RETIRED_KEYS and keys at their
+    NEUTRAL_DEFAULTS. ``cfg``: a config, or the plain resolved container of one (the SLURM launcher
+    has it already for 1000s of jobs).
     """
     from omegaconf import OmegaConf
 
@@ -208,6 +216,8 @@ def identity_items(cfg: Any) -> dict:
 
     def walk(prefix: str, node: Any) -> None:
         if key_matches(prefix, BOOKKEEPING_KEYS) or prefix in RETIRED_KEYS:
+            return
+        if prefix in NEUTRAL_DEFAULTS and node == NEUTRAL_DEFAULTS[prefix]:
             return
         if isinstance(node, dict):
             for k in sorted(node):
