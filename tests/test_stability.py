@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from nondet_hpc.analysis.resample import draws, percentile_ci
-from nondet_hpc.analysis.stability import (PairValues, StabilityError, row_label, stability_curve, stability_png,
-                                           stability_table, stable_after)
+from nondet_hpc.analysis.stability import (PairValues, StabilityError, barrier_columns, row_label, stability_curve,
+                                           stability_png, stability_table, stable_after)
+from nondet_hpc.sweep import barriers as B
 
 
 def _sym(rng, n, scale):
@@ -96,3 +97,19 @@ def test_table_summary_labels_and_plot():
     assert stability_png(table.iloc[0:0], summary) is None
     assert row_label("Random Bit Change", 5) == "Random Bit Change at epoch 5"
     assert row_label("Random Bit Change", 0) == "Random Bit Change"
+
+
+def test_barrier_columns_from_pair_records(tmp_path):
+    """Pair records (sweep/barriers.py) -> one row per group: mean barriers over its pairs."""
+    a = B.alphas(3)
+    pairs = {("g1", "r1", "r2"): [1.0, 1.6, 1.0], ("g1", "r3", "r4"): [1.0, 1.2, 1.4], ("g2", "r5", "r6"): [2.0, 2.0, 2.0],
+             ("g2", "r5", "r5"): [2.0, 2.0, 2.0]}
+    for (g, x, y), loss in pairs.items():
+        B.write_record(tmp_path, B.make_record(runs=[x, y], fingerprints=["f", "f"], alpha=a, test_loss=loss,
+                                               test_error=[10.0, 30.0, 10.0], group_key=g))
+    recs, refused = B.read_sweep(tmp_path)
+    assert len(recs) == 4 and not refused
+    t = barrier_columns(recs, n_boot=50).set_index("group_key")
+    assert t.loc["g1", "barrier_loss"] == pytest.approx((0.6 + 0.0) / 2) and t.loc["g1", "barrier_pairs"] == 2
+    assert t.loc["g2", "barrier_loss"] == 0.0 and t.loc["g2", "barrier_pairs"] == 1  # the self pair is left out
+    assert t.loc["g1", "barrier_error"] == pytest.approx(20.0)
