@@ -317,20 +317,33 @@ def sweep_barriers(sweep_dir: str | Path, settings: Settings, groups: Sequence[s
         names = sorted({f"{g.key} ({g.runs[0].source}, {g.runs[0].label})" for g in found})
         raise ConfigError(f"--group {' '.join(groups)} matches no group with usable runs; groups: "
                           f"{', '.join(names) or 'none'}.")
-    for rid, why in skipped:
-        echo(f"[barriers] {rid}: takes no part: {why}")
+    _echo_skipped(skipped, echo)
     folder = sweep / records.FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     busy = lambda: ConfigError(f"another barrier command is working on {sweep} right now (it holds "  # noqa: E731
                                f"{folder / LOCK}); wait for it, then rerun: it skips what is done.")
-    threads = torch.get_num_threads()
+    # the process's torch settings as they were: evaluation sets threads and deterministic kernels
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     try:
         with file_lock(folder / LOCK, busy):
             results = [group_barriers(sweep, g, settings, echo) for g in chosen]
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
     return {"sweep": str(sweep), "settings": settings.record(), "groups": results,
             "skipped_runs": skipped}
+
+
+def _echo_skipped(skipped: Sequence[tuple[str, str]], echo: Callable[[str], None], show: int = 5) -> None:
+    """The runs that take no part, by reason: the count and the first few run ids of each."""
+    by_why: dict[str, list[str]] = {}
+    for rid, why in skipped:
+        by_why.setdefault(why, []).append(rid)
+    for why, rids in by_why.items():
+        more = f" and {len(rids) - show} more" if len(rids) > show else ""
+        echo(f"[barriers] {len(rids)} run(s) take no part: {why}: {', '.join(rids[:show])}{more}")
 
 
 def _summary(res: dict) -> str:
