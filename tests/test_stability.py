@@ -113,3 +113,7 @@ def test_barrier_columns_from_pair_records(tmp_path):
     assert t.loc["g1", "barrier_loss"] == pytest.approx((0.6 + 0.0) / 2) and t.loc["g1", "barrier_pairs"] == 2
     assert t.loc["g2", "barrier_loss"] == 0.0 and t.loc["g2", "barrier_pairs"] == 1  # the self pair is left out
     assert t.loc["g1", "barrier_error"] == pytest.approx(20.0)
+    # a run retrained since (other fingerprint): its pairs are left out
+    now = {f"r{i}": "f" for i in range(1, 7)} | {"r2": "new"}
+    t = barrier_columns(recs, fingerprints=now, n_boot=50).set_index("group_key")
+    assert t.loc["g1", "barrier_pairs"] == 1 and t.loc["g1", "barrier_loss"] == 0.0

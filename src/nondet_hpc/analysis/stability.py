@@ -172,24 +172,30 @@ def stability_curve(points: Mapping[int, PairValues], *, fraction: float = DEFAU
                  float(np.mean(first == len(k))) if first.size else math.nan, stays)
 
 
-def barrier_values(records: Iterable[Any]) -> dict[str, dict[str, PairValues]]:
+def barrier_values(records: Iterable[Any], fingerprints: Optional[Mapping[str, str]] = None
+                   ) -> dict[str, dict[str, PairValues]]:
     """``{group_key: {"barrier_loss": PairValues, "barrier_error": PairValues}}`` from the pair
-    records of a sweep (sweep/barriers.py ``read_sweep``); a run paired with itself is no pair."""
+    records of a sweep (sweep/barriers.py ``read_sweep``); a run paired with itself is no pair.
+
+    ``fingerprints`` (run id -> its weights' fingerprint now): records of other weights (a run
+    retrained since, or gone) are left out."""
     by_group: dict[str, list[Any]] = {}
     for r in records:
         a, b = r.runs
+        if fingerprints is not None and [fingerprints.get(a), fingerprints.get(b)] != list(r.data["fingerprints"]):
+            continue
         if a != b:
             by_group.setdefault(r.group_key, []).append(r)
     return {g: {m: PairValues.from_pairs((r.runs[0], r.runs[1], float(r.data[m])) for r in rs)
                 for m in ("barrier_loss", "barrier_error")} for g, rs in sorted(by_group.items())}
 
 
-def barrier_columns(records: Iterable[Any], *, n_boot: int = 2000, seed: Any = 0, level: float = 0.95
-                    ) -> pd.DataFrame:
+def barrier_columns(records: Iterable[Any], *, fingerprints: Optional[Mapping[str, str]] = None, n_boot: int = 2000,
+                    seed: Any = 0, level: float = 0.95) -> pd.DataFrame:
     """The group table's barrier columns, one row per group key: pairs, runs, the mean loss and
     error barrier and their bootstrap intervals over runs (empty when nothing was measured)."""
     rows = []
-    for n, (g, values) in enumerate(barrier_values(records).items()):
+    for n, (g, values) in enumerate(barrier_values(records, fingerprints).items()):
         row: dict[str, Any] = {"group_key": g, "barrier_pairs": values["barrier_loss"].n_pairs,
                                "barrier_runs": values["barrier_loss"].n_runs}
         for m, pv in values.items():
