@@ -370,9 +370,8 @@ MAX_REPORT_BYTES = 64 << 20
 
 def state_line(study: Mapping) -> str:
     """The study's state and why, as report.md says it: done or stopped (and why), or growing."""
-    n = len(study["waves"])
     if study["status"] in ("done", "stopped"):
-        return f"**State: {study['status']}** after {n} wave(s): {study.get('stop_reason') or 'no reason recorded'}"
+        return f"**State: {study['status']}**: {study.get('stop_reason') or 'no reason recorded'}"
     last = study["waves"][-1] if study["waves"] else None
     if last is None:
         return "**State: growing**: no wave recorded yet"
