@@ -290,9 +290,10 @@ def test_a_silent_sbatch_and_squeue_leave_a_record_the_rerun_resolves(fake, tmp_
     (call,) = sub["unanswered"]
     assert call["outcome"] == "unknown" and call["kind"] == "array" and sub["arrays"] == []
     assert call["token"] in p.stderr and sub["reducer"] is None
-    # SLURM answers again: the rerun finds the array by its token, records it, queues no run twice,
-    # and queues the reducer its arrays must have
+    # SLURM answers again: cancel finds the array by its token; the rerun finds it, records it, queues
+    # no run twice, and queues the reducer its arrays must have
     fake.update(behave={})
+    assert cancel.cancel_sweep(sweep, dry_run=True) == [fake.state["jobs"][0]["id"]]
     p = run_cli(_sweep_args(sweep))
     m = _manifest(sweep)
     jobs = fake.state["jobs"]

@@ -4,7 +4,11 @@ The Hydra launcher (hydra_plugins.nondet_hpc_launcher) composes one config per r
 :func:`submit_sweep`, which returns as soon as sbatch has accepted the jobs; nothing here waits
 for a job. sweep.json (:mod:`nondet_hpc.sweep.manifest`) is written before the first sbatch and
 after every step, so a refusal half-way leaves a record of what was queued. Success of a run is
-its DONE file, never SLURM's exit state. The job pickles are written by :mod:`.pickles`.
+its DONE file, never SLURM's exit state. The job pickles are written by :mod:`.pickles`, the
+sbatch calls made by :mod:`.arrays`, each identifiable by its submission token (:mod:`.tokens`:
+an sbatch that answers late is looked up, never lost, and a rerun looks up what never answered
+before it submits anything). Nothing is submitted into a folder others could write
+(:mod:`nondet_hpc.sweep.trust`), and arrays queued without their reducer get one.
 """
 
 from __future__ import annotations
