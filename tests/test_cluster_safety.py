@@ -293,6 +293,8 @@ def test_a_silent_sbatch_and_squeue_leave_a_record_the_rerun_resolves(fake, tmp_
     # SLURM answers again: cancel finds the array by its token; the rerun finds it, records it, queues
     # no run twice, and queues the reducer its arrays must have
     fake.update(behave={})
+    st = run_cli(["-m", "nondet_hpc.status", str(sweep)]).stdout
+    assert "sbatch of the array of submission 0 never answered" in st and call["token"] in st
     assert cancel.cancel_sweep(sweep, dry_run=True) == [fake.state["jobs"][0]["id"]]
     p = run_cli(_sweep_args(sweep))
     m = _manifest(sweep)
