@@ -23,6 +23,21 @@ def cfg_factory(tmp_path) -> Callable[..., DictConfig]:
     return factory
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _signing_key(tmp_path_factory):
+    """The key that signs a study's recorded settings (nondet_hpc/sweep/trust.py): the test
+    session's own, not the user's ~/.config/nondet_hpc/sweep.key. Commands the tests run, and the
+    SLURM jobs those submit, inherit it through the environment."""
+    path = tmp_path_factory.mktemp("signing-key") / "sweep.key"
+    old = os.environ.get("NONDET_HPC_KEY_FILE")
+    os.environ["NONDET_HPC_KEY_FILE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("NONDET_HPC_KEY_FILE", None)
+    else:
+        os.environ["NONDET_HPC_KEY_FILE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # CPU results depend on the thread count: every test starts on one thread (runs it trains set

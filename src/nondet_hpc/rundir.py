@@ -41,6 +41,19 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _umask() -> int:
+    """The process's umask now (the SLURM launcher narrows it while it submits), read without
+    setting it, which another thread could race with; the umask at import where /proc has none."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK
+
+
 def _digest(items: dict) -> str:
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -162,7 +175,7 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], Any]) -> None:
     _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any file
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results should be readable like any file
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -49,8 +49,9 @@ class NondetSlurmLauncher(Launcher):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         """Everything that can fail without composing a job fails here, before the sweeper's
         batch validation composes every job: no sbatch, bad launcher settings."""
-        from nondet_hpc.cluster import client, params
+        from nondet_hpc.cluster import client, fields, params
         from nondet_hpc.config import ConfigError
+        from nondet_hpc.sweep import trust
 
         self.config = config
         self.hydra_context = hydra_context
@@ -64,6 +65,15 @@ class NondetSlurmLauncher(Launcher):
             self.params = params.normalize(self.params, self.sweep_dir)
         except ConfigError as e:
             raise SystemExit(f"nondet_hpc: error: {e}\nNothing was submitted.") from None
+        # what Hydra, the launcher and (through sbatch) the jobs create is the user's alone, and a
+        # folder others could write is refused before a single job is composed
+        trust_group = bool(fields.value(self.params, "trust_group"))
+        self._installed.enter_context(trust.owner_only_umask(trust_group))
+        try:
+            trust.check_sweep_folder(self.sweep_dir, Path(str(self.params.get("submitit_folder")
+                                                               or self.sweep_dir / "slurm")), trust_group=trust_group)
+        except trust.TrustError as e:
+            raise SystemExit(f"nondet_hpc: error: {e}") from None
         if self.params.get("fast_compose", True):
             self.known = self._known_runs(self.sweep_dir)
             # installed before the sweeper validates the batch (it composes every job too)
@@ -214,7 +224,7 @@ class NondetSlurmLauncher(Launcher):
             by_label.setdefault(label, []).append(run)
         try:
             study = waves.record_first_waves(sweep_dir, rule, groups, by_label, self.params,
-                                             list(self.params.get("ignore_keys") or []))
+                                             list(self.params.get("ignore_keys") or []), sign=True)
             res = submit.submit_sweep(sweep_dir, planned, self.params, argv=sys.argv)
             if study["status"] == "running":
                 if not res.submitted:  # all done or queued: a lost reducer is queued again to decide

@@ -1,7 +1,8 @@
 """`python -m nondet_hpc.cancel SWEEP_DIR`: scancel this sweep's SLURM jobs, nothing else.
 
-Only the job ids recorded in SWEEP_DIR/sweep.json (array jobs and reducer jobs) that SLURM still
-lists as queued or running are cancelled. Runs that finished keep their results; cancelled runs
+Only the job ids recorded in SWEEP_DIR/sweep.json (array jobs and reducer jobs, and those found
+by the submission token of an sbatch call that never answered) that SLURM still lists as queued
+or running are cancelled. Runs that finished keep their results; cancelled runs
 keep their last checkpoint, so rerunning the sweep command later resumes them.
 
     python -m nondet_hpc.cancel outputs/digits_resnet14
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from ..sweep.manifest import SweepError, load_manifest, manifest_path, now_iso, sweep_lock, write_manifest
 from .cli import main_quietly
-from .client import ACTIVE_STATES, SlurmError, current_user, query_squeue, run_command
+from .client import ACTIVE_STATES, SlurmError, current_user, find_tokens, query_squeue, run_command
+from .tokens import unanswered
 
 
 def cancel_sweep(sweep_dir: str | os.PathLike, *, dry_run: bool = False, keep_reducer: bool = False,
@@ -34,6 +36,10 @@ def cancel_sweep(sweep_dir: str | os.PathLike, *, dry_run: bool = False, keep_re
             ours[a["job_id"]] = s.get("folder")
         if s.get("reducer") and not keep_reducer:
             ours[s["reducer"]["job_id"]] = s.get("folder")
+    # sbatch calls that never answered: their jobs, if SLURM queued them, carry the call's token
+    pending = [(s, u) for s, u in unanswered(manifest) if u["kind"] == "array" or not keep_reducer]
+    found = find_tokens([u["token"] for _, u in pending], current_user(), timeout) if pending else {}
+    ours.update({found[u["token"]]: s.get("folder") for s, u in pending if u["token"] in found})
     if not ours:
         return []
     queue = query_squeue(current_user(), timeout)

@@ -260,7 +260,11 @@ def sweep_status(sweep_dir: str | os.PathLike, *, timeout: float | None = None, 
     return {"sweep_dir": str(sweep_dir), "time": now_iso(), "counts": _counts(runs),
             "runs": [dataclasses.asdict(r) for r in runs], "reducer": _reducer_status(manifest, sweep_dir, seen),
             "submissions": len(manifest["submissions"]), "errors": seen.errors, "accounting": accounting,
-            "study": _study_summary(manifest.get("study"))}
+            "study": _study_summary(manifest.get("study")),
+            # sbatch calls that never answered (cluster/tokens.py): looked up by the next submission
+            "unanswered": [{"submission": s["n"], "kind": u["kind"], "token": u["token"], "time": u.get("time")}
+                           for s in manifest["submissions"] for u in s.get("unanswered", [])
+                           if u.get("outcome") == "unknown"]}
 
 
 def _study_summary(study: Mapping | None) -> dict | None:

@@ -84,6 +84,10 @@ def format_status(st: dict, *, show_done: bool = True, tail: bool = True) -> str
                 lines.append("      no log: the task never started")
             for t in r.get("log_tail") or []:
                 lines.append(f"      | {t[:200]}")
+    for u in st.get("unanswered") or []:
+        lines.append(f"  sbatch of the {u['kind']} of submission {u['submission']} never answered: whether it was "
+                     f"queued is unknown (its job's comment holds {u['token']}); the next run of the sweep command "
+                     "looks it up before it submits anything")
     red = st.get("reducer")
     if red:
         report = "written" if red["report_exists"] else "not written yet"
