@@ -30,7 +30,8 @@ import torch.nn as nn
 
 from .data import Dataset, EpochImages, Normalize, epoch_augment, epoch_order, training_batches
 from ..config import ConfigError
-from .models import BasicBlock
+from .models import BasicBlock, ResNet
+from .zoo import authors_small_lr_names
 from ..rundir import atomic_write
 from .sources import Streams
 from .step import EagerStep, StepPlan, make_optimizer, make_scaler, make_step, plan_step
@@ -71,15 +72,20 @@ PARAM_GROUP_RULES = ("authors", "by_type")
 def small_lr_names(model: nn.Module, rule: str) -> set[str]:
     """Names of the parameters that train at peak * lr_scale_bias_bn under ``rule``.
 
-    authors: the authors' code picks by NAME: "bias" in the name, or "bn" and "weight" in it. Every
-    BN of theirs is called bn1/bn2 except the shortcut's, ``downsample.1``, so its scale misses the
-    rule and trains at the full peak while its bias does not. We reproduce that by what the modules
-    are, not by our names (ours call the shortcut BN ``shortcut.bn`` / ``shortcut.1``, and a
-    rename must not silently move a tensor): every bias, and every BN scale outside a shortcut.
+    authors: the authors' code picks by NAME: "bias" in the name, or "bn" and "weight" in it
+    (run/zoo ``authors_small_lr_names``), which is what every model but this package's own ResNet
+    class gets: the authors' models carry their names, so the outcome is theirs, and a researcher's
+    model gets what their code would give it. This package's ResNets (the "resnet" family: resnet14,
+    resnet18b, resnet34) name the shortcut BN ``shortcut.bn`` / ``shortcut.1`` where the authors
+    write ``downsample.1``, so for them the same outcome comes by module: every bias, and every BN
+    scale outside a shortcut (the shortcut BN's scale trains at the full peak, its bias does not;
+    tests/test_zoo_models.py compares the two on ResNet-14 tensor by tensor).
     by_type: every parameter that is not a conv or linear weight (all BN scales and biases).
     """
     if rule not in PARAM_GROUP_RULES:
         raise ConfigError(f"train.param_groups={rule!r}: valid values are {list(PARAM_GROUP_RULES)}.")
+    if rule == "authors" and not isinstance(model, ResNet):
+        return authors_small_lr_names(model)
     shortcut_bn = {id(m) for b in model.modules() if isinstance(b, BasicBlock)
                    for m in b.shortcut.modules() if isinstance(m, nn.BatchNorm2d)}
     small = set()

@@ -86,6 +86,8 @@ def check_output(model: nn.Module, in_shape: tuple[int, int, int], num_classes: 
         with forked_rng(0):
             out = model(torch.zeros(2, *in_shape))
     except Exception as e:  # noqa: BLE001 - the researcher's forward
+        if "does not have a deterministic implementation" in str(e):
+            raise  # not a shape problem: run/task.py names the op
         raise ConfigError(f"the custom model fails on images of shape [B, {', '.join(map(str, in_shape))}] "
                           f"({type(e).__name__}: {e}): its first layer must take the dataset's channels and "
                           f"size.") from None
