@@ -23,7 +23,7 @@ class DataConfig:
     name: str = MISSING  # digits | cifar10 | cifar100 | mnist | npz | folder (run/data.py; docs/models.md)
     # where the data are: the folder holding cifar-10-batches-py / cifar-100-python / MNIST's files,
     # the .npz file (data=npz), or the folder holding train/ and test/ (data=folder)
-    root: str = "data"
+    root: Optional[str] = "data"  # null (data=npz, folder): must be given
     download: bool = False  # let torchvision download CIFAR into `root` if it is missing
     verify_md5: bool = True  # CIFAR/MNIST files must match the published md5s; false only for reduced copies (recorded)
     num_classes: Optional[int] = None  # output width of the model's last layer; null = from the data (npz, folder)

@@ -30,7 +30,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 @dataclass(frozen=True)
 class DatasetDefaults:
     name: str  # data=NAME
-    reader: str  # nondet_hpc.readers function that loads it
+    reader: Optional[str]  # nondet_hpc.readers function that loads it; None: built into run/data.py
     num_classes: Optional[int]  # None: from the data
     channels: Optional[int]  # None: from the data
     image_size: Optional[int]  # None: from the data (images are square or the config says otherwise)
@@ -42,11 +42,11 @@ class DatasetDefaults:
 
 
 DATASETS: dict[str, DatasetDefaults] = {d.name: d for d in (
-    DatasetDefaults("digits", "run/data.py", 10, 1, 8, 1, True, (0.3053,), (0.3759,),
+    DatasetDefaults("digits", None, 10, 1, 8, 1, True, (0.3053,), (0.3759,),
                     "scikit-learn's 1,797 handwritten 8x8 digits, shipped in the wheel: the default, offline, CPU"),
-    DatasetDefaults("cifar10", "run/data.py", 10, 3, 32, 4, True, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
+    DatasetDefaults("cifar10", None, 10, 3, 32, 4, True, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
                     "CIFAR-10 (cifar-10-batches-py under data.root, md5-checked): the paper's dataset"),
-    DatasetDefaults("cifar100", "run/data.py", 100, 3, 32, 4, True, (0.4914, 0.4822, 0.4465),
+    DatasetDefaults("cifar100", None, 100, 3, 32, 4, True, (0.4914, 0.4822, 0.4465),
                     (0.2023, 0.1994, 0.2010), "CIFAR-100, fine labels (cifar-100-python under data.root)"),
     DatasetDefaults("mnist", "read_mnist", 10, 1, 28, 0, False, (0.1307,), (0.3081,),
                     "MNIST from its four IDX files under data.root (published .gz files, md5-checked)"),

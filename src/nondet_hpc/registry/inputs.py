@@ -43,12 +43,10 @@ def _fill(node: Any, key: str, value: str, what: str, redo: str) -> None:
 
 
 def _data_fingerprint(data: Any) -> str:
-    from omegaconf import OmegaConf
-
     from .. import readers  # numpy only: the files are hashed, not decoded
 
     name = str(data.name)
-    if (OmegaConf.is_config(data) and OmegaConf.is_missing(data, "root")) or str(data.get("root") or "") in ("", "???"):
+    if not data.get("root"):
         raise ConfigError(f"data={name} needs data.root: {_ROOT_HELP[name]}.")
     read: Callable[[], str] = (lambda: readers.npz_fingerprint(data.root, int(data.max_bytes))) if name == "npz" \
         else (lambda: readers.folder_fingerprint(data.root))

@@ -68,6 +68,25 @@ def lr_factor(epoch: float, epochs: int, snapshots: int, warmup: float) -> float
 
 PARAM_GROUP_RULES = ("authors", "by_type")
 
+#: torch's global generator at the start of training. Random layers in a model's forward (dropout,
+#: stochastic depth: a researcher's model) draw from it; no source varies it, so their draws are the
+#: same in every run of a sweep, and the checkpoint keeps its state for an exact resume.
+FORWARD_SEED = 0
+
+
+def forward_rng_state() -> dict:
+    """torch's global generator states (CPU, and the current CUDA device's), for a checkpoint."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_forward_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
 
 def small_lr_names(model: nn.Module, rule: str) -> set[str]:
     """Names of the parameters that train at peak * lr_scale_bias_bn under ``rule``.
@@ -183,7 +202,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"run_id": self.run_id, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "progress": vars(self.progress).copy(), "epoch_streams": self.epoch_streams,
-                "snapshots_done": self.snapshots_done, "elapsed": self.elapsed,
+                "snapshots_done": self.snapshots_done, "elapsed": self.elapsed, "forward_rng": forward_rng_state(),
                 **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
 
     def save_checkpoint(self) -> None:
@@ -204,6 +223,8 @@ class Trainer:
         self.epoch_streams = state["epoch_streams"]
         self.snapshots_done = state["snapshots_done"]
         self.elapsed = state["elapsed"]
+        if "forward_rng" in state:  # absent in checkpoints of versions before 0.2 (no model drew from it)
+            set_forward_rng_state(state["forward_rng"])
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         return True
@@ -242,6 +263,8 @@ class Trainer:
         if self.step is None:  # after load_checkpoint: a captured graph holds the optimizer's tensors
             shape = (min(t.batch_size, self.n), *self.data.train_x.shape[1:])
             self.step = make_step(self.model, self.opt, self.normalize, self.plan, self.device, shape, self.scaler)
+        if p.step == 0:  # a fresh start: random layers in forward (dropout) draw the same in every run
+            torch.manual_seed(FORWARD_SEED)
         self.model.train()
         while p.epoch < t.epochs:
             start = time.perf_counter()
