@@ -242,7 +242,7 @@ def _ours(name: str, seed: int = 1) -> nn.Module:
 
 
 ALL = sorted(MODELS)
-BIG = {"resnet1202"}  # 600 blocks: counted and compared on the meta device, trained once (its own test)
+BIG = {"resnet1202"}  # 600 blocks: counted and compared on the meta device, trained in tests/test_zoo_train.py
 
 
 # --- shapes, names, counts ------------------------------------------------------------------------
@@ -396,7 +396,6 @@ def test_init_draws_only_from_the_given_generator(name):
 
 
 # --- one training step on tiny data of each dataset's shape ----------------------------------------
-TRAIN_SHAPES = {"cifar10": [(3, 32, 32)], "mnist": [(1, 28, 28), (1, 8, 8)], "imagenet": [(3, 64, 64)]}
 
 
 def _train_step(model: nn.Module, shape, k: int) -> None:
@@ -416,24 +415,10 @@ def _train_step(model: nn.Module, shape, k: int) -> None:
     assert all(p.grad is not None for p in model.parameters()) and any(changed)
 
 
-@pytest.mark.parametrize("name,shape", [(n, s) for n in ALL if n not in BIG
-                                        for s in TRAIN_SHAPES[MODELS[n].dataset]
-                                        if not (MODELS[n].family in ("vgg",) and s[1] < 32)])
-def test_every_model_trains_one_step_on_its_datasets_shape(name, shape):
-    k = 10 if MODELS[name].dataset != "imagenet" else 5  # an image folder with 5 classes
-    m = build(name, shape, k, _g(1))
-    _train_step(m, shape, k)
-    assert m.forward_features(torch.zeros(2, *shape)).shape == (2, m.feature_dim)
-
-
-def test_resnet1202_trains_one_step():  # about 7 s on one CPU core
-    m = _ours("resnet1202")
-    assert _count(m) == MODELS["resnet1202"].params
-    _train_step(m, (3, 32, 32), 10)
-
-
-@pytest.mark.parametrize("name", ["linearnet", "hiddennet1", "hiddennet2", "resnet14", "resnet6"])
-def test_cifar_models_take_digits_input(name):
+# Every model trains an epoch on its own dataset's shape through the trainer: tests/test_zoo_train.py.
+@pytest.mark.parametrize("name", ["linearnet", "hiddennet1", "hiddennet2", "resnet14", "resnet6", "mnistlinearnet",
+                                  "mnisthiddennet1", "mnisthiddennet2", "mnistnet"])
+def test_cifar_and_mnist_models_take_digits_input(name):
     m = build(name, (1, 8, 8), 10, _g(1))
     _train_step(m, (1, 8, 8), 10)
 

@@ -222,6 +222,7 @@ def _rel(path: Path) -> str:
 def _evaluate_locked(work: _Work, cfg, dev, channels_last: bool, bs: int) -> dict:
     import torch
 
+    from .data import settings
     from .views import evaluate_test_set
 
     rd, rid = work.rd, work.rid
