@@ -42,7 +42,6 @@ import pandas as pd
 from .. import metrics as M
 from ..rundir import atomic_write
 from . import tables
-from .architectures import architectures_md, architectures_png, architectures_table
 from .accounting import (
     DEFAULT_SLURM_TIMEOUT_S,
     NEVER_STARTED,
@@ -51,6 +50,7 @@ from .accounting import (
     account,
     summary_lines,
 )
+from .architectures import architectures_md, architectures_png, architectures_table
 from .claims import ablation, claim1
 from .groups import VIEW_DISPLAY, Group, build_groups, view_display
 from .integrity import MIXED_HINT, Mix, Outlier, data_outliers, mixed_groups
@@ -136,8 +136,7 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     res = _Results(sweep, len(runs), df, per_model(groups), ablation(groups, seed), c1, c1_lines, excluded,
                    warnings, formula, n_boot, seed, _accounting_lines(groups, runs, excluded, acc), mixes)
     res.judgement = judge(groups, df, c1, formula, n_boot, seed)
-    res.published = compare(groups, df, res.ablation, res.judgement)
-    res.architectures = architectures_table(groups)
+    res.published, res.architectures = compare(groups, df, res.ablation, res.judgement), architectures_table(groups)
 
     # lazy: the preset catalogue is only needed for the summary's first line
     from ..presets import describe_sweep  # torch- and Hydra-free

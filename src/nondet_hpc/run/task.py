@@ -247,8 +247,8 @@ def nondeterministic_op(e: BaseException) -> ConfigError | None:
         return None
     return ConfigError(f"the model uses {m.group(1)}, which has no deterministic implementation on this device, so "
                        f"it cannot run with deterministic kernels (every source but cudnn, the control included). "
-                       f"Replace that op in the model (docs/own_model.md, 'Deterministic ops'), or study it with "
-                       f"source=cudnn only.")
+                       f"Replace that op in the model (docs/own_model.md names common ones and what to use instead), "
+                       f"or study it with source=cudnn only.")
 
 
 def _train(cfg: DictConfig, rd: Path, rid: str, data: Dataset) -> dict:
