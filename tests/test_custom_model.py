@@ -162,3 +162,15 @@ def test_the_slurm_launcher_resolves_the_source_hash_before_the_run_ids(fake, tm
     run_cli([*args, f"out_dir={tmp_path / 'sw2'}"], env=cli_env(), cwd=folder)
     second = json.loads((tmp_path / "sw2" / "sweep.json").read_text())["runs"]
     assert len(second) == 2 and not set(second) & set(first)  # the same seeds, new code: new run ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_an_adaptive_pool_fails_the_control_with_the_op_named(cfg_factory):
+    """The common case on a GPU: AdaptiveAvgPool2d's CUDA backward has no deterministic kernel."""
+    cfg = cfg_factory("model=custom", "model.factory=custom_nets:adaptive_net", "source=none", "train.device=cuda")
+    with pytest.raises(ConfigError, match=r"^the model uses adaptive_avg_pool2d_backward_cuda, which has no "
+                                          r"deterministic implementation"):
+        task.run(cfg)
+    out = task.run(cfg_factory("model=custom", "model.factory=custom_nets:adaptive_net", "source=cudnn",
+                               "train.device=cuda"))
+    assert out["state"] == "done"

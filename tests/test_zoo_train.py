@@ -60,3 +60,32 @@ def test_every_authors_model_trains_one_epoch_on_its_dataset(name, tmp_path, mon
     m = len(data.test_y)
     assert logits["plain"].shape == logits["flip"].shape == (m, e.num_classes)
     assert feats.shape == (m, model.feature_dim) and OmegaConf.select(cfg, "model.name") == name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", [n for n in AUTHORS if n != "resnet1202"])
+def test_gpu_every_authors_model_trains_deterministically_on_cuda(name, tmp_path, monkeypatch):
+    """Under the control's switches (deterministic algorithms, cuDNN deterministic) every model
+    trains on CUDA (no op without a deterministic kernel), and twice gives the same bits."""
+    from nondet_hpc.run.sources import configure_kernels
+
+    e = MODELS[name]
+    dev = torch.device("cuda")
+    old = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+           torch.backends.cudnn.benchmark)
+    configure_kernels(True, dev)
+    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self: None)
+    weights = []
+    try:
+        for _ in range(2):
+            data = _tiny(e.in_shape, e.num_classes).to(dev)
+            cfg = make_cfg(tmp_path, f"data={DATA[e.dataset]}", f"model={name}", "source=none", "train.epochs=1",
+                           "train.batch_size=4", "train.warmup_epochs=0", "train.device=cuda", "data.root=unused")
+            streams = Streams.from_seeds(resolve_seeds([], 1, True))
+            model = model_for_run(cfg, e.in_shape, e.num_classes, streams.init)
+            Trainer(model, data, streams, cfg.train, settings(cfg.data, data), dev, tmp_path / "c.pt").fit()
+            weights.append([p.detach().cpu() for p in model.parameters()])
+    finally:
+        torch.use_deterministic_algorithms(old[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old[1], old[2]
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
