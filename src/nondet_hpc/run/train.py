@@ -16,6 +16,7 @@ stopped at an epoch boundary or mid-epoch (``request_stop``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -23,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -68,24 +69,36 @@ def lr_factor(epoch: float, epochs: int, snapshots: int, warmup: float) -> float
 
 PARAM_GROUP_RULES = ("authors", "by_type")
 
-#: torch's global generator at the start of training. Random layers in a model's forward (dropout,
-#: stochastic depth: a researcher's model) draw from it; no source varies it, so their draws are the
-#: same in every run of a sweep, and the checkpoint keeps its state for an exact resume.
+#: torch's global generator while a model trains. Random layers in a model's forward (dropout,
+#: stochastic depth: a researcher's model) draw from it; ``fit`` forks it, seeded with this value at
+#: the start of training (no source varies it, so the draws are the same in every run of a sweep),
+#: keeps its state in every checkpoint (an exact resume) and leaves the caller's generator as it was.
 FORWARD_SEED = 0
 
 
-def forward_rng_state() -> dict:
-    """torch's global generator states (CPU, and the current CUDA device's), for a checkpoint."""
+def forward_rng_state(device: torch.device) -> dict:
+    """torch's global generator states (CPU, and the training device's on CUDA), for a checkpoint."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_forward_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu())
+@contextlib.contextmanager
+def forward_rng(device: torch.device, state: Optional[dict]) -> Iterator[None]:
+    """A fork of torch's global generators (CPU and ``device``), set to ``state`` (a checkpoint's)
+    or seeded with FORWARD_SEED; the caller's generators are restored on exit."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        if state is None:
+            torch.random.default_generator.manual_seed(FORWARD_SEED)
+            if cuda:
+                torch.cuda.manual_seed(FORWARD_SEED)
+        else:
+            torch.set_rng_state(state["cpu"].cpu())
+            if cuda and "cuda" in state:
+                torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+        yield
 
 
 def small_lr_names(model: nn.Module, rule: str) -> set[str]:
@@ -197,12 +210,15 @@ class Trainer:
         self.elapsed = 0.0  # training seconds over all attempts
         self.lrs: list[float] = []  # each group's LR for the next step (set_lr)
         self.step: Optional[EagerStep] = None  # built by fit, after a checkpoint may have been loaded
+        self.forward_rng: Optional[dict] = None  # the forward generators' state (FORWARD_SEED), from a checkpoint
+        self.in_fit = False
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"run_id": self.run_id, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "progress": vars(self.progress).copy(), "epoch_streams": self.epoch_streams,
-                "snapshots_done": self.snapshots_done, "elapsed": self.elapsed, "forward_rng": forward_rng_state(),
+                "snapshots_done": self.snapshots_done, "elapsed": self.elapsed,
+                "forward_rng": forward_rng_state(self.device) if self.in_fit else self.forward_rng,
                 **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
 
     def save_checkpoint(self) -> None:
@@ -223,8 +239,8 @@ class Trainer:
         self.epoch_streams = state["epoch_streams"]
         self.snapshots_done = state["snapshots_done"]
         self.elapsed = state["elapsed"]
-        if "forward_rng" in state:  # absent in checkpoints of versions before 0.2 (no model drew from it)
-            set_forward_rng_state(state["forward_rng"])
+        # absent in checkpoints of versions before 0.2, whose models drew nothing from it
+        self.forward_rng = state.get("forward_rng")
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         return True
@@ -258,13 +274,21 @@ class Trainer:
         return loss_sum, lr
 
     def fit(self) -> None:
+        """Train (or go on training) to the end; random layers draw from ``forward_rng``'s fork."""
+        with forward_rng(self.device, self.forward_rng):
+            self.in_fit = True
+            try:
+                self._fit()
+            finally:
+                self.in_fit = False
+                self.forward_rng = forward_rng_state(self.device)
+
+    def _fit(self) -> None:
         t, d, p = self.t, self.d, self.progress
         cycle = t.epochs // t.snapshots
         if self.step is None:  # after load_checkpoint: a captured graph holds the optimizer's tensors
             shape = (min(t.batch_size, self.n), *self.data.train_x.shape[1:])
             self.step = make_step(self.model, self.opt, self.normalize, self.plan, self.device, shape, self.scaler)
-        if p.step == 0:  # a fresh start: random layers in forward (dropout) draw the same in every run
-            torch.manual_seed(FORWARD_SEED)
         self.model.train()
         while p.epoch < t.epochs:
             start = time.perf_counter()
