@@ -18,8 +18,8 @@ from nondet_hpc.rundir import run_id
 
 LEGACY_RUNS = Path(__file__).parent / "data" / "legacy_0_1_0" / "runs"
 MODELS = ("resnet14", "resnet18", "resnet34")
-#: Models whose runs keep their ids. Version 0.2 gave model=resnet18 to the authors' option-A
-#: ResNet-18 and renamed this package's option-B one resnet18b: both runs changed model, so both
+#: Models whose runs keep their ids. After version 0.1.0, model=resnet18 became the authors' option-A
+#: ResNet-18 and this package's option-B one was renamed resnet18b: both runs changed model, so both
 #: changed id (test_resnet18_is_now_the_authors_and_its_runs_changed_id).
 KEPT = ("resnet14", "resnet34")
 

@@ -116,7 +116,7 @@ MODELS: dict[str, Model] = {m.name: m for m in (
           "kaiming_zero_residual", "conv1.weight", (555_417_600, 512),
           "ResNet-18, CIFAR style with option-B shortcuts (1x1 conv + BN where the shape changes): "
           "64/128/256/512 channels, 2-2-2-2 basic blocks; ~11.2M parameters (this package's model=resnet18 "
-          "before version 0.2; the authors' resnet18 is option A)", params=11_173_962, group=_OURS),
+          "in version 0.1.0; the authors' resnet18 is option A)", params=11_173_962, group=_OURS),
     Model("resnet34", "resnet", {"widths": (64, 128, 256, 512), "blocks": (3, 4, 6, 3), "shortcut": "B"},
           "kaiming_zero_residual", "conv1.weight", (1_159_397_376, 512),
           "ResNet-34, CIFAR style (the report's Table 1): 64/128/256/512 channels, 3-4-6-3 basic blocks, "

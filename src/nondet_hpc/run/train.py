@@ -239,7 +239,7 @@ class Trainer:
         self.epoch_streams = state["epoch_streams"]
         self.snapshots_done = state["snapshots_done"]
         self.elapsed = state["elapsed"]
-        # absent in checkpoints of versions before 0.2, whose models drew nothing from it
+        # absent in checkpoints of version 0.1.0, whose models drew nothing from it
         self.forward_rng = state.get("forward_rng")
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
