@@ -174,3 +174,30 @@ def test_gpu_an_adaptive_pool_fails_the_control_with_the_op_named(cfg_factory):
     out = task.run(cfg_factory("model=custom", "model.factory=custom_nets:adaptive_net", "source=cudnn",
                                "train.device=cuda"))
     assert out["state"] == "done"
+
+
+def test_custom_runs_packed_in_one_task_match_their_solo_runs(tmp_path):
+    """runs_per_task=2 on a node: two custom runs as the SLURM launcher plans them (source hash
+    resolved), trained side by side in spawned processes, each equal to its solo run bit for bit."""
+    import signal
+
+    from helpers import make_cfg
+    from nondet_hpc.cluster import jobs, pack
+    from nondet_hpc.rundir import run_dir
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}  # PackJob installs handlers
+    planned = []
+    for seed in (1, 2):
+        cfg = make_cfg(tmp_path / "pack", *CUSTOM, "source=init", f"seed={seed}", "train.threads=1")
+        resolve_inputs(cfg)
+        planned.append(jobs.RunJob(cfg, run_dir(cfg).name, str(run_dir(cfg)), max_requeue=3))
+    try:
+        outs = pack.PackJob(planned, mps="false")()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert [o["state"] for o in outs] == ["done", "done"]
+    for job in planned:
+        solo = task.run(make_cfg(tmp_path / "solo", *CUSTOM, "source=init", f"seed={job.cfg.seed}", "train.threads=1"))
+        assert solo["run_id"] == Path(job.run_dir).name
+        assert np.array_equal(_logits({"run_dir": job.run_dir}), _logits(solo))

@@ -230,8 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     todo = [j for j in jobs if not j["done"]]
     folders = sorted({str(Path(j["run_dir"]).parent.parent) for j in jobs})
     hours = math.fsum(j["gpu_hours"] for j in todo)
-    cost = (f"about {hours:,.0f} V100 GPU-hours to go" if any(j["data"] != "digits" for j in jobs) else
-            "digits: a CPU does it in seconds per run, no GPU needed")
+    cost = ("digits: a CPU does it in seconds per run, no GPU needed" if all(j["data"] == "digits" for j in jobs) else
+            f"about {hours:,.0f} V100 GPU-hours to go" if math.isfinite(hours) else
+            "no V100 estimate: some models have no cost figure (the cost model is CIFAR-10's; docs/models.md)")
     print(f"{len(jobs)} runs in {', '.join(folders)}: {len(done)} DONE, {len(todo)} to train; {cost}.")
     if jobs and jobs[0]["data"] != "digits":
         print(f"Cost basis: {jobs[0]['cost_basis']}.")
