@@ -201,3 +201,17 @@ def test_custom_runs_packed_in_one_task_match_their_solo_runs(tmp_path):
         solo = task.run(make_cfg(tmp_path / "solo", *CUSTOM, "source=init", f"seed={job.cfg.seed}", "train.threads=1"))
         assert solo["run_id"] == Path(job.run_dir).name
         assert np.array_equal(_logits({"run_dir": job.run_dir}), _logits(solo))
+
+
+def test_a_model_file_edited_between_runs_of_one_process_is_imported_again(cfg_factory, tmp_path, monkeypatch):
+    name = f"reloaded_nets_{abs(hash(str(tmp_path))) % 10**8}"
+    path = tmp_path / "models" / f"{name}.py"
+    path.parent.mkdir()
+    shutil.copy(HERE / "custom_nets.py", path)
+    monkeypatch.syspath_prepend(str(path.parent))
+    first = task.run(cfg_factory("model=custom", f"model.factory={name}:tiny_cnn"))
+    path.write_text(path.read_text().replace("width: int = 8", "width: int = 5"))
+    second = task.run(cfg_factory("model=custom", f"model.factory={name}:tiny_cnn"))
+    assert first["run_id"] != second["run_id"]
+    assert (_rec(first)["n_parameters"], _rec(second)["n_parameters"]) == (8 * 9 + 8 + 16 + 80 + 10,
+                                                                          5 * 9 + 5 + 10 + 50 + 10)
