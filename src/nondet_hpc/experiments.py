@@ -80,6 +80,7 @@ def plan(name: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
 
     from .compose import GroupedComposer
     from .config import conf_dir
+    from .registry.inputs import resolve_inputs
     from .registry.options import register_configs
 
     register_configs()
@@ -114,6 +115,7 @@ def plan(name: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
                 if k not in groups:
                     OmegaConf.update(cfg, k, v, merge=False)
             cfg.train.threads = threads(int(cfg.train.threads))
+            resolve_inputs(cfg)  # model=custom, data=npz|folder: their content is part of the run id
             jobs.append(_job_record(cfg, job, packing))
     return jobs
 
@@ -126,7 +128,7 @@ def _job_record(cfg: Any, job: dict[str, Any], packing: int) -> dict[str, Any]:
 
     rd = run_dir(cfg)
     precision = str(OmegaConf.select(cfg, "train.precision", default="fp32"))
-    hours = gpu_hours_per_model(cfg.model.name, int(cfg.train.epochs), num_classes=int(cfg.data.num_classes),
+    hours = gpu_hours_per_model(cfg.model.name, int(cfg.train.epochs), num_classes=int(cfg.data.num_classes or 10),
                                 snapshots=int(cfg.train.snapshots), views=list(cfg.eval.views),
                                 precision=precision, runs_per_task=packing)
     return {"run_id": run_id(cfg), "run_dir": str(rd), "done": is_done(rd), "gpu_hours": hours,
@@ -228,8 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     todo = [j for j in jobs if not j["done"]]
     folders = sorted({str(Path(j["run_dir"]).parent.parent) for j in jobs})
     hours = math.fsum(j["gpu_hours"] for j in todo)
-    cost = (f"about {hours:,.0f} V100 GPU-hours to go" if any(j["data"] != "digits" for j in jobs) else
-            "digits: a CPU does it in seconds per run, no GPU needed")
+    cost = ("digits: a CPU does it in seconds per run, no GPU needed" if all(j["data"] == "digits" for j in jobs) else
+            f"about {hours:,.0f} V100 GPU-hours to go" if math.isfinite(hours) else
+            "no V100 estimate: some models have no cost figure (the cost model is CIFAR-10's; docs/models.md)")
     print(f"{len(jobs)} runs in {', '.join(folders)}: {len(done)} DONE, {len(todo)} to train; {cost}.")
     if jobs and jobs[0]["data"] != "digits":
         print(f"Cost basis: {jobs[0]['cost_basis']}.")

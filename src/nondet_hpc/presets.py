@@ -30,6 +30,7 @@ where it has none, the fp32, one-model-per-GPU estimate above is used and ``cost
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Sequence
 
 from .registry.models import MODELS
@@ -87,6 +88,8 @@ def gpu_hours_per_model(model: str = "resnet14", epochs: int = BASE_EPOCHS, *, n
     basis = cost_basis(model, precision, runs_per_task)
     if basis["measured"]:
         train = epochs * n_train / basis["images_per_s"] / 3600
+    elif model not in MACS:  # model=custom, the MNIST and ImageNet models: no CIFAR-10 cost figure
+        return math.nan
     else:
         train = BASE_HOURS * epochs / BASE_EPOCHS * model_macs(model, num_classes) / model_macs("resnet14", 10)
     evaluations = 1 + (snapshots if snapshots > 1 else 0)
@@ -181,6 +184,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: The ladder of experiment=architectures: from a convex linear model to a wide ResNet (claim 2 across
+#: architectures; analysis/architectures.py makes its table in this order).
+ARCHITECTURES = ("linearnet", "hiddennet1", "hiddennet2", "resnet6", "resnet14", "resnet14_2")
+PRESETS["architectures"] = {
+    "table": "Where instability begins: each architecture's bit-change variability as a fraction of its "
+             "initialisation variability, from a linear model to ResNet-14 at twice the width, on CIFAR-10",
+    "claims": [2],
+    "what": "six architectures (linear; one hidden fully connected layer; one hidden conv layer; ResNet-6; "
+            "ResNet-14; ResNet-14 at 2x width), each with the control, init and the bit change; grown in waves "
+            "of 10 models per group until the bootstrap SE of the accuracy SD is 0.02 pp (at most 100)",
+    "models": 100, "epochs": 500, "groups": 18,
+    "gpu_hours": 1146, "gpu_hours_alone": 1146, "reuses": None,
+    "data": "cifar10", "model": "resnet14", "models_swept": list(ARCHITECTURES), "out_dir": "outputs/architectures",
+    "report": "report/architectures.md and report/architectures.png (each architecture's bit-change accuracy SD "
+              "and disagreement over its init's), beside report/metrics.md",
+    "doc": "docs/experiments/architectures.md",
+}
+
 QUICK_SUFFIX = "_quick"
 
 _CLAIMS = {
@@ -219,8 +240,9 @@ def describe(name: str | None) -> str:
     cost = (f"about {p['gpu_hours']:g} V100 GPU-hours" if not p["reuses"] else
             f"about {p['gpu_hours']:g} V100 GPU-hours once experiment={p['reuses']} has run "
             f"({p['gpu_hours_alone']:g} without it)")
+    models = ", ".join(p["models_swept"]) if p.get("models_swept") else p["model"]
     return (f"This sweep reproduces {p['table']}: {p['groups']} group(s) x {p['models']} models, "
-            f"{p['model']} on {p['data']}, {_epochs_text(p['epochs'])}; {cost}. It tests {claims}. "
+            f"{models} on {p['data']}, {_epochs_text(p['epochs'])}; {cost}. It tests {claims}. "
             f"Read it in {p['report']}; how to judge the outcome: {p['doc']}.")
 
 

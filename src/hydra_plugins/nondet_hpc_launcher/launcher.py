@@ -106,7 +106,19 @@ class NondetSlurmLauncher(Launcher):
         assert self.composer is not None and self.config is not None
         if any(o.lstrip("+~").split("=", 1)[0] == "force" for o in overrides):
             return None  # force=true retrains DONE runs: always the full path
+        if self._content_addressed(overrides):
+            return None  # its run id hashes file contents (registry/inputs.py): always resolved anew
         return self.composer.plan_key(self.config, list(overrides))
+
+    def _content_addressed(self, overrides: Sequence[str]) -> bool:
+        """Whether the job's run id depends on files (model=custom, data=npz|folder), which the same
+        overrides do not pin: an edited model file must make new runs, not match the old plan."""
+        from nondet_hpc.registry.inputs import content_addressed
+
+        assert self.config is not None
+        chosen = dict(o.lstrip("+~").partition("=")[::2] for o in overrides)
+        return content_addressed(chosen.get("data", str(OmegaConf.select(self.config, "data.name", default=""))),
+                                 chosen.get("model", str(OmegaConf.select(self.config, "model.name", default=""))))
 
     # ------------------------------------------------------------------ composing the jobs
     def _job_config(self, overrides: Sequence[str], idx: int) -> DictConfig:
@@ -279,6 +291,7 @@ class NondetSlurmLauncher(Launcher):
               sweep_dir: Path, keys: list[str | None]) -> tuple[list, list[JobReturn]]:
         """Compose and check every job: its PlannedRun (run id, folder, identity) and JobReturn."""
         from nondet_hpc.config import ConfigError, threads_for
+        from nondet_hpc.registry.inputs import resolve_inputs
         from nondet_hpc.run.task import check_groups_chosen
         from nondet_hpc.sweep.identity import plan_run
 
@@ -298,6 +311,7 @@ class NondetSlurmLauncher(Launcher):
             job_cfg = self._job_config(overrides, initial_job_idx + i)
             try:  # a group left unset (source=[]) has no run id: say so before computing one
                 check_groups_chosen(job_cfg)
+                resolve_inputs(job_cfg)  # a custom model's source, an npz/folder's content: part of the run id
             except ConfigError as e:
                 raise SystemExit(f"nondet_hpc: error: job {' '.join(filter_overrides(overrides))}: {e}\n"
                                  "Nothing was submitted.") from None

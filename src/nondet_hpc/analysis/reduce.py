@@ -50,6 +50,7 @@ from .accounting import (
     account,
     summary_lines,
 )
+from .architectures import architectures_md, architectures_png, architectures_table
 from .claims import ablation, claim1
 from .groups import VIEW_DISPLAY, Group, build_groups, view_display
 from .integrity import MIXED_HINT, Mix, Outlier, data_outliers, mixed_groups
@@ -64,7 +65,8 @@ __all__ = ["REPORT_FILES", "VIEW_DISPLAY", "ReduceError", "format_table", "reduc
 REPORT_FILES: tuple[str, ...] = (
     "metrics.csv", "metrics.md", "metrics.tex", "per_model.csv", "excluded.csv", "ablation.csv",
     "ablation.md", "claim1.csv", "claims.csv", "published.csv", "summary.txt", "report.md", "metrics.png", "sd_vs_n.png",
-    "accuracy_spread.png", "claim1.png", "reduction.png")
+    "accuracy_spread.png", "claim1.png", "reduction.png", "architectures.csv", "architectures.md",
+    "architectures.png")
 EXCLUDED_COLUMNS: list[str] = ["run_id", "group", "view", "category", "reason", "group_key"]
 
 
@@ -88,6 +90,7 @@ class _Results:
     mixes: list[Mix]
     judgement: Judgement | None = None
     published: Comparison | None = None
+    architectures: pd.DataFrame | None = None  # analysis/architectures.py: empty without a ladder of models
 
 
 def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot: int = 10_000, seed: int = 0,
@@ -133,7 +136,7 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     res = _Results(sweep, len(runs), df, per_model(groups), ablation(groups, seed), c1, c1_lines, excluded,
                    warnings, formula, n_boot, seed, _accounting_lines(groups, runs, excluded, acc), mixes)
     res.judgement = judge(groups, df, c1, formula, n_boot, seed)
-    res.published = compare(groups, df, res.ablation, res.judgement)
+    res.published, res.architectures = compare(groups, df, res.ablation, res.judgement), architectures_table(groups)
 
     # lazy: the preset catalogue is only needed for the summary's first line
     from ..presets import describe_sweep  # torch- and Hydra-free
@@ -255,6 +258,10 @@ def _report_files(res: _Results, summary: str) -> dict[str, bytes]:
         outputs["claims.csv"] = res.judgement.stats.to_csv(index=False).encode()
     if res.published is not None and not res.published.rows.empty:
         outputs["published.csv"] = res.published.rows.to_csv(index=False).encode()
+    if res.architectures is not None and not res.architectures.empty:
+        outputs["architectures.csv"] = res.architectures.to_csv(index=False).encode()
+        outputs["architectures.md"] = architectures_md(res.architectures).encode()
+        outputs["architectures.png"] = architectures_png(res.architectures)
     outputs["summary.txt"] = (summary + "\n").encode()
     figures = {"metrics.png": plots.group_metrics_png(df), "sd_vs_n.png": plots.sd_vs_n_png(res.ablation),
                "accuracy_spread.png": plots.accuracy_spread_png(res.per_model),
@@ -272,6 +279,9 @@ def _report_files(res: _Results, summary: str) -> dict[str, bytes]:
 def _extra_sections(res: _Results) -> str:
     """report.md's sections on the sweep as a whole: planned runs and mixed environments."""
     parts: list[str] = []
+    if res.architectures is not None and not res.architectures.empty:
+        parts += ["## Where instability begins: bit change / init per architecture", "",
+                  architectures_md(res.architectures), "![architectures](architectures.png)", ""]
     if res.accounting_lines:
         parts += ["## Planned runs", "", *[f"    {ln}" for ln in res.accounting_lines], ""]
     if res.mixes:

@@ -12,6 +12,12 @@ thread count and torch build; it recomputes logits/plain.npy first and says so w
 
 Snapshot views (snapshot-k, snapshot-k_<view>: the models at the end of each accelerated-ensembling
 cycle) cannot be made here: only the final model is kept.
+
+A run of model=custom names its factory in config.yaml; rebuilding it imports that module, which
+runs its code. A run folder may come from anyone, so such a run is evaluated only when the
+command line names the same factory (``--allow-factory package.module:function``): the user's
+explicit consent, never the folder's word. Its source file must still hash to the run's
+``model.source_sha256`` (the code the run was trained with).
 """
 
 from __future__ import annotations
@@ -102,10 +108,13 @@ def _locked(run: Path):
 
 def evaluate_run(run: str | os.PathLike, views: Sequence[str], *, features: bool = False, force: bool = False,
                  batch_size: int | None = None, device: str = "auto", threads: int | None = None,
-                 data_root: str | None = None, echo: Callable[[str], None] = print) -> dict:
+                 data_root: str | None = None, echo: Callable[[str], None] = print,
+                 allow_factory: Sequence[str] = ()) -> dict:
     """Evaluate ``views`` (and features) of one DONE run from its checkpoint; see the module doc.
 
     Existing logits/<view>.npy and features.npy are kept (and reported as skipped) unless ``force``.
+    ``allow_factory``: the model factories (package.module:function) the caller consents to import
+    for model=custom runs; any other factory a run names is refused before anything is imported.
     Returns {"run_id", "written": [...], "skipped": [...], "plain_max_abs_diff": float | None}.
     """
     import torch
@@ -124,6 +133,7 @@ def evaluate_run(run: str | os.PathLike, views: Sequence[str], *, features: bool
     if work.nothing_to_do():
         return work.result([], None)
     cfg = OmegaConf.load(rd / CONFIG)
+    _check_factory_consent(cfg, allow_factory)
     info = RunRecord(rd / RUN_JSON).data
     if data_root is not None:
         cfg.data.root = data_root
@@ -148,6 +158,20 @@ def evaluate_run(run: str | os.PathLike, views: Sequence[str], *, features: bool
             return _evaluate_locked(work, cfg, dev, channels_last, bs)
     finally:
         torch.set_num_threads(old_threads)
+
+
+def _check_factory_consent(cfg, allowed: Sequence[str]) -> None:
+    """A custom model's factory is imported only when the command line names it (module doc)."""
+    from ..registry.models import CUSTOM
+
+    if str(cfg.model.get("name")) != CUSTOM:
+        return
+    spec = str(cfg.model.get("factory"))
+    if spec not in {str(a).strip() for a in allowed}:
+        raise EvaluateError(f"the run's model is model.factory={spec}, the researcher's own code: rebuilding it "
+                            f"imports that module, which runs it. Evaluate it only if you trust that code: add "
+                            f"--allow-factory {spec} (and run from the folder that holds the module, or put it on "
+                            f"PYTHONPATH).")
 
 
 class _Work:
@@ -198,6 +222,7 @@ def _rel(path: Path) -> str:
 def _evaluate_locked(work: _Work, cfg, dev, channels_last: bool, bs: int) -> dict:
     import torch
 
+    from .data import settings
     from .views import evaluate_test_set
 
     rd, rid = work.rd, work.rid
@@ -209,7 +234,7 @@ def _evaluate_locked(work: _Work, cfg, dev, channels_last: bool, bs: int) -> dic
     # The same function task.py calls at the end of training: plain first, then the views in order.
     order = ["plain"] + [v for v in work.todo if v != "plain"]
     t0 = time.time()
-    logits, feats = evaluate_test_set(model, data, cfg.data, order, batch_size=bs, device=dev,
+    logits, feats = evaluate_test_set(model, data, settings(cfg.data, data), order, batch_size=bs, device=dev,
                                       channels_last=channels_last, with_features=work.features)
     diff = _compare_with_training(rd, rid, data, logits["plain"], work.echo)
     written = []
@@ -239,8 +264,8 @@ def _rebuild(rd: Path, rid: str, cfg, info: dict, dev, channels_last: bool):
     """(the run's final model from its checkpoint, on ``dev`` in eval mode; the data it was trained on)."""
     import torch
 
-    from .data import load_dataset
-    from .models import model_from_config
+    from .data import load_dataset, settings
+    from .models import model_for_run
     from .train import load_checkpoint_file
 
     ckpt_path = rd / CHECKPOINT
@@ -257,7 +282,9 @@ def _rebuild(rd: Path, rid: str, cfg, info: dict, dev, channels_last: bool):
         raise EvaluateError(f"the data loaded now (data.root={cfg.data.root!r}) differ from the data this run was "
                             f"trained on (sha256 {data.info.get('sha256', '?')[:12]} != {want_sha[:12]}); point "
                             f"--data-root at the same data set.")
-    model = model_from_config(cfg)
+    # the initial weights do not matter (the checkpoint replaces them); the generator only feeds the builder
+    model = model_for_run(cfg, tuple(int(v) for v in data.train_x.shape[1:]), data.num_classes,  # type: ignore
+                          torch.Generator().manual_seed(0))
     model.load_state_dict(state["model"])
     model.to(device=dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     model.eval()
@@ -325,7 +352,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: the count the run was trained with, from run.json)")
     p.add_argument("--data-root", default=None, metavar="DIR",
-                   help="folder holding the CIFAR data, if not the run's data.root (relative paths are from here)")
+                   help="where the run's data are (CIFAR/MNIST folder, .npz file, image folder), if not the run's "
+                        "data.root (relative paths are from here)")
+    p.add_argument("--allow-factory", action="append", default=[], metavar="PACKAGE.MODULE:FUNCTION",
+                   help="import this model factory for model=custom runs that name it (it runs that code: only "
+                        "for code you trust; a run folder alone never makes evaluate import anything)")
     return p
 
 
@@ -348,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for rd in runs:
         try:
             evaluate_run(rd, a.views, features=a.features, force=a.force, batch_size=a.batch_size,
-                         device=a.device, threads=a.threads, data_root=a.data_root)
+                         device=a.device, threads=a.threads, data_root=a.data_root, allow_factory=a.allow_factory)
         except ConfigError as e:
             failed += 1
             print(f"nondet_hpc.evaluate: error: {rd.name}: {e}", file=sys.stderr)

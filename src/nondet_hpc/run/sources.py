@@ -5,7 +5,7 @@ the training code) touches torch's global RNG, so changing one source's seed can
 random numbers of another. Studying a source = that source's seed is the replicate index, every
 other seed is 1.
 
-- init:    model weights (models.init_weights) draw from ``Streams.init``.
+- init:    model weights (run/zoo: the init rule of each model, a custom factory) draw from ``Streams.init``.
 - shuffle: each epoch's permutation (data.epoch_order) draws from ``Streams.shuffle``.
 - augment: each epoch's crops and flips (data.epoch_augment) draw from ``Streams.augment``.
 - bitflip: one float32 ulp of one weight (apply_bitflip; which parameter: the model's registry

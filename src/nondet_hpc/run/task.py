@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -22,14 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__
 from ..config import RETIRED_KEYS, ConfigError, conf_dir, identity_items, threads_for
-from ..registry.models import MODELS, model_entry
+from ..registry.inputs import resolve_inputs
+from ..registry.models import CUSTOM, MODELS, model_entry
 from ..registry.sources import SOURCES
 from ..rundir import (CHECKPOINT, CONFIG, DONE, FEATURES, LABELS, REPLACED, RUN_JSON, RUNS, RunRecord, group_key,
                       is_done, logits_path, run_dir, run_id, run_lock, snapshot_view, write_json, write_npy, write_text)
 from ..viewspec import VIEWS
-from .data import AUGMENT_DRAWS, load_dataset
+from .data import AUGMENT_DRAWS, DATASETS, Dataset, load_dataset, settings
 from .device import resolve_device
-from .models import bitflip_target, init_weights, model_from_config
+from .models import bitflip_target, model_for_run
 from .sources import Streams, apply_bitflip, configure_kernels, precision_record, resolve_seeds
 from .step import PRECISIONS, plan_step, tristate
 from .train import PARAM_GROUP_RULES, Preempted, Trainer, clear_stop
@@ -70,6 +72,8 @@ def validate(cfg, *, check_device: bool = True) -> None:
     """
     check_groups_chosen(cfg)
     model_entry(cfg.model.name)
+    if cfg.data.name not in DATASETS:
+        raise ConfigError(f"data.name={cfg.data.name!r} is unknown; valid: {list(DATASETS)} (choose with data=NAME).")
     resolve_seeds(list(cfg.source.vary), cfg.seed, cfg.source.deterministic_kernels)
     for key, new_key in RETIRED_KEYS.items():
         value = OmegaConf.select(cfg, key)
@@ -213,11 +217,13 @@ def run(cfg: DictConfig) -> dict:
     clear_stop()  # a stop request from an earlier run of this process must not stop this one
     validate(cfg)
     resolve_threads(cfg)  # before the run id: the effective count is part of it
+    resolve_inputs(cfg)  # so are a custom model's source and an npz/folder dataset's content
     rd = run_dir(cfg)
     rid = run_id(cfg)
+    if is_done(rd) and not cfg.force:
+        return _skipped(cfg, rd, rid)
+    data = load_dataset(cfg.data)  # a bad data file is refused here, before anything is written
     if is_done(rd):
-        if not cfg.force:
-            return _skipped(cfg, rd, rid)
         moved = _move_aside(rd)
         print(f"[nondet_hpc] force=true: previous result of {rid} kept at {moved}", flush=True)
     rd.mkdir(parents=True, exist_ok=True)
@@ -226,14 +232,36 @@ def run(cfg: DictConfig) -> dict:
     with run_lock(rd, busy):
         if is_done(rd):  # finished by another process while we waited for the lock
             return _skipped(cfg, rd, rid)
-        return _train(cfg, rd, rid)
+        return _train(cfg, rd, rid, data)
 
 
-def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
+#: PyTorch's message when an op has no deterministic implementation and determinism was asked for
+_NONDET_OP = re.compile(r"^\s*(\S+) does not have a deterministic implementation")
+
+
+def nondeterministic_op(e: BaseException) -> ConfigError | None:
+    """PyTorch's error for an op without a deterministic implementation, as one message naming
+    the op (None for any other error)."""
+    m = _NONDET_OP.match(str(e)) if isinstance(e, RuntimeError) else None
+    if m is None:
+        return None
+    return ConfigError(f"the model uses {m.group(1)}, which has no deterministic implementation on this device, so "
+                       f"it cannot run with deterministic kernels (every source but cudnn, the control included). "
+                       f"Replace that op in the model (docs/own_model.md names common ones and what to use instead), "
+                       f"or study it with source=cudnn only.")
+
+
+def _train(cfg: DictConfig, rd: Path, rid: str, data: Dataset) -> dict:
     """The run's record around the work: running, then done, preempted or failed (run.json)."""
     record = RunRecord(rd / RUN_JSON)
     try:
-        return _train_recorded(cfg, rd, rid, record)
+        try:
+            return _train_recorded(cfg, rd, rid, record, data)
+        except RuntimeError as e:
+            clear = nondeterministic_op(e)
+            if clear is None:
+                raise
+            raise clear from None
     except Preempted as e:
         record.update(state="preempted", preempted={"time": time.time(), "message": str(e)})
         raise
@@ -243,18 +271,20 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
         raise
 
 
-def _train_recorded(cfg: DictConfig, rd: Path, rid: str, record: RunRecord) -> dict:
+def _train_recorded(cfg: DictConfig, rd: Path, rid: str, record: RunRecord, data: Dataset) -> dict:
     """Set up, build, train (or resume), evaluate and write the run; ``record`` follows along."""
     t0 = time.time()
     device, seeds, plan = _start(cfg, rd, rid, record, t0)
-    data = load_dataset(cfg.data)
-    record.update(data=data.info)
+    dcfg = settings(cfg.data, data)  # the data's shape, classes and normalisation where cfg.data leaves them
+    used = OmegaConf.to_container(dcfg, resolve=True)
+    record.update(data={**data.info, "used": {k: used[k] for k in ("num_classes", "channels", "image_size", "mean",
+                                                                    "std", "pad", "flip")}})
     data = data.to(device)
-    streams, model = _initial_model(cfg, seeds, record)
+    streams, model = _initial_model(cfg, seeds, record, data)
     views = ["plain"] + [v for v in cfg.eval.views if v != "plain"]
 
     def evaluate(with_features: bool):
-        return evaluate_test_set(model, data, cfg.data, views, batch_size=cfg.eval.batch_size, device=device,
+        return evaluate_test_set(model, data, dcfg, views, batch_size=cfg.eval.batch_size, device=device,
                                  channels_last=plan.channels_last, with_features=with_features)
 
     last_snapshot: dict = {}
@@ -266,7 +296,7 @@ def _train_recorded(cfg: DictConfig, rd: Path, rid: str, record: RunRecord) -> d
             if k == cfg.train.snapshots:  # the last cycle ends with the final model: reuse it
                 last_snapshot.update(logits)
 
-    trainer = Trainer(model, data, streams, cfg.train, cfg.data, device, rd / CHECKPOINT,
+    trainer = Trainer(model, data, streams, cfg.train, dcfg, device, rd / CHECKPOINT,
                       plan=plan, on_epoch=lambda hb: record.update(heartbeat=hb), on_snapshot=on_snapshot,
                       run_id=rid)
     record.update(param_groups=trainer.groups_record)
@@ -303,13 +333,22 @@ def _start(cfg: DictConfig, rd: Path, rid: str, record: RunRecord, t0: float):
     return device, seeds, plan
 
 
-def _initial_model(cfg: DictConfig, seeds, record: RunRecord):
+def _initial_model(cfg: DictConfig, seeds, record: RunRecord, data: Dataset):
     """The run's streams and its model as training starts: initialised, bit change applied."""
     streams = Streams.from_seeds(seeds)
-    model = model_from_config(cfg)
-    init_weights(model, streams.init)
-    bitflip = apply_bitflip(bitflip_target(model), seeds.bitflip) if seeds.bitflip is not None else None
-    record.update(bitflip=bitflip, n_parameters=sum(p.numel() for p in model.parameters()))
+    shape = tuple(int(v) for v in data.train_x.shape[1:])
+    model = model_for_run(cfg, shape, data.num_classes, streams.init)  # type: ignore[arg-type]
+    target = bitflip_target(model, cfg)  # checked even without a bit change: a wrong name fails every run
+    name = next(n for n, p in model.named_parameters() if p is target)
+    bitflip = apply_bitflip(target, seeds.bitflip) if seeds.bitflip is not None else None
+    if bitflip is not None:
+        bitflip["param"] = name
+    info = {"name": cfg.model.name, "family": model_entry(cfg.model.name).family, "bitflip_param": name}
+    if cfg.model.name == CUSTOM:
+        from ..model_factory import factory_record  # torch-free; the identity resolve_inputs put in cfg
+
+        info["factory"] = factory_record(cfg.model.factory, OmegaConf.to_container(cfg.model.kwargs))
+    record.update(bitflip=bitflip, n_parameters=sum(p.numel() for p in model.parameters()), model=info)
     return streams, model
 
 

@@ -16,6 +16,7 @@ stopped at an epoch boundary or mid-epoch (``request_stop``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -23,14 +24,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
 from .data import Dataset, EpochImages, Normalize, epoch_augment, epoch_order, training_batches
 from ..config import ConfigError
-from .models import BasicBlock
+from .models import BasicBlock, ResNet
+from .zoo import authors_small_lr_names
 from ..rundir import atomic_write
 from .sources import Streams
 from .step import EagerStep, StepPlan, make_optimizer, make_scaler, make_step, plan_step
@@ -67,19 +69,55 @@ def lr_factor(epoch: float, epochs: int, snapshots: int, warmup: float) -> float
 
 PARAM_GROUP_RULES = ("authors", "by_type")
 
+#: torch's global generator while a model trains. Random layers in a model's forward (dropout,
+#: stochastic depth: a researcher's model) draw from it; ``fit`` forks it, seeded with this value at
+#: the start of training (no source varies it, so the draws are the same in every run of a sweep),
+#: keeps its state in every checkpoint (an exact resume) and leaves the caller's generator as it was.
+FORWARD_SEED = 0
+
+
+def forward_rng_state(device: torch.device) -> dict:
+    """torch's global generator states (CPU, and the training device's on CUDA), for a checkpoint."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+@contextlib.contextmanager
+def forward_rng(device: torch.device, state: Optional[dict]) -> Iterator[None]:
+    """A fork of torch's global generators (CPU and ``device``), set to ``state`` (a checkpoint's)
+    or seeded with FORWARD_SEED; the caller's generators are restored on exit."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        if state is None:
+            torch.random.default_generator.manual_seed(FORWARD_SEED)
+            if cuda:
+                torch.cuda.manual_seed(FORWARD_SEED)
+        else:
+            torch.set_rng_state(state["cpu"].cpu())
+            if cuda and "cuda" in state:
+                torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+        yield
+
 
 def small_lr_names(model: nn.Module, rule: str) -> set[str]:
     """Names of the parameters that train at peak * lr_scale_bias_bn under ``rule``.
 
-    authors: the authors' code picks by NAME: "bias" in the name, or "bn" and "weight" in it. Every
-    BN of theirs is called bn1/bn2 except the shortcut's, ``downsample.1``, so its scale misses the
-    rule and trains at the full peak while its bias does not. We reproduce that by what the modules
-    are, not by our names (ours call the shortcut BN ``shortcut.bn`` / ``shortcut.1``, and a
-    rename must not silently move a tensor): every bias, and every BN scale outside a shortcut.
+    authors: the authors' code picks by NAME: "bias" in the name, or "bn" and "weight" in it
+    (run/zoo ``authors_small_lr_names``), which is what every model but this package's own ResNet
+    class gets: the authors' models carry their names, so the outcome is theirs, and a researcher's
+    model gets what their code would give it. This package's ResNets (the "resnet" family: resnet14,
+    resnet18b, resnet34) name the shortcut BN ``shortcut.bn`` / ``shortcut.1`` where the authors
+    write ``downsample.1``, so for them the same outcome comes by module: every bias, and every BN
+    scale outside a shortcut (the shortcut BN's scale trains at the full peak, its bias does not;
+    tests/test_zoo_models.py compares the two on ResNet-14 tensor by tensor).
     by_type: every parameter that is not a conv or linear weight (all BN scales and biases).
     """
     if rule not in PARAM_GROUP_RULES:
         raise ConfigError(f"train.param_groups={rule!r}: valid values are {list(PARAM_GROUP_RULES)}.")
+    if rule == "authors" and not isinstance(model, ResNet):
+        return authors_small_lr_names(model)
     shortcut_bn = {id(m) for b in model.modules() if isinstance(b, BasicBlock)
                    for m in b.shortcut.modules() if isinstance(m, nn.BatchNorm2d)}
     small = set()
@@ -172,12 +210,15 @@ class Trainer:
         self.elapsed = 0.0  # training seconds over all attempts
         self.lrs: list[float] = []  # each group's LR for the next step (set_lr)
         self.step: Optional[EagerStep] = None  # built by fit, after a checkpoint may have been loaded
+        self.forward_rng: Optional[dict] = None  # the forward generators' state (FORWARD_SEED), from a checkpoint
+        self.in_fit = False
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"run_id": self.run_id, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "progress": vars(self.progress).copy(), "epoch_streams": self.epoch_streams,
                 "snapshots_done": self.snapshots_done, "elapsed": self.elapsed,
+                "forward_rng": forward_rng_state(self.device) if self.in_fit else self.forward_rng,
                 **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
 
     def save_checkpoint(self) -> None:
@@ -198,6 +239,8 @@ class Trainer:
         self.epoch_streams = state["epoch_streams"]
         self.snapshots_done = state["snapshots_done"]
         self.elapsed = state["elapsed"]
+        # absent in checkpoints of version 0.1.0, whose models drew nothing from it
+        self.forward_rng = state.get("forward_rng")
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         return True
@@ -231,6 +274,16 @@ class Trainer:
         return loss_sum, lr
 
     def fit(self) -> None:
+        """Train (or go on training) to the end; random layers draw from ``forward_rng``'s fork."""
+        with forward_rng(self.device, self.forward_rng):
+            self.in_fit = True
+            try:
+                self._fit()
+            finally:
+                self.in_fit = False
+                self.forward_rng = forward_rng_state(self.device)
+
+    def _fit(self) -> None:
         t, d, p = self.t, self.d, self.progress
         cycle = t.epochs // t.snapshots
         if self.step is None:  # after load_checkpoint: a captured graph holds the optimizer's tensors
