@@ -85,7 +85,9 @@ def read_run_json(run: Path) -> tuple[dict | None, str]:
     try:
         data = safeio.load_json(path)
     except safeio.RefusedFile as e:
-        return None, f"{RUN_JSON} missing" if e.why == "file missing" else f"{RUN_JSON} {e.why}"
+        if e.why == "file missing":
+            return None, f"{RUN_JSON} missing"
+        return None, f"{RUN_JSON} unreadable ({e.why})" if e.why.startswith("not valid") else f"{RUN_JSON} {e.why}"
     if not isinstance(data, dict):
         return None, f"{RUN_JSON} holds a JSON {type(data).__name__}, not an object"
     return data, ""

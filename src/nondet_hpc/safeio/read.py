@@ -97,7 +97,7 @@ def load_json(path: Path | str, max_bytes: int = MAX_JSON) -> Any:
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise RefusedFile(path, f"is not valid JSON ({e})") from None
+        raise RefusedFile(path, f"not valid JSON ({e})") from None
 
 
 def tail(path: Path | str, max_bytes: int = 64 << 10) -> str:
@@ -121,6 +121,8 @@ def load_npy(path: Path | str, max_bytes: int = MAX_ARRAY, mmap: bool = False) -
             shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
                                      else np.lib.format.read_array_header_2_0(f))
         except Exception as e:  # noqa: BLE001 - any header problem means the file is not a .npy
+            if rf.pread(0, min(4, rf.size)) == b"PK\x03\x04":
+                raise RefusedFile(path, "expected one .npy array, found NpzFile (an .npz archive)") from None
             raise RefusedFile(path, f"is not a .npy file (no valid NUMPY header: truncated, empty or another "
                                     f"format; {e})") from None
         if dtype.hasobject:
