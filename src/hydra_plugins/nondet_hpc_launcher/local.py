@@ -41,7 +41,11 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .stopping import SweepStop, init_worker, set_busy, stopping
+from nondet_hpc.config import ConfigError  # torch-free
+
+# by module: Hydra's plugin scan executes each plugin module again, so a function must be looked up
+# on the module when it is pickled for a worker (its current object), not bound at import
+from . import stopping
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +107,13 @@ def _work(payload: bytes) -> tuple[JobReturn | None, str | None]:
 
     Returns the JobReturn and, for a job that raised, the exception as text (the exception itself
     may not pickle, or unpickle in the launcher); (None, None) when the sweep is being stopped."""
-    if stopping():
+    if stopping.is_stopping():
         return None, None
-    set_busy(True)
+    stopping.set_busy(True)
     try:
         return _work_now(payload)
     finally:
-        set_busy(False)
+        stopping.set_busy(False)
 
 
 def _work_now(payload: bytes) -> tuple[JobReturn, str | None]:
@@ -127,11 +131,15 @@ def _work_now(payload: bytes) -> tuple[JobReturn, str | None]:
             raised.append(e)
             raise
 
-    job_dir = _make_job_dir(config)
+    try:  # a link planted in the job's folder is refused: the job fails with that message
+        job_dir = _make_job_dir(config)
+        log_file = safeio.open_stream(job_dir / JOB_LOG, root=str(config.hydra.sweep.dir))
+    except safeio.RefusedFile as e:
+        return _lost_job(config, list(config.hydra.overrides.task), f"refused: {e}"), None
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with safeio.open_stream(job_dir / JOB_LOG, root=str(config.hydra.sweep.dir)) as f:
+    with log_file as f:
         # file descriptors, not sys.stdout: torch's and numpy's C-level output lands there too
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
@@ -305,7 +313,7 @@ class NondetLocalLauncher(Launcher):
         if n_jobs > 1 and 0 in threads:
             log.warning("train.threads=0: every job uses torch's default thread pool (all cores), so "
                         f"{n_jobs} jobs at once compete for the cores; set train.threads=N")
-        with SweepStop() as stop:
+        with stopping.SweepStop() as stop:
             try:
                 results = (self._serial(configs, job_overrides, stop) if n_jobs == 1 else
                            self._parallel(configs, job_overrides, n_jobs, stop))
@@ -318,21 +326,27 @@ class NondetLocalLauncher(Launcher):
         return [r for r in results if r is not None]
 
     def _serial(self, configs: list[DictConfig], job_overrides: Sequence[Sequence[str]],
-                stop: SweepStop) -> list[JobReturn | None]:
+                stop: stopping.SweepStop) -> list[JobReturn | None]:
         assert self.hydra_context is not None and self.config is not None and self.task_function is not None
         runs: list[JobReturn | None] = [None] * len(configs)
         for i, (config, overrides) in enumerate(zip(configs, job_overrides)):
             if stop.stopped:
                 break
             log.info(f"\t#{config.hydra.job.num} : {' '.join(filter_overrides(overrides))}")
-            _make_job_dir(config)  # Hydra creates it too, following links: a planted one is refused first
+            try:  # Hydra creates the job's folder too, following links: a planted one is refused first
+                _make_job_dir(config)
+            except ConfigError as e:
+                runs[i] = _lost_job(config, overrides, f"refused: {e}")
+                log.error(f"#{config.hydra.job.num} refused: {e}")
+                self.hydra_context.callbacks.on_job_end(config=config, job_return=runs[i])
+                continue
             runs[i] = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
                               job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return runs
 
     def _parallel(self, configs: list[DictConfig], job_overrides: Sequence[Sequence[str]],
-                  n_jobs: int, stop: SweepStop) -> list[JobReturn | None]:
+                  n_jobs: int, stop: stopping.SweepStop) -> list[JobReturn | None]:
         import cloudpickle
 
         assert self.hydra_context is not None and self.task_function is not None
@@ -341,7 +355,7 @@ class NondetLocalLauncher(Launcher):
         futures: dict[Future, int] = {}
         ctx = get_context("spawn")
         pids = ctx.SimpleQueue()
-        with ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx, initializer=init_worker,
+        with ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx, initializer=stopping.init_worker,
                                  initargs=(pids, os.getpid())) as pool:
             for i, config in enumerate(configs):
                 callbacks.on_job_start(config=config, task_function=self.task_function)

@@ -8,7 +8,7 @@ non-zero (128 + the signal's number, as a shell reports a process ended by it).
   raises ``Preempted``, so the run folder stays resumable).
 - Worker processes (``n_jobs > 1``) run :func:`init_worker` first: the same two signals set the
   trainer's stop flag and mark the worker as stopping, so a job already queued to it is returned
-  unstarted (:func:`stopping`) instead of training from scratch. The launcher sends SIGTERM to each
+  unstarted (:func:`is_stopping`) instead of training from scratch. The launcher sends SIGTERM to each
   worker when it is stopped (Ctrl-C reaches them from the terminal as well). A worker whose
   launcher died (SIGKILL) notices within a second, stops its job the same way and exits.
 
@@ -61,7 +61,7 @@ def _watch_launcher(launcher_pid: int) -> None:
     os._exit(1)
 
 
-def stopping() -> bool:
+def is_stopping() -> bool:
     """In a worker: the sweep is being stopped (start no job)."""
     return _STATE["stopping"]
 

@@ -67,12 +67,16 @@ def unescape_cell(v: Any) -> Any:
     return v
 
 
+def _textual(col: pd.Series) -> bool:
+    return col.dtype == object or pd.api.types.is_string_dtype(col.dtype)
+
+
 def csv_bytes(df: pd.DataFrame) -> bytes:
     """``df`` as CSV (no index), every text cell and column name escaped (:func:`escape_cell`):
     the one way the package writes a CSV (a run folder named =HYPERLINK(...) stays text)."""
     out = df.rename(columns=lambda c: escape_cell(str(c)))
     for col in out.columns:
-        if out[col].dtype == object:
+        if _textual(out[col]):
             out[col] = out[col].map(escape_cell)
     return out.to_csv(index=False).encode()
 
@@ -82,7 +86,7 @@ def read_csv(data: bytes, **kwargs: Any) -> pd.DataFrame:
     df = pd.read_csv(io.BytesIO(data), **kwargs)
     df = df.rename(columns=unescape_cell)
     for col in df.columns:
-        if df[col].dtype == object:
+        if _textual(df[col]):
             df[col] = df[col].map(unescape_cell)
     return df
 

@@ -266,12 +266,10 @@ def sweep_status(sweep_dir: str | os.PathLike, *, timeout: float | None = None, 
         manifest, lost = read_salvaged(sweep_dir)
         damage["sweep.json"] = _damage_note(e, manifest is not None)
     if manifest is None:
-        if (sweep_dir / RUNS).is_dir():
+        if (sweep_dir / RUNS).is_dir() or damage:
             out = _local_status(sweep_dir, stale_s)
             out["errors"].update(damage)
             return out
-        if damage:
-            raise FileNotFoundError(f"{damage['sweep.json']}; and {sweep_dir} has no runs/ folder: nothing to show")
         raise FileNotFoundError(f"{sweep_dir} holds neither sweep.json (written by hydra/launcher=slurm) "
                                 "nor runs/: not a sweep folder")
     folders = {s["n"]: s.get("folder", str(sweep_dir / "slurm")) for s in manifest["submissions"]}
@@ -333,7 +331,7 @@ def _folder_status(run_dir: Path, now: float, stale_s: float) -> RunStatus:
 def _local_status(sweep_dir: Path, stale_s: float) -> dict:
     """Status of a sweep folder without sweep.json (local launcher): from the run folders only."""
     now = time.time()
-    runs = [_folder_status(d, now, stale_s) for d in list_runs(sweep_dir)]
+    runs = [_folder_status(d, now, stale_s) for d in list_runs(sweep_dir)] if (sweep_dir / RUNS).is_dir() else []
     return {"sweep_dir": str(sweep_dir), "time": now_iso(), "counts": _counts(runs),
             "runs": [dataclasses.asdict(r) for r in runs], "reducer": None, "submissions": 0,
             "errors": {}, "accounting": "run folders (no sweep.json: not a SLURM sweep)"}

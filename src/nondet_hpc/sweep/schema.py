@@ -149,8 +149,11 @@ def salvage(data: Any) -> tuple[dict | None, list[str]]:
     for key in ("runs", "submissions"):
         if not isinstance(out[key], dict if key == "runs" else list):
             return None, check(out[key], top[key][1], key)
-    out["runs"] = _keep(out["runs"], RUN, "runs", lost)
-    out["submissions"] = _keep(out["submissions"], SUBMISSION, "submissions", lost)
+    out["runs"] = _keep({k: _prune(v, "jobs", JOB, f"runs[{json.dumps(k)}]", lost) for k, v in out["runs"].items()},
+                        RUN, "runs", lost)
+    subs = [_prune(_prune(v, "arrays", ARRAY, f"submissions[{i}]", lost), None, None, f"submissions[{i}]", lost)
+            for i, v in enumerate(out["submissions"])]
+    out["submissions"] = _keep(subs, SUBMISSION, "submissions", lost)
     if "cancellations" in out:
         if isinstance(out["cancellations"], list):
             out["cancellations"] = _keep(out["cancellations"], CANCELLATION, "cancellations", lost)
@@ -163,6 +166,22 @@ def salvage(data: Any) -> tuple[dict | None, list[str]]:
             lost += bad
             del out["study"]
     return out, lost
+
+
+def _prune(entry: Any, key: str | None, spec: Spec, where: str, lost: list[str]) -> Any:
+    """``entry`` with the damaged items of its list ``key`` left out (key None: a damaged reducer
+    record of a submission set to null), so one bad job record does not hide its whole entry."""
+    if not isinstance(entry, dict):
+        return entry
+    if key is None:
+        bad = check(entry.get("reducer"), SUBMISSION[1]["reducer"][1], f"{where}.reducer") if "reducer" in entry else []
+        if bad:
+            lost += bad
+            return {**entry, "reducer": None}
+        return entry
+    if isinstance(entry.get(key), list):
+        return {**entry, key: _keep(entry[key], spec, f"{where}.{key}", lost)}
+    return entry
 
 
 def _keep(entries: Any, spec: Spec, where: str, lost: list[str]) -> Any:
