@@ -94,8 +94,8 @@ def read_run_json(run: Path) -> tuple[dict | None, str]:
 
 
 def is_done(path: Path) -> bool:
-    """A finished run: its DONE is a regular file (a link or FIFO named DONE marks nothing)."""
-    return safeio.is_regular(Path(path) / DONE)
+    """A finished run: it has a DONE (never opened, so nothing under that name can block)."""
+    return (Path(path) / DONE).exists()
 
 
 def list_runs(sweep_dir: Path) -> list[Path]:

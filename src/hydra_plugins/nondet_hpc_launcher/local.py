@@ -248,13 +248,14 @@ class NondetLocalLauncher(Launcher):
         from nondet_hpc.analysis.planning import sweep_groups
         from nondet_hpc.config import ConfigError
         from nondet_hpc.sweep import waves
+        from nondet_hpc.sweep.manifest import SweepError
 
         assert self.config is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         try:
             groups = waves.group_jobs(job_overrides)
             wanted = waves.seeds_to_plan(rule, groups, waves.load_study(sweep_dir))
-        except (ConfigError, waves.StudyMismatch) as e:
+        except (ConfigError, waves.StudyMismatch, SweepError) as e:  # SweepError: a damaged sweep.json
             raise SystemExit(f"nondet_hpc: error: {e}\nNothing was run.") from None
         jobs = {label: dict(seed_jobs) for label, seed_jobs in groups.items()}
         chosen = [ov for label, seed_jobs in groups.items() for s, ov in seed_jobs if s in set(wanted[label])]
