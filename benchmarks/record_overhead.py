@@ -38,7 +38,7 @@ MODELS = {"digits-resnet14": (1, 8, 128, 497, 11, 40), "cifar-resnet14": (3, 32,
 
 def setup(name: str, device: torch.device):
     c, size, batch, probe, spe, epochs = MODELS[name]
-    model = build_model("resnet14", [16, 32, 64], [2, 2, 2], 10, c, "A")
+    model = build_model("resnet14", 10, c)
     init_weights(model, make_generator("init", 1))
     model.to(device).train()
     plan = StepPlan("fp32", None, False, False, False, False)

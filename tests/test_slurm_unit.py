@@ -352,9 +352,10 @@ def test_manifest_write_is_atomic(tmp_path, monkeypatch):
     renames = []
     real_replace = os.replace
 
-    def replace(src, dst):
-        renames.append((Path(src), Path(dst), json.loads(Path(src).read_text())))
-        real_replace(src, dst)
+    def replace(src, dst, *, src_dir_fd=None, dst_dir_fd=None):  # safeio renames inside a folder's descriptor
+        where = Path(os.readlink(f"/proc/self/fd/{dst_dir_fd}")) if dst_dir_fd is not None else Path()
+        renames.append((where / src, where / dst, json.loads((where / src).read_text())))
+        real_replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
     monkeypatch.setattr(os, "replace", replace)
     data["runs"]["y"] = {"jobs": []}

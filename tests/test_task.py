@@ -66,7 +66,9 @@ def test_run_directory_contract(cfg_factory, monkeypatch):
 
     def recording_replace(src, dst, *a, **k):  # every file of a run is published by a rename
         real_replace(src, dst, *a, **k)
-        writes.append(Path(dst))
+        # safeio renames inside the folder's descriptor: the folder comes from dst_dir_fd
+        fd = k.get("dst_dir_fd")
+        writes.append(Path(os.readlink(f"/proc/self/fd/{fd}")) / dst if fd is not None else Path(dst))
     monkeypatch.setattr(os, "replace", recording_replace)
     out = task.run(cfg)
     monkeypatch.setattr(os, "replace", real_replace)

@@ -104,13 +104,39 @@ def check_launcher_keys(argv: Sequence[str]) -> None:
             _fail(f"{fields.unknown_field(key[len(LAUNCHER_PREFIX):])}\nNothing was submitted.")
 
 
+#: room a run folder needs below out_dir (runs/<run id>/logits/<view>.npy and its temp name)
+RUN_PATH_ROOM = 200
+
+
+def _too_long(path: Path) -> str | None:
+    """Why ``path`` is too long for the file system (a name over NAME_MAX, a path over PATH_MAX)."""
+    probe = path
+    while not os.path.isdir(probe) and probe.parent != probe:
+        probe = probe.parent
+    try:
+        name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max, path_max = 255, 4096
+    for part in path.parts:
+        if len(os.fsencode(part)) > name_max:
+            return (f"the folder name {part[:40]!r}... is {len(os.fsencode(part))} bytes, more than the {name_max} "
+                    f"this file system allows in one name")
+    if len(os.fsencode(str(path))) + RUN_PATH_ROOM > path_max:
+        return (f"the path is {len(os.fsencode(str(path)))} bytes; with the {RUN_PATH_ROOM} a run folder needs below "
+                f"it, that is more than the {path_max} this file system allows")
+    return None
+
+
 def out_dir_problem(out_dir: str) -> str | None:
     """Why results cannot be written under ``out_dir`` (None when they can)."""
     path = Path(out_dir).expanduser().absolute()
     if any(str(path) == r or str(path).startswith(r + "/") for r in VIRTUAL_ROOTS):
         return f"it lies in {path.parts[1] and '/' + path.parts[1]}, a virtual file system, not storage"
+    too_long = _too_long(path)
+    if too_long:
+        return too_long
     probe = path
-    while not probe.exists():  # the nearest existing folder decides whether we may create the rest
+    while not os.path.lexists(probe):  # the nearest existing folder decides whether we may create the rest
         if probe.parent == probe:
             break
         if probe.is_symlink():  # a dangling link

@@ -225,7 +225,7 @@ class NondetSlurmLauncher(Launcher):
             groups = waves.group_jobs(job_overrides)
             recorded = waves.load_study(sweep_dir)
             wanted = waves.seeds_to_plan(rule, groups, recorded)
-        except (ConfigError, waves.StudyMismatch) as e:
+        except (ConfigError, waves.StudyMismatch, SweepError) as e:  # SweepError: a damaged sweep.json
             raise SystemExit(f"nondet_hpc: error: {e}\nNothing was submitted.") from None
         chosen = [(label, ov) for label, jobs in groups.items() for s, ov in jobs if s in set(wanted[label])]
         if self.composer is not None:

@@ -40,8 +40,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import metrics as M
-from ..rundir import atomic_write
-from . import tables
+from . import report_files, tables
 from .accounting import (
     DEFAULT_SLURM_TIMEOUT_S,
     NEVER_STARTED,
@@ -55,18 +54,14 @@ from .claims import ablation, claim1
 from .groups import VIEW_DISPLAY, Group, build_groups, view_display
 from .integrity import MIXED_HINT, Mix, Outlier, data_outliers, mixed_groups
 from .published import Comparison, compare, published_md
+from .report_files import REPORT_FILES
 from .scan import Exclusion, ReduceError, Run, parse_view_file, scan_sweep
-from .stats import apply_baselines, columns, group_row, per_model, reduce_group
+from .stats import apply_baselines, columns, group_row, no_variation_lines, per_model, reduce_group
 from .tables import format_table
 from .verdicts import Judgement, claims_md, judge
 
 __all__ = ["REPORT_FILES", "VIEW_DISPLAY", "ReduceError", "format_table", "reduce_sweep", "view_display"]
 
-REPORT_FILES: tuple[str, ...] = (
-    "metrics.csv", "metrics.md", "metrics.tex", "per_model.csv", "excluded.csv", "ablation.csv",
-    "ablation.md", "claim1.csv", "claims.csv", "published.csv", "summary.txt", "report.md", "metrics.png", "sd_vs_n.png",
-    "accuracy_spread.png", "claim1.png", "reduction.png", "architectures.csv", "architectures.md",
-    "architectures.png")
 EXCLUDED_COLUMNS: list[str] = ["run_id", "group", "view", "category", "reason", "group_key"]
 
 
@@ -88,6 +83,7 @@ class _Results:
     seed: int
     accounting_lines: list[str]
     mixes: list[Mix]
+    top: list[str]  # said first: a varied source that produced no variation
     judgement: Judgement | None = None
     published: Comparison | None = None
     architectures: pd.DataFrame | None = None  # analysis/architectures.py: empty without a ladder of models
@@ -112,10 +108,7 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     """
     _check_request(formula, n_boot, seed)
     sweep = Path(sweep_dir)
-    report = sweep / "report"
-    if report.exists() and not report.is_dir():  # found before minutes of work, not after
-        raise ReduceError(f"{report} exists and is not a folder: the report is written there. Move or "
-                          "rename that file, then reduce again.")
+    report = report_files.check_writable(sweep)  # a link or a file there: found before minutes of work
     warnings: list[str] = []
     runs, excluded = scan_sweep(sweep, warnings)
     mixes = mixed_groups(runs)
@@ -124,6 +117,8 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
         raise ReduceError(f"{len(mixes)} group(s) of {sweep} hold runs of different environments:\n"
                           + "\n".join(lines) + "\n" + MIXED_HINT)
     acc = account(sweep, runs, excluded, slurm_timeout=slurm_timeout, job_states=job_states)
+    if acc.problem:  # a damaged sweep.json: the report comes from the run folders alone
+        warnings.append(f"{acc.problem}; this report is made from the run folders alone")
     if not runs:
         pending = tables.excluded_summary(excluded)
         raise ReduceError(f"{sweep}/runs has no complete run to reduce.\n" + "\n".join(pending))
@@ -134,7 +129,8 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     apply_baselines(df, groups, formula, baseline)
     c1, c1_lines = claim1(groups, n_boot, seed)
     res = _Results(sweep, len(runs), df, per_model(groups), ablation(groups, seed), c1, c1_lines, excluded,
-                   warnings, formula, n_boot, seed, _accounting_lines(groups, runs, excluded, acc), mixes)
+                   warnings, formula, n_boot, seed, _accounting_lines(groups, runs, excluded, acc), mixes,
+                   no_variation_lines(groups))
     res.judgement = judge(groups, df, c1, formula, n_boot, seed)
     res.published, res.architectures = compare(groups, df, res.ablation, res.judgement), architectures_table(groups)
 
@@ -143,7 +139,7 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
 
     reproduces = describe_sweep(sorted({str(r.info.get("experiment") or "") for r in runs}))
     summary = _summary(res, reproduces, report)
-    _write_report(report, _report_files(res, summary))
+    report_files.write(sweep, _report_files(res, summary), warnings)
 
     df.attrs["summary"] = summary
     df.attrs["reproduces"] = reproduces
@@ -222,7 +218,7 @@ def _reduce_groups(runs: list[Run], sweep: Path, excluded: list[Exclusion], warn
 
 def _summary(res: _Results, reproduces: str, report: Path) -> str:
     """The printed summary (and summary.txt): what the sweep reproduces, the table, claim 1, left out."""
-    lines = [reproduces, "", format_table(res.df), "", *res.claim1_lines]
+    lines = [reproduces, *(["", *res.top] if res.top else []), "", format_table(res.df), "", *res.claim1_lines]
     lines += [v.text for v in res.judgement.verdicts] if res.judgement else []
     if res.accounting_lines:
         lines += ["", *res.accounting_lines]
@@ -243,23 +239,24 @@ def _report_files(res: _Results, summary: str) -> dict[str, bytes]:
     md_table = tables.markdown(tables.display_frame(df))
     abl_md = tables.ablation_md(res.ablation)
     exc_df = pd.DataFrame([e.__dict__ for e in res.excluded], columns=EXCLUDED_COLUMNS)
+    csv = tables.csv_bytes  # every CSV: a cell that starts like a spreadsheet formula is escaped
     outputs: dict[str, bytes] = {
-        "metrics.csv": df.to_csv(index=False).encode(),
+        "metrics.csv": csv(df),
         "metrics.md": tables.metrics_md(md_table, df, res.formula).encode(),
         "metrics.tex": tables.latex(df, caption).encode(),
-        "per_model.csv": res.per_model.to_csv(index=False).encode(),
-        "excluded.csv": exc_df.to_csv(index=False).encode(),
-        "ablation.csv": res.ablation.to_csv(index=False).encode(),
+        "per_model.csv": csv(res.per_model),
+        "excluded.csv": csv(exc_df),
+        "ablation.csv": csv(res.ablation),
         "ablation.md": abl_md.encode(),
     }
     if not res.claim1.empty:
-        outputs["claim1.csv"] = res.claim1.to_csv(index=False).encode()
+        outputs["claim1.csv"] = csv(res.claim1)
     if res.judgement is not None and not res.judgement.stats.empty:
-        outputs["claims.csv"] = res.judgement.stats.to_csv(index=False).encode()
+        outputs["claims.csv"] = csv(res.judgement.stats)
     if res.published is not None and not res.published.rows.empty:
-        outputs["published.csv"] = res.published.rows.to_csv(index=False).encode()
+        outputs["published.csv"] = csv(res.published.rows)
     if res.architectures is not None and not res.architectures.empty:
-        outputs["architectures.csv"] = res.architectures.to_csv(index=False).encode()
+        outputs["architectures.csv"] = csv(res.architectures)
         outputs["architectures.md"] = architectures_md(res.architectures).encode()
         outputs["architectures.png"] = architectures_png(res.architectures)
     outputs["summary.txt"] = (summary + "\n").encode()
@@ -271,7 +268,8 @@ def _report_files(res: _Results, summary: str) -> dict[str, bytes]:
     outputs["report.md"] = (tables.report_md(res.sweep, df, md_table, res.formula, res.claim1_lines, res.claim1,
                                              abl_md, res.excluded, res.warnings, list(drawn), res.n_boot,
                                              res.seed, claims=claims_md(res.judgement) if res.judgement else [],
-                                             published=published_md(res.published) if res.published else [])
+                                             published=published_md(res.published) if res.published else [],
+                                             top=res.top)
                             + _extra_sections(res)).encode()
     return outputs
 
@@ -292,15 +290,3 @@ def _extra_sections(res: _Results) -> str:
 
     parts += report_section(res.sweep)
     return "\n" + "\n".join(parts) if parts else ""
-
-
-def _write_report(report: Path, outputs: dict[str, bytes]) -> None:
-    try:
-        for name, data in outputs.items():
-            atomic_write(report / name, lambda f, data=data: f.write(data))
-        for name in REPORT_FILES:  # a file this run did not produce must not survive from an older one
-            if name not in outputs and (report / name).exists():
-                (report / name).unlink()
-    except OSError as e:  # read-only sweep folder, full disk, a folder named like a report file
-        raise ReduceError(f"cannot write the report to {report} ({type(e).__name__}: {e}); make it writable "
-                          "(or free space) and reduce again") from None

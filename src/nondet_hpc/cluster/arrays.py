@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import safeio
 from ..sweep.identity import PlannedRun
 from ..sweep.manifest import write_manifest
 from . import fields
@@ -59,7 +60,7 @@ def check_reducer_place(launch: Launch) -> None:
     if not any((r.get(k) or p.get(k)) != p.get(k) for k in ("partition", "account", "qos")):
         return
     script_path = launch.folder / f"sub{launch.record['n']:03d}_reduce.sh"
-    script_path.write_text(sbatch_script(p, launch.folder, reducer=True))
+    safeio.write_bytes(script_path, sbatch_script(p, launch.folder, reducer=True).encode(), root=launch.folder)
     try:
         sbatch(script_path, launch.timeout, test_only=True)
     except SlurmError as e:
@@ -82,8 +83,9 @@ def submit_array(launch: Launch, c: int, runs: list[PlannedRun], offset: int, pa
     tasks = [runs[i:i + k] for i in range(0, len(runs), k)]
     token = new_token()
     script_path = folder / f"sub{sub_n:03d}_array{c:02d}.sh"
-    script_path.write_text(sbatch_script(p, folder, array_size=len(tasks), parallelism=parallelism,
-                                         dependency=dependency, token=token))
+    script = sbatch_script(p, folder, array_size=len(tasks), parallelism=parallelism, dependency=dependency,
+                           token=token)
+    safeio.write_bytes(script_path, script.encode(), root=folder)
     max_requeue, timeout_min = int(fields.value(p, "max_requeue")), int(fields.value(p, "timeout_min"))
     for i, task in enumerate(tasks):
         pickle_job(folder, task_job(p, task), timeout_min, max_requeue, name=f"{token}_{i}")
@@ -169,8 +171,8 @@ def _sbatch_reducer(launch: Launch, dependency: str, script_path: Path) -> tuple
     what = f"the reducer job of submission {launch.record['n']}"
     for attempt in (1, 2):
         token = new_token()
-        script_path.write_text(sbatch_script(launch.params, launch.folder, reducer=True, dependency=dependency,
-                                             token=token))
+        script = sbatch_script(launch.params, launch.folder, reducer=True, dependency=dependency, token=token)
+        safeio.write_bytes(script_path, script.encode(), root=launch.folder)
         pickle_job(launch.folder, ReduceJob(str(launch.sweep_dir)), timeout_min, 0, name=token)
         job = {"job_id": None, "token": token, "dependency": dependency, "script": str(script_path),
                "command": f"sbatch --parsable {script_path}"}

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .. import safeio
 from ..sweep.identity import PlannedRun
 from . import fields
 from .jobs import RunJob
@@ -54,8 +55,8 @@ def pickle_job(folder: Path, fn: Callable[[], Any], timeout_min: int, max_requeu
     tmp = temporary(folder, name or uuid.uuid4().hex)
     ds = DelayedSubmission(fn)
     ds.set_timeout(timeout_min, max_requeue)
-    with tmp.open("wb") as f:
-        cloudpickle.dump(ds, f)
+    # never through a link planted in the folder (it is private, but checked again at each write)
+    safeio.atomic_write(tmp, lambda f: cloudpickle.dump(ds, f), root=folder)
     return tmp
 
 

@@ -32,9 +32,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .. import safeio
 from ..config import ConfigError
 from ..rundir import (CHECKPOINT, CONFIG, DONE, FEATURES, LABELS, RUN_JSON, RUNS, RunRecord, is_done, list_runs,
-                      logits_path, read_json, run_lock, write_npy)
+                      logits_path, read_run_json, run_lock, write_npy)
 from ..viewspec import VIEWS
 
 __all__ = ["EvaluateError", "find_runs", "evaluate_run", "main"]
@@ -74,10 +75,13 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tupl
             if not found:
                 raise EvaluateError(f"{p} is a sweep folder without runs (nothing under {p / RUNS}).")
             for d in found:
-                if is_done(d):
-                    runs.append(d)
-                else:
+                if not is_done(d):
                     skipped.append((d, f"not DONE (state: {_state(d)})"))
+                elif not safeio.is_regular(d / CONFIG):
+                    skipped.append((d, f"DONE but no {CONFIG} (a stray marker, or a folder this package did not "
+                                       f"write): left alone"))
+                else:
+                    runs.append(d)
         elif (p / CONFIG).exists() or (p / RUN_JSON).exists():
             if not is_done(p):
                 raise EvaluateError(
@@ -94,10 +98,45 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tupl
 
 
 def _state(run: Path) -> str:
-    try:
-        return str(read_json(run / RUN_JSON).get("state", "unknown"))
-    except (OSError, ValueError):
-        return f"unknown (no readable {RUN_JSON})"
+    info, _ = read_run_json(run)
+    return str(info.get("state", "unknown")) if info is not None else f"unknown (no readable {RUN_JSON})"
+
+
+def load_run_config(rd: Path):
+    """A run's config.yaml as an OmegaConf config, read as data only: a regular file of bounded size,
+    no YAML tags, few aliases (safeio.load_yaml), no interpolation (a run's config.yaml is written
+    resolved; ``${oc.env:...}`` would read this machine's environment), and a mapping of sections."""
+    from omegaconf import OmegaConf
+
+    path = rd / CONFIG
+    data = safeio.load_yaml(path)
+    if not isinstance(data, dict):
+        what = "list" if isinstance(data, list) else type(data).__name__
+        raise EvaluateError(f"{path} holds a YAML {what}, not the mapping of config keys a run's {CONFIG} is (the job "
+                            f"writes it); it was edited or replaced. Restore it, or retrain the run (force=true).")
+    bad = _unresolved(data, "")
+    if bad:
+        raise EvaluateError(f"{path}: {bad[0]} holds {bad[1]!r}; a run's {CONFIG} is written with every value "
+                            f"resolved, so this one was edited. Values are not resolved here (an interpolation "
+                            f"would read this machine's environment): write the value itself.")
+    missing = [k for k in ("data", "model", "source", "train", "eval") if not isinstance(data.get(k), dict)]
+    if missing:
+        raise EvaluateError(f"{path} lacks the section(s) {', '.join(missing)} every run's {CONFIG} has; it was "
+                            f"edited or replaced. Restore it, or retrain the run (force=true).")
+    return OmegaConf.create(data)
+
+
+def _unresolved(node, where: str) -> tuple[str, str] | None:
+    """(key, value) of the first interpolation or missing value ('???') in plain YAML data."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        key = f"{where}.{k}" if where else str(k)
+        if isinstance(v, str) and ("${" in v or v == "???"):
+            return key, v
+        found = _unresolved(v, key)
+        if found:
+            return found
+    return None
 
 
 def _locked(run: Path):
@@ -118,7 +157,6 @@ def evaluate_run(run: str | os.PathLike, views: Sequence[str], *, features: bool
     Returns {"run_id", "written": [...], "skipped": [...], "plain_max_abs_diff": float | None}.
     """
     import torch
-    from omegaconf import OmegaConf
 
     from .device import resolve_device
     from .sources import configure_precision, fp32_flag_of
@@ -132,7 +170,8 @@ def evaluate_run(run: str | os.PathLike, views: Sequence[str], *, features: bool
     work.plan(views, features)
     if work.nothing_to_do():
         return work.result([], None)
-    cfg = OmegaConf.load(rd / CONFIG)
+    safeio.check_tree(rd)  # nothing is read or written through a link planted in the run folder
+    cfg = load_run_config(rd)
     _check_factory_consent(cfg, allow_factory)
     info = RunRecord(rd / RUN_JSON).data
     if data_root is not None:
@@ -264,12 +303,12 @@ def _rebuild(rd: Path, rid: str, cfg, info: dict, dev, channels_last: bool):
     """(the run's final model from its checkpoint, on ``dev`` in eval mode; the data it was trained on)."""
     import torch
 
-    from .data import load_dataset, settings
+    from .data import load_dataset
     from .models import model_for_run
     from .train import load_checkpoint_file
 
     ckpt_path = rd / CHECKPOINT
-    if not ckpt_path.exists():
+    if not os.path.lexists(ckpt_path):
         raise EvaluateError(f"{rd} has no {CHECKPOINT} (deleted to save space?): the model cannot be rebuilt.")
     state = load_checkpoint_file(ckpt_path, rid)
     epoch = (state.get("progress") or {}).get("epoch")
@@ -282,10 +321,18 @@ def _rebuild(rd: Path, rid: str, cfg, info: dict, dev, channels_last: bool):
         raise EvaluateError(f"the data loaded now (data.root={cfg.data.root!r}) differ from the data this run was "
                             f"trained on (sha256 {data.info.get('sha256', '?')[:12]} != {want_sha[:12]}); point "
                             f"--data-root at the same data set.")
-    # the initial weights do not matter (the checkpoint replaces them); the generator only feeds the builder
-    model = model_for_run(cfg, tuple(int(v) for v in data.train_x.shape[1:]), data.num_classes,  # type: ignore
-                          torch.Generator().manual_seed(0))
-    model.load_state_dict(state["model"])
+    try:
+        # the initial weights do not matter (the checkpoint replaces them); the generator only feeds the builder
+        model = model_for_run(cfg, tuple(int(v) for v in data.train_x.shape[1:]), data.num_classes,  # type: ignore
+                              torch.Generator().manual_seed(0))
+        model.load_state_dict(state["model"])
+    except ConfigError as e:
+        raise EvaluateError(f"{rd / CONFIG}: {e}") from None
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise EvaluateError(f"{ckpt_path} does not fit the model {rd / CONFIG} describes (model.name="
+                            f"{cfg.model.get('name', '?')}): {first}. One of the two was edited or copied from another "
+                            f"run: restore them, or retrain the run (force=true).") from None
     model.to(device=dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     model.eval()
     return model, data
@@ -295,13 +342,13 @@ def _compare_with_training(rd: Path, rid: str, data, plain: np.ndarray, echo: Ca
     """Check the labels, and how far the recomputed plain logits are from training's (None: no file)."""
     labels_path = rd / LABELS
     if labels_path.exists():
-        labels = np.load(labels_path, allow_pickle=False)
+        labels = safeio.load_npy(labels_path)
         if not np.array_equal(labels, data.test_y.cpu().numpy()):
             raise EvaluateError(f"{labels_path} differs from the test labels loaded now: wrong data set.")
     plain_path = logits_path(rd, "plain")
     if not plain_path.exists():
         return None
-    old = np.load(plain_path, allow_pickle=False)
+    old = safeio.load_npy(plain_path)
     diff = float(np.max(np.abs(old.astype(np.float64) - plain))) if old.shape == plain.shape else float("inf")
     if diff != 0.0:
         echo(f"[evaluate] {rid}: warning: recomputed plain logits differ from {_rel(plain_path)} (max abs diff "

@@ -7,6 +7,7 @@ DONE last. It needs no Hydra runtime, so launchers can call it with a composed c
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import re
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .. import __version__
+from .. import __version__, safeio
 from ..config import RETIRED_KEYS, ConfigError, conf_dir, identity_items, threads_for
 from ..registry.inputs import resolve_inputs
 from ..registry.models import CUSTOM, MODELS, model_entry
@@ -30,6 +31,7 @@ from ..rundir import (CHECKPOINT, CONFIG, DONE, FEATURES, LABELS, REPLACED, RUN_
                       is_done, logits_path, run_dir, run_id, run_lock, snapshot_view, write_json, write_npy, write_text)
 from ..viewspec import VIEWS
 from .data import AUGMENT_DRAWS, DATASETS, Dataset, load_dataset, settings
+from .cpuinfo import cpu_record
 from .device import resolve_device
 from .models import bitflip_target, model_for_run
 from .sources import Streams, apply_bitflip, configure_kernels, precision_record, resolve_seeds
@@ -128,19 +130,22 @@ def _check_choices(cfg) -> None:
 
 
 def _probe_out_dir(out_dir: str) -> None:
-    """Write and sync real bytes under out_dir/runs/: an empty file can be created on a full disk."""
+    """Write and sync real bytes under out_dir/runs/: an empty file can be created on a full disk.
+    runs/ must be a real folder (safeio: a link there would send every run's files elsewhere)."""
     runs = Path(out_dir) / RUNS
     try:
-        runs.mkdir(parents=True, exist_ok=True)
-        probe = runs / f".write-test-{os.getpid()}"
+        probe = safeio.make_dirs(runs, root=out_dir) / f".write-test-{os.getpid()}"
         try:
-            with open(probe, "wb") as f:
+            with safeio.open_stream(probe, root=out_dir) as f:
                 f.write(b"\0" * PROBE_BYTES)
                 f.flush()
                 os.fsync(f.fileno())
         finally:
             probe.unlink(missing_ok=True)
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise ConfigError(f"out_dir={out_dir!r} is too long for the file system ({e.strerror}: a folder or "
+                              f"file name below it would exceed the limit). Choose a shorter out_dir=PATH.") from None
         raise ConfigError(f"out_dir={out_dir!r} is not writable ({e.strerror}: {e.filename}). "
                           f"Choose a folder you can write with out_dir=PATH.") from e
 
@@ -160,6 +165,7 @@ def provenance(device: torch.device) -> dict:
 
     info = {"host": socket.gethostname(), "pid": os.getpid(), "platform": platform.platform(),
             "threads": torch.get_num_threads(), "git_commit": _git_commit(),
+            "cpu": cpu_record(),  # model and vector ISA: they decide CPU results with the thread count
             "versions": {"nondet_hpc": __version__, "python": sys.version.split()[0],
                          "torch": torch.__version__, "torchvision": torchvision.__version__,
                          "numpy": np.__version__, "cuda": torch.version.cuda,
@@ -179,7 +185,7 @@ def provenance(device: torch.device) -> dict:
 def _move_aside(path: Path) -> Path:
     """force=true: keep the finished run under runs/.replaced/ instead of deleting it."""
     dest = path.parent / REPLACED / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    safeio.make_dirs(dest.parent)
     os.replace(path, dest)
     return dest
 
@@ -192,7 +198,7 @@ def _save_views(dest: Path, logits: dict[str, np.ndarray], snapshot: int | None 
 
 def _skipped(cfg: DictConfig, rd: Path, rid: str) -> dict:
     """A DONE run is never retrained; say which configured views it lacks and how to add them."""
-    missing = [v for v in cfg.eval.views if not logits_path(rd, v).is_file()]
+    missing = [v for v in cfg.eval.views if not safeio.is_regular(logits_path(rd, v))]
     out = {"run_id": rid, "run_dir": str(rd), "state": "skipped (DONE)"}
     if missing:
         out["missing_views"] = missing
@@ -226,12 +232,15 @@ def run(cfg: DictConfig) -> dict:
     if is_done(rd):
         moved = _move_aside(rd)
         print(f"[nondet_hpc] force=true: previous result of {rid} kept at {moved}", flush=True)
-    rd.mkdir(parents=True, exist_ok=True)
+    safeio.make_dirs(rd)  # every folder below out_dir a real one, never a link (safeio)
     busy = lambda: ConfigError(f"{rd} is being trained by another process right now; wait for it "  # noqa: E731
                                f"(python -m nondet_hpc.status {rd.parent.parent}).")
     with run_lock(rd, busy):
         if is_done(rd):  # finished by another process while we waited for the lock
             return _skipped(cfg, rd, rid)
+        # a link anywhere in the run folder (logits/ pointing at another run's) is refused before
+        # training, not after minutes of it: nothing is written through it
+        safeio.check_tree(rd)
         return _train(cfg, rd, rid, data)
 
 

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import io
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from .data import Dataset, EpochImages, Normalize, epoch_augment, epoch_order, t
 from ..config import ConfigError
 from .models import BasicBlock, ResNet
 from .zoo import authors_small_lr_names
+from .. import safeio
 from ..rundir import atomic_write
 from .sources import Streams
 from .step import EagerStep, StepPlan, make_optimizer, make_scaler, make_step, plan_step
@@ -150,8 +152,12 @@ def load_checkpoint_file(path: Path, run_id: str, map_location: Any = "cpu") -> 
     run's model. Either refusal leaves every file as it is and says what to do.
     """
     path = Path(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+    try:  # a regular file of bounded size, read from the checked descriptor (a FIFO would block)
+        with safeio.RegularFile(path, safeio.MAX_CHECKPOINT) as rf, rf.fileobj() as f:
+            state = torch.load(f, map_location=map_location, weights_only=True)
+    except safeio.RefusedFile as e:
+        raise ConfigError(f"{e}. Nothing was loaded or overwritten: move it away (the run then trains from "
+                          f"scratch) or restore the run's own checkpoint.") from None
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise ConfigError(f"{path} was refused: it is not a checkpoint this package wrote ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200]}). Nothing was loaded or overwritten. If the run should "
@@ -161,6 +167,14 @@ def load_checkpoint_file(path: Path, run_id: str, map_location: Any = "cpu") -> 
         raise ConfigError(f"{path} belongs to run {stored or '(no run id recorded)'}, not to {run_id}: it was copied "
                           f"or written by another version. Nothing was loaded or overwritten; move it away to "
                           f"train {run_id} from scratch.")
+    progress = state.get("progress")
+    if not isinstance(progress, dict) or set(progress) != set(PROGRESS_KEYS) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in progress.values()):
+        shown = sorted(progress) if isinstance(progress, dict) else type(progress).__name__
+        raise ConfigError(f"{path}: its progress record has {shown}, not the integer counts {list(PROGRESS_KEYS)} this "
+                          f"version writes (written by another version, or edited). Nothing was loaded or "
+                          f"overwritten: move it away to train {run_id} from scratch, or resume it with the version "
+                          f"that wrote it.")
     return state
 
 
@@ -169,6 +183,9 @@ class Progress:
     epoch: int = 0  # epochs fully done
     batch: int = 0  # batches done within the current epoch
     step: int = 0  # optimizer steps done in total
+
+
+PROGRESS_KEYS = tuple(f.name for f in dataclasses.fields(Progress))
 
 
 class Trainer:
@@ -230,7 +247,7 @@ class Trainer:
         atomic_write(self.checkpoint_path, write)
 
     def load_checkpoint(self) -> bool:
-        if not self.checkpoint_path.exists():
+        if not os.path.lexists(self.checkpoint_path):
             return False
         state = load_checkpoint_file(self.checkpoint_path, self.run_id, map_location=self.device)
         self.model.load_state_dict(state["model"])

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ...config import ConfigError
 from ...model_factory import CUSTOM_KEYS
-from ...registry.models import CUSTOM, MODELS, Model
+from ...registry.models import MODELS, Model
 from .cifar_resnet import build_cifar_resnet
 from .custom import build_custom, check_output
 from .resnet import build_resnet
