@@ -41,7 +41,7 @@ import pandas as pd
 
 from .. import metrics as M
 from ..rundir import atomic_write
-from . import tables
+from . import instab_text, tables
 from .accounting import (
     DEFAULT_SLURM_TIMEOUT_S,
     NEVER_STARTED,
@@ -52,6 +52,7 @@ from .accounting import (
 )
 from .claims import ablation, claim1
 from .groups import VIEW_DISPLAY, Group, build_groups, view_display
+from .instab_report import Section, instability_section
 from .integrity import MIXED_HINT, Mix, Outlier, data_outliers, mixed_groups
 from .published import Comparison, compare, published_md
 from .scan import Exclusion, ReduceError, Run, parse_view_file, scan_sweep
@@ -64,7 +65,7 @@ __all__ = ["REPORT_FILES", "VIEW_DISPLAY", "ReduceError", "format_table", "reduc
 REPORT_FILES: tuple[str, ...] = (
     "metrics.csv", "metrics.md", "metrics.tex", "per_model.csv", "excluded.csv", "ablation.csv",
     "ablation.md", "claim1.csv", "claims.csv", "published.csv", "summary.txt", "report.md", "metrics.png", "sd_vs_n.png",
-    "accuracy_spread.png", "claim1.png", "reduction.png")
+    "accuracy_spread.png", "claim1.png", "reduction.png", "instability.csv", "instability_pairs.csv", "divergence.png")
 EXCLUDED_COLUMNS: list[str] = ["run_id", "group", "view", "category", "reason", "group_key"]
 
 
@@ -88,6 +89,7 @@ class _Results:
     mixes: list[Mix]
     judgement: Judgement | None = None
     published: Comparison | None = None
+    instability: Section | None = None
 
 
 def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot: int = 10_000, seed: int = 0,
@@ -134,7 +136,7 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
                    warnings, formula, n_boot, seed, _accounting_lines(groups, runs, excluded, acc), mixes)
     res.judgement = judge(groups, df, c1, formula, n_boot, seed)
     res.published = compare(groups, df, res.ablation, res.judgement)
-
+    res.instability = instability_section(groups, sweep, warnings)
     # lazy: the preset catalogue is only needed for the summary's first line
     from ..presets import describe_sweep  # torch- and Hydra-free
 
@@ -219,8 +221,11 @@ def _reduce_groups(runs: list[Run], sweep: Path, excluded: list[Exclusion], warn
 
 def _summary(res: _Results, reproduces: str, report: Path) -> str:
     """The printed summary (and summary.txt): what the sweep reproduces, the table, claim 1, left out."""
-    lines = [reproduces, "", format_table(res.df), "", *res.claim1_lines]
+    alarms = res.instability.alarms if res.instability else []
+    lines = [*alarms, *([""] if alarms else []), reproduces, "", format_table(res.df), "", *res.claim1_lines]
     lines += [v.text for v in res.judgement.verdicts] if res.judgement else []
+    lines += _claim2_direct(res)
+    lines += instab_text.summary_lines(res.instability)
     if res.accounting_lines:
         lines += ["", *res.accounting_lines]
     lines += ["", *tables.excluded_summary(res.excluded)]
@@ -256,22 +261,33 @@ def _report_files(res: _Results, summary: str) -> dict[str, bytes]:
     if res.published is not None and not res.published.rows.empty:
         outputs["published.csv"] = res.published.rows.to_csv(index=False).encode()
     outputs["summary.txt"] = (summary + "\n").encode()
+    if res.instability is not None:
+        outputs["instability.csv"] = res.instability.table().to_csv(index=False).encode()
+        outputs["instability_pairs.csv"] = res.instability.pair_table().to_csv(index=False).encode()
     figures = {"metrics.png": plots.group_metrics_png(df), "sd_vs_n.png": plots.sd_vs_n_png(res.ablation),
                "accuracy_spread.png": plots.accuracy_spread_png(res.per_model),
-               "claim1.png": plots.claim1_png(res.claim1), "reduction.png": plots.reduction_png(df)}
+               "claim1.png": plots.claim1_png(res.claim1), "reduction.png": plots.reduction_png(df),
+               instab_text.FIGURE: instab_text.divergence_png(res.instability)}
     drawn = {k: v for k, v in figures.items() if v is not None}
     outputs.update(drawn)
+    alarms = [f"> **{a}**" for a in res.instability.alarms] + [""] if res.instability and res.instability.alarms \
+        else []
     outputs["report.md"] = (tables.report_md(res.sweep, df, md_table, res.formula, res.claim1_lines, res.claim1,
                                              abl_md, res.excluded, res.warnings, list(drawn), res.n_boot,
-                                             res.seed, claims=claims_md(res.judgement) if res.judgement else [],
+                                             res.seed, claims=alarms + (claims_md(res.judgement) if res.judgement
+                                                                        else []),
                                              published=published_md(res.published) if res.published else [])
-                            + _extra_sections(res)).encode()
+                            + _extra_sections(res, list(drawn))).encode()
     return outputs
 
 
-def _extra_sections(res: _Results) -> str:
-    """report.md's sections on the sweep as a whole: planned runs and mixed environments."""
-    parts: list[str] = []
+def _claim2_direct(res: _Results) -> list[str]:
+    return instab_text.claim2_lines(res.judgement.stats) if res.judgement is not None else []
+
+
+def _extra_sections(res: _Results, figures: list[str]) -> str:
+    """report.md's sections on the sweep as a whole: instability, planned runs and mixed environments."""
+    parts: list[str] = instab_text.section_md(res.instability, figures, _claim2_direct(res))
     if res.accounting_lines:
         parts += ["## Planned runs", "", *[f"    {ln}" for ln in res.accounting_lines], ""]
     if res.mixes:
