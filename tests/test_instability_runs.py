@@ -254,3 +254,26 @@ def test_a_model_above_the_weights_cap_keeps_its_trajectory_and_says_why(tmp_pat
     assert not (rd / WEIGHTS).exists() and (rd / TRAJECTORY).exists()
     assert info["weights"] is None and "record.weights_max_params=1,000" in info["weights_skipped"]
     assert info["fingerprint"] == read_trajectory(rd / TRAJECTORY).fingerprint[-1].tobytes().hex()
+
+
+# --- cost ---------------------------------------------------------------------------------------
+def test_the_storage_estimate_of_the_cost_model_is_the_size_of_real_run_files(sweep):
+    from nondet_hpc import presets
+    from nondet_hpc.run.models import build_model
+    from nondet_hpc.run.recording import record_settings
+
+    for name, (params, buffers, n_params, n_buffers) in presets.PARAMETERS.items():
+        m = build_model(name, 10, 3)
+        assert sum(p.numel() for p in m.parameters()) == presets.n_parameters(name, 10)
+        assert (params + m.fc.weight.numel() + m.fc.bias.numel(), buffers) == \
+            (presets.n_parameters(name, 10), sum(b.numel() for b in m.buffers()))
+        assert (n_params, n_buffers) == (len(list(m.parameters())), len(list(m.buffers())))
+    cfg = _cfg(sweep, "all", 1)
+    rd = run_dir(cfg)
+    est = presets.run_files_bytes("resnet14", 2, n_train=256, n_test=120, batch_size=64,
+                                  record=record_settings(cfg))
+    real = {"weights": (rd / WEIGHTS).stat().st_size, "trajectory": (rd / TRAJECTORY).stat().st_size,
+            "checkpoint": (rd / "checkpoint.pt").stat().st_size,
+            "logits": sum(p.stat().st_size for p in (rd / "logits").iterdir()) + (rd / "labels.npy").stat().st_size}
+    for key, size in real.items():
+        assert est[key] == pytest.approx(size, rel=0.03), key

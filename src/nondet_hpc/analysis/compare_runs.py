@@ -236,7 +236,8 @@ def verdict_line(c: Comparison) -> str:
     if c.verdict == IDENTICAL:
         extra = " (their configs or environments differ in ways that did not change the computation)" \
             if c.identity or c.environment else ""
-        return f"Verdict: identical: every recorded fingerprint, the final weights and the final logits are equal{extra}."
+        return (f"Verdict: identical: every recorded fingerprint, the final weights and the final logits are "
+                f"equal{extra}.")
     if c.verdict == IMPLIED:
         what = " and ".join(w for w, rows in (("identity keys", c.identity), ("environment", c.environment)) if rows)
         return f"Verdict: differ as their configs imply ({what} differ, listed above); first visible at {where}."

@@ -75,7 +75,8 @@ def _open(inp: Input, runs: list[Run], sweep: Path) -> list | BadFile | int | No
         arrays.append(arr)
     odd = [r.run_id for r, a in zip(runs, arrays) if getattr(a, "layout", None) != getattr(arrays[0], "layout", None)]
     if odd:
-        return BadFile(f"{inp.file} of {', '.join(odd[:3])} has other parameter tensors than {runs[0].run_id}'s", "shape")
+        return BadFile(f"{inp.file} of {', '.join(odd[:3])} has other parameter tensors than {runs[0].run_id}'s",
+                       "shape")
     return arrays
 
 
