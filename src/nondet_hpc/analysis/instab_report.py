@@ -114,7 +114,13 @@ class _Files:
     def __init__(self, sweep: Path, warnings: list[str]):
         self.sweep, self.warnings = sweep, warnings
         self.weights: dict[str, Optional[WeightsVector]] = {}
+        self.kept: dict[str, Optional[Trajectory]] = {}  # the twins' trajectories, read once
         self.refused: list[str] = []
+
+    def kept_trajectory(self, r: Run) -> Optional[Trajectory]:
+        if r.run_id not in self.kept:
+            self.kept[r.run_id] = self.trajectory(r)
+        return self.kept[r.run_id]
 
     def trajectory(self, r: Run) -> Optional[Trajectory]:
         path = r.path / TRAJECTORY
@@ -214,7 +220,7 @@ def _twins(groups: list[Group]) -> dict[str, Run]:
 
 
 def _pair(a: Run, b: Run, files: _Files, initial: float) -> Optional[PairResult]:
-    ta, tb = files.trajectory(a), files.trajectory(b)
+    ta, tb = files.trajectory(a), files.kept_trajectory(b)
     wa, wb = files.weights_of(a), files.weights_of(b)
     if ta is None or tb is None or wa is None or wb is None:
         return None

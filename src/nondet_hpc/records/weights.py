@@ -183,6 +183,7 @@ class WeightsFile:
             raise
         self.layout = Layout.of((n, self.entries[n].shape) for n in self.param_names)
         self.offsets = self.layout.offsets
+        self.n_values = self.layout.n_values
         self.run_id, self.fingerprint_hex = self.meta.get("run_id", ""), self.meta.get("fingerprint", "")
 
     def __enter__(self) -> "WeightsFile":
