@@ -6,6 +6,8 @@
 #   step_modes - ResNet-14 images/s at batch 512 per mode (fp32 NCHW/NHWC, tf32, amp_fp16,
 #             amp_bf16, graph), deterministic kernels, ratios to fp32 NCHW (benchmarks/step_modes.py)
 #   packing - K = 1/2/4 runs per GPU vs K runs in turn, with/without MPS, bit-identity (benchmarks/packing.py)
+#   record_overhead - one recorded trajectory point against one training step, and the overhead of the
+#             default grid (target <= 3 %), digits and CIFAR-shaped ResNet-14 (benchmarks/record_overhead.py)
 # Results go to $OUT/gpu_check.json when OUT is set, else ./gpu_check.json; each section's log
 # and exit status are kept in the JSON too, so a failing section does not hide the others.
 #
@@ -95,6 +97,16 @@ section_packing() {  # K = 1/2/4 runs per GPU (with an MPS row where nvidia-cuda
   fi
 }
 
+section_record_overhead() {
+  if [[ "$MODE" == cpu-smoke ]]; then
+    "$PY" "$REPO/benchmarks/record_overhead.py" --models digits-resnet14 --steps 1 --points 1 --repeats 1 \
+      --json "$PARTS/record_overhead.json"
+  else
+    "$PY" "$REPO/benchmarks/record_overhead.py" --device cuda --steps 20 --points 10 --repeats 3 \
+      --json "$PARTS/record_overhead.json"
+  fi
+}
+
 merge() {
   "$PY" - "$PARTS" "$DEST" "$MODE" <<'PYEOF'
 import json, os, sys, time
@@ -122,5 +134,6 @@ run_section device 60 section_device
 run_section gpu_tests 300 section_gpu_tests
 run_section step_modes 120 section_step_modes
 run_section packing 150 section_packing
+run_section record_overhead 90 section_record_overhead
 merge
 exit $FAILED

@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--probe", type=int, nargs="+", default=[None],
                     help="probe sizes to time (default: record.probe of each model's data; e.g. --probe 497 256)")
+    ap.add_argument("--json", help="also write the results to this JSON file (gpu_check.sh)")
     ap.add_argument("--end-to-end", type=int, default=0, metavar="PAIRS",
                     help="also train PAIRS x 2 whole digits runs with and without recording")
     args = ap.parse_args()
@@ -118,13 +119,17 @@ def main() -> None:
     device = torch.device(args.device)
     configure_kernels(True, device)
     print(f"device {device}, {torch.get_num_threads()} thread(s), medians of {args.repeats} alternating blocks")
+    results = []
     for name, probe in ((n, p) for n in args.models for p in args.probe):
         r = measure(name, device, args.steps, args.points, args.repeats, probe)
+        results.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()})
         print(f"{r['model']:>16}: probe {r['probe']}, step {1e3 * r['step_s']:8.2f} ms, point "
               f"{1e3 * r['point_s']:7.2f} ms, ratio {r['ratio']:.3f} steps/point; default grid {r['points']} points in {r['steps']:,} steps "
               f"-> overhead {100 * r['overhead']:.3f} %")
         print(f"{'':>16}  trajectory file {r['sizes'][0] / 1e6:.2f} MB written in {1e3 * r['write_s']:.1f} ms "
               f"(each checkpoint); weights file {r['sizes'][1] / 1e6:.2f} MB in {1e3 * r['weights_s']:.1f} ms (once)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "results": results}, indent=2))
     if args.end_to_end:
         end_to_end(args.end_to_end)
 

@@ -369,3 +369,6 @@ def test_gpu_check_script_parses_and_its_cpu_smoke_writes_every_cpu_mode(tmp_pat
     rows = res["packing"]["rows"]
     assert [r["k"] for r in rows] == [1, 2] and all(r["bit_identical_to_solo"] for r in rows)
     assert res["sections"]["packing"]["rc"] == 0
+    # the recording overhead section: one point and one step timed, the default grid's overhead
+    rec = res["record_overhead"]["results"][0]
+    assert res["sections"]["record_overhead"]["rc"] == 0 and rec["point_s"] > 0 and rec["points"] == 12
