@@ -35,9 +35,16 @@ from .scan import not_regular
 
 MAX_RUN_JSON = 16 << 20
 IDENTICAL, IMPLIED, UNCONTROLLED = "identical", "differ as their configs imply", "not controlled"
-#: run.json keys whose values decide the arithmetic (besides the identity): compared leaf by leaf
-ENVIRONMENT = ("threads", "platform", "cpu", "versions", "device", "precision", "kernels", "step", "channels_last",
-               "augment_draw", "git_commit")
+#: run.json keys that are not facts of the environment: the identity and seeds (compared apart),
+#: the run's own state, results and timings, and what it kept. Every other key (threads, platform
+#: and CPU, device and GPU, versions, precision and kernel settings, the step's plan, data hashes,
+#: parameter groups, the code's commit, and whatever provenance a later version adds) is compared.
+NOT_ENVIRONMENT = frozenset({
+    "run_id", "state", "attempts", "seed", "experiment", "group_key", "group_label", "identity", "source", "seeds",
+    "bitflip", "started", "finished", "heartbeat", "timings", "result", "views", "snapshots", "features", "record",
+    "resumed_from", "preempted", "error", "host", "pid", "slurm", "updated"})
+#: leaves of those keys that say where, not what (a copy from another machine has other paths)
+WHERE = ("data.root", "data.path", "data.folder")
 #: differences shown but not decisive (a copy on another host computes the same)
 INFORMATIONAL = ("host",)
 
@@ -112,7 +119,7 @@ def _differences(a: dict, b: dict, keys: tuple[str, ...]) -> list[tuple[str, Any
         if k in b:
             _flat(k, b[k], fb)
     return [(k, fa.get(k, "(not recorded)"), fb.get(k, "(not recorded)")) for k in sorted(set(fa) | set(fb))
-            if fa.get(k, "(not recorded)") != fb.get(k, "(not recorded)")]
+            if fa.get(k, "(not recorded)") != fb.get(k, "(not recorded)") and k not in WHERE]
 
 
 def _identity(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
@@ -209,7 +216,8 @@ def compare_runs(a: Path | str, b: Path | str) -> Comparison:
     """Compare two run folders (read only; see the module docstring)."""
     a, b = Path(a), Path(b)
     ra, rb = _run_json(a), _run_json(b)
-    c = Comparison(a, b, _identity(ra, rb), _differences(ra, rb, ENVIRONMENT), _differences(ra, rb, INFORMATIONAL))
+    environment = tuple(sorted((set(ra) | set(rb)) - NOT_ENVIRONMENT))
+    c = Comparison(a, b, _identity(ra, rb), _differences(ra, rb, environment), _differences(ra, rb, INFORMATIONAL))
     for folder, r in ((a, ra), (b, rb)):
         if r.get("state") != "done":
             c.notes.append(f"{folder.name} is not finished (state {r.get('state')!r}): compared as far as recorded")

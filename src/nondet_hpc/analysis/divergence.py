@@ -82,6 +82,7 @@ class GroupCurve:
     identical: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # bool [T]: all fingerprints equal
     final_norms: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)  # float64 [N] at the end
     sketch_dim: int = 0  # D of the runs' count sketches
+    split_run: Optional[str] = None  # the first run whose fingerprints differ from the first run's somewhere
 
     @property
     def n_runs(self) -> int:
@@ -97,6 +98,7 @@ class GroupAccumulator:
         self.deltas: list[np.ndarray] = []  # float32 [T, D] per run: its sketch minus the first run's
         self.norms: list[np.ndarray] = []  # float64 [T] per run
         self.split: Optional[np.ndarray] = None  # bool [T]: some run's fingerprint differs from the first's
+        self.split_run: Optional[str] = None  # the first run that differs from the first run
         self.counts: Optional[np.ndarray] = None  # int32 [T, K, C]: runs predicting class c on example k
 
     def _check(self, t: Trajectory) -> None:
@@ -125,7 +127,10 @@ class GroupAccumulator:
         self.run_ids.append(t.run_id)
         self.deltas.append((t.sketch - self.ref.sketch).astype(np.float32))
         self.norms.append(t.param_norm)
-        self.split |= np.any(t.fingerprint != self.ref.fingerprint, axis=1)
+        differs = np.any(t.fingerprint != self.ref.fingerprint, axis=1)
+        if self.split_run is None and differs.any():
+            self.split_run = t.run_id
+        self.split |= differs
         T, K, C = self.counts.shape
         if K and C:
             pred = t.predictions()  # [T, K]
@@ -154,7 +159,7 @@ class GroupAccumulator:
         first = int(self.ref.step[np.argmax(self.split)]) if self.split.any() else None
         return GroupCurve(self.run_ids, self.ref.step.copy(), self.ref.epoch, dist, norms.mean(axis=0), dis, first,
                           final, rel, ~self.split, norms[:, -1].copy() if T else np.zeros(n),
-                          int(self.ref.sketch.shape[1]))
+                          int(self.ref.sketch.shape[1]), self.split_run)
 
 
 def group_curve(trajectories: Iterable[Trajectory]) -> GroupCurve:

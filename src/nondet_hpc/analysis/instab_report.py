@@ -284,7 +284,7 @@ def instability_section(groups: list[Group], sweep: Path, warnings: list[str]) -
                           f"replicates' parameters differ from step {c.first_split} (epoch "
                           f"{c.first_split / max(1, _spe(c)):g}) on. A source of nondeterminism is not controlled; "
                           f"every other row includes it. Find where with: python -m nondet_hpc.compare "
-                          f"{rel(_runs(gd.group)[0].path, sweep)} {rel(_runs(gd.group)[1].path, sweep)}")
+                          f"{sweep / 'runs' / c.run_ids[0]} {sweep / 'runs' / c.split_run}")
     by_family: dict[str, list[GroupDivergence]] = {}
     for gd in curves:
         by_family.setdefault(family(gd.group.identity), []).append(gd)
