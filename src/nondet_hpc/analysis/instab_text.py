@@ -62,10 +62,15 @@ def speed_lines(f: Family) -> list[str]:
         return lines
     ref = f.reference.group.row_name
     if f.saturation is None:
-        last = f.bit.curve.rel_distance[-1] / f.reference.curve.rel_distance[-1] * 100 \
-            if f.reference.curve.rel_distance[-1] > 0 else math.nan
+        def share(value: str) -> float:
+            mine, theirs = getattr(f.bit.curve, value)[-1], getattr(f.reference.curve, value)[-1]
+            return 100 * mine / theirs if theirs > 0 else math.nan
+
+        probe = ("" if f.saturation_probe is None else
+                 f"; its probe disagreement reached {SATURATION:.0%} of {ref}'s at step {f.saturation_probe}")
         lines.append(f"As good as a new seed{f.where}: not within the recorded training: at the end the bit change's "
-                     f"parameter distance is {_g(last)} % of {ref}'s (threshold {SATURATION:.0%}).")
+                     f"parameter distance is {_g(share('rel_distance'))} % of {ref}'s and its probe disagreement "
+                     f"{_g(share('disagreement'))} % (threshold {SATURATION:.0%}){probe}.")
     else:
         probe = ("never" if f.saturation_probe is None else
                  f"step {f.saturation_probe} (epoch {_epoch(f.saturation_probe, f.bit)})")
@@ -173,8 +178,9 @@ def divergence_png(sec: Optional[Section]) -> Optional[bytes]:
     for gd in curves:
         c = gd.curve
         x = c.step + 1.0
-        y = np.where(c.rel_distance > 0, c.rel_distance, floor)
         zero = not np.any(c.rel_distance > 0)
+        # a group at 0 everywhere sits on the bottom edge; other groups' zeros (before they part) are not drawn
+        y = np.full(len(x), floor) if zero else np.where(c.rel_distance > 0, c.rel_distance, np.nan)
         left.plot(x, y, marker="o", ms=3, ls="--" if zero else "-",
                   label=gd.group.row_name + (" (0 at every point)" if zero else ""))
         right.plot(x, c.disagreement, marker="o", ms=3, label=gd.group.row_name)
