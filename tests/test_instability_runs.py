@@ -140,6 +140,9 @@ def test_the_reducer_writes_the_instability_section_for_every_group_and_point(sw
     assert "## Instability" in md and "Condition number of training" in md and "![divergence]" in md
     assert (report / "divergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "WARNING" not in md
+    groups = pd.read_csv(report / "instability_groups.csv").set_index("source")
+    assert groups.loc["bitflip", "condition_number_n"] == 2 and groups.loc["bitflip", "pairs"] == "twin"
+    assert math.isnan(groups.loc["none", "first_split_step"]) and groups.loc["none", "param_distance_exact"] == 0
 
 
 def test_the_condition_number_equals_an_independent_computation_from_the_weights(sweep):

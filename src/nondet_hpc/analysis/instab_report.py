@@ -101,6 +101,27 @@ class Section:
                              "distance": c.distance[t], "mean_norm": c.mean_norm[t]})
         return pd.DataFrame(rows, columns=COLUMNS)
 
+    def group_table(self) -> pd.DataFrame:
+        """One row per single-model group (instability_groups.csv): the numbers another table can
+        join by ``group_key`` (e.g. the condition number beside each architecture)."""
+        fam = {id(f.bit.group): f for f in self.families}
+        rows = []
+        for gd in self.curves:
+            f, c = fam.get(id(gd.group)), gd.curve
+            k = f.kappa if f else summary([])
+            tau = summary([p.efolding_steps for p in f.pairs]) if f else summary([])
+            grow = summary([p.growth_first_epoch for p in f.pairs]) if f else summary([])
+            rows.append({"group": gd.group.row_name, "source": gd.group.source_name, "group_key": gd.group.group_key,
+                         "n_runs": c.n_runs, "first_split_step": c.first_split,
+                         "param_distance_exact": gd.exact, "param_distance_sketch": c.rel_distance[-1],
+                         "probe_disagreement": c.disagreement[-1], "condition_number_median": k["median"],
+                         "condition_number_min": k["min"], "condition_number_max": k["max"],
+                         "condition_number_n": k["n"], "pairs": f.mode if f else "",
+                         "growth_first_epoch_median": grow["median"], "efolding_steps_median": tau["median"],
+                         "saturation_step": f.saturation if f else None,
+                         "saturation_reference": f.reference.group.row_name if f and f.reference else ""})
+        return pd.DataFrame(rows)
+
     def pair_table(self) -> pd.DataFrame:
         rows = [{"mode": f.mode, **{k: getattr(p, k) for k in PAIR_COLUMNS if k != "mode"}}
                 for f in self.families for p in f.pairs]

@@ -65,7 +65,8 @@ __all__ = ["REPORT_FILES", "VIEW_DISPLAY", "ReduceError", "format_table", "reduc
 REPORT_FILES: tuple[str, ...] = (
     "metrics.csv", "metrics.md", "metrics.tex", "per_model.csv", "excluded.csv", "ablation.csv",
     "ablation.md", "claim1.csv", "claims.csv", "published.csv", "summary.txt", "report.md", "metrics.png", "sd_vs_n.png",
-    "accuracy_spread.png", "claim1.png", "reduction.png", "instability.csv", "instability_pairs.csv", "divergence.png")
+    "accuracy_spread.png", "claim1.png", "reduction.png", "instability.csv", "instability_groups.csv",
+    "instability_pairs.csv", "divergence.png")
 EXCLUDED_COLUMNS: list[str] = ["run_id", "group", "view", "category", "reason", "group_key"]
 
 
@@ -263,6 +264,7 @@ def _report_files(res: _Results, summary: str) -> dict[str, bytes]:
     outputs["summary.txt"] = (summary + "\n").encode()
     if res.instability is not None:
         outputs["instability.csv"] = res.instability.table().to_csv(index=False).encode()
+        outputs["instability_groups.csv"] = res.instability.group_table().to_csv(index=False).encode()
         outputs["instability_pairs.csv"] = res.instability.pair_table().to_csv(index=False).encode()
     figures = {"metrics.png": plots.group_metrics_png(df), "sd_vs_n.png": plots.sd_vs_n_png(res.ablation),
                "accuracy_spread.png": plots.accuracy_spread_png(res.per_model),
