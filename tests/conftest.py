@@ -63,9 +63,9 @@ def bit_exact_resume(cfg_factory, monkeypatch) -> Callable[..., dict]:
     """``check(*overrides, stop_at_step=N)``: train the config straight through (in ``ref/``) and
     again (in ``interrupted/``) stopped at optimizer step N as a SLURM signal stops it, then
     resumed. The stopped run is left preempted without DONE; the resumed one is done on its second
-    attempt, and every .npy file it wrote (each view's logits, labels, features) equals the
-    straight run's byte for byte. Returns the resumed run's run.json."""
-    from nondet_hpc.rundir import run_dir
+    attempt, and every .npy file it wrote (each view's logits, labels, features), its trajectory and
+    its final weights equal the straight run's byte for byte. Returns the resumed run's run.json."""
+    from nondet_hpc.rundir import TRAJECTORY, WEIGHTS, run_dir
     from nondet_hpc.run import task
 
     def check(*overrides: str, stop_at_step: int) -> dict:
@@ -83,5 +83,8 @@ def bit_exact_resume(cfg_factory, monkeypatch) -> Callable[..., dict]:
         assert "logits/plain.npy" in files
         for name in files:
             assert (resumed / name).read_bytes() == (ref / name).read_bytes(), name
+        for name in (TRAJECTORY, WEIGHTS):  # the records of training too, byte for byte
+            assert (resumed / name).read_bytes() == (ref / name).read_bytes(), name
+        assert rec["record"]["complete"] is True
         return rec
     return check

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from nondet_hpc.config import BOOKKEEPING_KEYS, key_matches
 from nondet_hpc.rundir import run_id
 
 LEGACY_RUNS = Path(__file__).parent / "data" / "legacy_0_1_0" / "runs"

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from helpers import cli_env, run_cli
@@ -83,7 +84,8 @@ def wait_sweep_over(sweep: Path, timeout: float, seen: list | None = None) -> di
 
 def test_end_to_end_sweep(cluster, tmp_path):
     sweep = tmp_path / "e2e"
-    args = ["-m", "nondet_hpc", "-m", "source=init,shuffle", "seed=range(1,4)", f"out_dir={sweep}", *FAST,
+    # init and the bit change: init's seed-1 run is every bit-change run's unperturbed twin
+    args = ["-m", "nondet_hpc", "-m", "source=init,bitflip", "seed=range(1,4)", f"out_dir={sweep}", *FAST,
             "hydra/launcher=slurm", "hydra.launcher.reducer.partition=cpu"]
     try:
         p = run_cli(args)
@@ -103,6 +105,13 @@ def test_end_to_end_sweep(cluster, tmp_path):
         assert {"pending", "running"} & states and "done" in states
         # the reducer ran after every array task ended and wrote the report
         assert st["reducer"]["state"] == "COMPLETED" and (sweep / "report" / "metrics.csv").exists()
+        # ... with the Instability section: every run's trajectory and weights, a condition number per
+        # bit-change run against its twin, and the divergence figure
+        report = sweep / "report"
+        assert "## Instability" in (report / "report.md").read_text() and (report / "divergence.png").exists()
+        pairs = pd.read_csv(report / "instability_pairs.csv")
+        assert len(pairs) == 3 and set(pairs["mode"]) == {"twin"} and (pairs["condition_number"] > 0).all()
+        assert "Condition number of training" in (report / "summary.txt").read_text()
         tasks = [r for r in sacct_rows(array_id) if r[0].startswith(f"{array_id}_")]
         assert len(tasks) == 6 and all(r[1] == "COMPLETED" for r in tasks)
         red = sacct_rows(reducer_id)[-1]
@@ -234,6 +243,8 @@ def test_usr2_requeue_resumes_bit_identically(cluster, epochs_for, tmp_path):
         a = np.load(run_dir / "logits" / "plain.npy", allow_pickle=False)
         b = np.load(ref_dir / "logits" / "plain.npy", allow_pickle=False)
         assert a.dtype == np.float32 and np.array_equal(a, b)
+        for name in ("trajectory.npz", "weights.safetensors"):  # the records of training, byte for byte
+            assert (run_dir / name).read_bytes() == (ref_dir / name).read_bytes(), name
     finally:
         cleanup(cut)
         cleanup(ref)

@@ -388,7 +388,10 @@ def test_gpu_check_script_parses_and_its_cpu_smoke_writes_every_cpu_mode(tmp_pat
     rep = res["repeatability"]
     assert rep["cudnn"]["steps"] == 2 and rep["cudnn"]["differ"] is False  # a CPU has no cuDNN kernels to vary
     assert rep["control"]["processes"] == 2 and rep["control"]["same_run_id"] and rep["control"]["bit_identical"]
-    assert res["record_overhead"]["models"]["digits-resnet14"]["overhead_pct"] > 0
+    # the recording overhead section: one point and one step timed, the default grid's overhead
+    rec = res["record_overhead"]["results"][0]
+    assert res["sections"]["record_overhead"]["rc"] == 0 and rec["point_s"] > 0 and rec["points"] == 12
     answers = res["answers"]
     assert answers["cudnn_runs_same_seed_differ"] is False and answers["control_runs_two_processes_bit_identical"]
+    assert answers["record_overhead_pct"]["digits-resnet14"] > 0
     assert answers["turn_cuda_graph_auto_on"] is False  # no GPU measurement: auto stays off

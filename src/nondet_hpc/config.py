@@ -184,6 +184,24 @@ class StudyConfig:
 
 
 @dataclass
+class RecordConfig:
+    # What a run keeps of its training besides the logits (docs/metrics.md, "Instability"; the files'
+    # formats: records/). Bookkeeping: recording never changes a bit of training, so no key is part
+    # of the run id. Keep the settings a run started with when it resumes (a checkpoint refuses others).
+    trajectory: bool = True  # trajectory.npz: fingerprint, norms, sketch, probe logits at the grid's points
+    weights: bool = True  # weights.safetensors: the final parameters and BatchNorm buffers
+    weights_max_params: int = 50_000_000  # no weights file for a larger model (run.json says why)
+    step_base: int = 2  # first epoch: steps 1, b, b^2, ... (2 = log2 grid, 1 = every step, 0 = none)
+    epoch_base: int = 2  # epoch ends 1, e, e^2, ... (2 = log2 grid, 0 = none); the last epoch always
+    extra_epochs: List[int] = field(default_factory=list)  # more epoch ends to record (e.g. [5, 10])
+    # epochs at whose end a copy of the full checkpoint is kept (checkpoints/epoch-K.pt; recorded in the
+    # trajectory too, so a run started from it can check its fingerprint)
+    keep_checkpoints: List[int] = field(default_factory=list)
+    sketch_dim: int = 4096  # buckets of the count sketch (its distance error ~ 1/sqrt(2 D): 1.1 %)
+    probe: int = 512  # test examples whose logits are kept at each point (evenly spaced; digits: 256)
+
+
+@dataclass
 class Config:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
@@ -195,6 +213,7 @@ class Config:
     force: bool = False  # retrain a run even if it is DONE (its old folder is moved aside, never deleted)
     experiment: Optional[str] = None  # name of the experiment preset, if one was used (set by the preset)
     study: StudyConfig = field(default_factory=StudyConfig)  # waves until a precision target (SLURM sweeps)
+    record: RecordConfig = field(default_factory=RecordConfig)  # weights and trajectory files (bookkeeping)
 
 
 def threads_for(threads: int, *, cpus: int | None = None, runs_per_task: int = 1,
@@ -228,15 +247,15 @@ def conf_dir() -> str:
 
 
 #: Top-level config nodes that can decide what a run computes; every other top-level key
-#: (out_dir, force, eval, experiment, study) is bookkeeping.
+#: (out_dir, force, eval, experiment, study, record) is bookkeeping.
 IDENTITY_ROOTS = ("data", "model", "source", "train", "seed")
 
 #: Config keys that never change the trained model, so they are never part of a run's identity:
 #: moving a sweep, adding an evaluation view or changing the checkpoint interval keeps run ids,
 #: and the SLURM launcher never compares them between submissions of one sweep folder. The ONE
 #: list: identity_items and the launcher both use it.
-BOOKKEEPING_KEYS = ("force", "out_dir", "experiment", "study", "eval", "train.checkpoint_every", "data.root",
-                    "data.download", "data.verify_md5", "data.max_side", "data.max_bytes")
+BOOKKEEPING_KEYS = ("force", "out_dir", "experiment", "study", "eval", "record", "train.checkpoint_every",
+                    "data.root", "data.download", "data.verify_md5", "data.max_side", "data.max_bytes")
 
 
 #: Keys kept in the schema only to refuse them with the name of their replacement: never part of

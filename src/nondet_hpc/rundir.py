@@ -1,7 +1,8 @@
 """The run directory (docs/contracts.md, "The run folder"): names, atomic writes, the DONE marker.
 
 SWEEP_DIR/runs/<run id>/ holds config.yaml, run.json, logits/<view>.npy, labels.npy,
-features.npy (optional), checkpoint.pt and DONE (written last). Every file is written to a
+features.npy (optional), weights.safetensors and trajectory.npz (record.*), checkpoint.pt and
+DONE (written last). Every file is written to a
 temporary name in the same folder and renamed, so a job killed at any instant leaves either the
 old file or the new one, never half a file under the real name; every write and read goes through
 :mod:`nondet_hpc.safeio` (no link below the sweep folder is followed, only regular files of
@@ -32,6 +33,9 @@ CONFIG = "config.yaml"  # the resolved config of the run
 LABELS = "labels.npy"  # int64 [n_test]
 FEATURES = "features.npy"  # optional float32 [n_test, d] (penultimate features, for CKA)
 CHECKPOINT = "checkpoint.pt"  # latest training state (loaded with weights_only=True)
+WEIGHTS = "weights.safetensors"  # final parameters and buffers (records/weights.py; no pickle)
+TRAJECTORY = "trajectory.npz"  # fingerprints, norms, sketch, probe logits over training (records/trajectory.py)
+KEPT_CHECKPOINTS = "checkpoints"  # checkpoints/epoch-KKKK.pt: full training states kept at record.keep_checkpoints
 LOGITS = "logits"  # folder of float32 [n_test, n_classes] arrays, one file per view
 LOCK = ".lock"  # flock'ed while a process trains or evaluates the run (run_lock)
 # RUNS = "runs": SWEEP_DIR/runs/<run id>/ (defined in safeio, which finds a run folder's sweep by it)
@@ -67,6 +71,11 @@ def run_dir(cfg) -> Path:
 def snapshot_view(k: int, view: str = "plain") -> str:
     """Name of the view of the model at the end of snapshot cycle ``k`` (accelerated ensembling)."""
     return f"snapshot-{k}" if view == "plain" else f"snapshot-{k}_{view}"
+
+
+def kept_checkpoint(run: Path, epoch: int) -> Path:
+    """The full training state kept at the end of ``epoch`` (``record.keep_checkpoints``)."""
+    return Path(run) / KEPT_CHECKPOINTS / f"epoch-{int(epoch):04d}.pt"
 
 
 def logits_path(run: Path, view: str) -> Path:

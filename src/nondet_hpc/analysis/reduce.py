@@ -40,7 +40,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import metrics as M
-from . import report_files, tables
+from . import instab_text, report_files, tables
 from .accounting import (
     DEFAULT_SLURM_TIMEOUT_S,
     NEVER_STARTED,
@@ -52,6 +52,7 @@ from .accounting import (
 from .architectures import architectures_md, architectures_png, architectures_table
 from .claims import ablation, claim1
 from .groups import VIEW_DISPLAY, Group, build_groups, view_display
+from .instab_report import Section, instability_section
 from .integrity import MIXED_HINT, Mix, Outlier, data_outliers, mixed_groups
 from .published import Comparison, compare, published_md
 from .report_files import REPORT_FILES
@@ -87,6 +88,7 @@ class _Results:
     judgement: Judgement | None = None
     published: Comparison | None = None
     architectures: pd.DataFrame | None = None  # analysis/architectures.py: empty without a ladder of models
+    instability: Section | None = None
 
 
 def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot: int = 10_000, seed: int = 0,
@@ -132,8 +134,9 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
                    warnings, formula, n_boot, seed, _accounting_lines(groups, runs, excluded, acc), mixes,
                    no_variation_lines(groups))
     res.judgement = judge(groups, df, c1, formula, n_boot, seed)
-    res.published, res.architectures = compare(groups, df, res.ablation, res.judgement), architectures_table(groups)
-
+    res.published = compare(groups, df, res.ablation, res.judgement)
+    res.instability = instability_section(groups, sweep, warnings)
+    res.architectures = architectures_table(groups, _condition_numbers(res.instability))
     # lazy: the preset catalogue is only needed for the summary's first line
     from ..presets import describe_sweep  # torch- and Hydra-free
 
@@ -218,8 +221,12 @@ def _reduce_groups(runs: list[Run], sweep: Path, excluded: list[Exclusion], warn
 
 def _summary(res: _Results, reproduces: str, report: Path) -> str:
     """The printed summary (and summary.txt): what the sweep reproduces, the table, claim 1, left out."""
-    lines = [reproduces, *(["", *res.top] if res.top else []), "", format_table(res.df), "", *res.claim1_lines]
+    alarms = res.instability.alarms if res.instability else []
+    lines = [*alarms, *([""] if alarms else []), reproduces, *(["", *res.top] if res.top else []), "",
+             format_table(res.df), "", *res.claim1_lines]
     lines += [v.text for v in res.judgement.verdicts] if res.judgement else []
+    lines += _claim2_direct(res)
+    lines += instab_text.summary_lines(res.instability)
     if res.accounting_lines:
         lines += ["", *res.accounting_lines]
     lines += ["", *tables.excluded_summary(res.excluded)]
@@ -260,23 +267,47 @@ def _report_files(res: _Results, summary: str) -> dict[str, bytes]:
         outputs["architectures.md"] = architectures_md(res.architectures).encode()
         outputs["architectures.png"] = architectures_png(res.architectures)
     outputs["summary.txt"] = (summary + "\n").encode()
+    if res.instability is not None:
+        outputs["instability.csv"] = csv(res.instability.table())
+        outputs["instability_groups.csv"] = csv(res.instability.group_table())
+        outputs["instability_pairs.csv"] = csv(res.instability.pair_table())
     figures = {"metrics.png": plots.group_metrics_png(df), "sd_vs_n.png": plots.sd_vs_n_png(res.ablation),
                "accuracy_spread.png": plots.accuracy_spread_png(res.per_model),
-               "claim1.png": plots.claim1_png(res.claim1), "reduction.png": plots.reduction_png(df)}
+               "claim1.png": plots.claim1_png(res.claim1), "reduction.png": plots.reduction_png(df),
+               instab_text.FIGURE: instab_text.divergence_png(res.instability)}
     drawn = {k: v for k, v in figures.items() if v is not None}
     outputs.update(drawn)
+    alarms = [f"> **{a}**" for a in res.instability.alarms] + [""] if res.instability and res.instability.alarms \
+        else []
     outputs["report.md"] = (tables.report_md(res.sweep, df, md_table, res.formula, res.claim1_lines, res.claim1,
                                              abl_md, res.excluded, res.warnings, list(drawn), res.n_boot,
-                                             res.seed, claims=claims_md(res.judgement) if res.judgement else [],
+                                             res.seed, claims=alarms + (claims_md(res.judgement) if res.judgement
+                                                                        else []),
                                              published=published_md(res.published) if res.published else [],
                                              top=res.top)
-                            + _extra_sections(res)).encode()
+                            + _extra_sections(res, list(drawn))).encode()
     return outputs
 
 
-def _extra_sections(res: _Results) -> str:
-    """report.md's sections on the sweep as a whole: planned runs and mixed environments."""
-    parts: list[str] = []
+def _condition_numbers(section: Section | None) -> dict[str, float]:
+    """group_key -> the median condition number of training of a bit-change group (Instability)."""
+    if section is None:
+        return {}
+    t = section.group_table()
+    if t.empty:
+        return {}
+    t = t[t["condition_number_median"].notna()]
+    return {str(k): float(v) for k, v in zip(t["group_key"], t["condition_number_median"])}
+
+
+def _claim2_direct(res: _Results) -> list[str]:
+    return instab_text.claim2_lines(res.judgement.stats) if res.judgement is not None else []
+
+
+def _extra_sections(res: _Results, figures: list[str]) -> str:
+    """report.md's sections on the sweep as a whole: instability, the architecture ladder, planned runs and
+    mixed environments."""
+    parts: list[str] = instab_text.section_md(res.instability, figures, _claim2_direct(res))
     if res.architectures is not None and not res.architectures.empty:
         parts += ["## Where instability begins: bit change / init per architecture", "",
                   architectures_md(res.architectures), "![architectures](architectures.png)", ""]

@@ -32,7 +32,8 @@ REPORT_FILES: tuple[str, ...] = (
     "metrics.csv", "metrics.md", "metrics.tex", "per_model.csv", "excluded.csv", "ablation.csv",
     "ablation.md", "claim1.csv", "claims.csv", "published.csv", "summary.txt", "report.md", "metrics.png", "sd_vs_n.png",
     "accuracy_spread.png", "claim1.png", "reduction.png", "architectures.csv", "architectures.md",
-    "architectures.png", REPORT_JSON)
+    "architectures.png", "instability.csv", "instability_groups.csv", "instability_pairs.csv", "divergence.png",
+    REPORT_JSON)
 _TEMP = ".report."  # SWEEP/.report.<id>.tmp (being built) and .report.<id>.old (being replaced)
 
 

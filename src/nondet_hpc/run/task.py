@@ -27,13 +27,15 @@ from ..config import RETIRED_KEYS, ConfigError, conf_dir, identity_items, thread
 from ..registry.inputs import resolve_inputs
 from ..registry.models import CUSTOM, MODELS, model_entry
 from ..registry.sources import SOURCES
-from ..rundir import (CHECKPOINT, CONFIG, DONE, FEATURES, LABELS, REPLACED, RUN_JSON, RUNS, RunRecord, group_key,
-                      is_done, logits_path, run_dir, run_id, run_lock, snapshot_view, write_json, write_npy, write_text)
+from ..rundir import (CHECKPOINT, CONFIG, DONE, FEATURES, LABELS, REPLACED, RUN_JSON, RUNS, TRAJECTORY, RunRecord,
+                      group_key, is_done, logits_path, run_dir, run_id, run_lock, snapshot_view, write_json, write_npy,
+                      write_text)
 from ..viewspec import VIEWS
 from .data import AUGMENT_DRAWS, DATASETS, Dataset, load_dataset, settings
 from .cpuinfo import cpu_record
 from .device import resolve_device
 from .models import bitflip_target, model_for_run
+from .recording import check_record, make_recorder, record_settings, write_records
 from .sources import Streams, apply_bitflip, configure_kernels, precision_record, resolve_seeds
 from .step import PRECISIONS, plan_step, tristate
 from .train import PARAM_GROUP_RULES, Preempted, Trainer, clear_stop
@@ -86,6 +88,7 @@ def validate(cfg, *, check_device: bool = True) -> None:
         plan_step(cfg.train, resolve_device(cfg.train.device))  # refuses e.g. train.cuda_graph=true on a CPU
     _check_sizes(cfg)
     _check_choices(cfg)
+    check_record(cfg)
     _probe_out_dir(cfg.out_dir)
 
 
@@ -305,9 +308,11 @@ def _train_recorded(cfg: DictConfig, rd: Path, rid: str, record: RunRecord, data
             if k == cfg.train.snapshots:  # the last cycle ends with the final model: reuse it
                 last_snapshot.update(logits)
 
+    recorder = make_recorder(cfg, model, data, data_cfg=dcfg, channels_last=plan.channels_last, run_id=rid)
     trainer = Trainer(model, data, streams, cfg.train, dcfg, device, rd / CHECKPOINT,
                       plan=plan, on_epoch=lambda hb: record.update(heartbeat=hb), on_snapshot=on_snapshot,
-                      run_id=rid)
+                      run_id=rid, recorder=recorder, trajectory_path=rd / TRAJECTORY,
+                      keep_epochs=record_settings(cfg).keep_checkpoints)
     record.update(param_groups=trainer.groups_record)
     if trainer.load_checkpoint():
         record.update(resumed_from={"epoch": trainer.progress.epoch, "batch": trainer.progress.batch,
@@ -316,6 +321,7 @@ def _train_recorded(cfg: DictConfig, rd: Path, rid: str, record: RunRecord, data
     t_eval = time.time()
     logits, features = (last_snapshot, None) if last_snapshot and not cfg.eval.features \
         else evaluate(cfg.eval.features)
+    record.update(record=write_records(cfg, rd, rid, model, recorder, trainer.progress.step))
     return _finish(cfg, rd, rid, record, views, logits, features, data.test_y,
                    times=(t0, t_eval, trainer.elapsed))
 

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,8 @@ from ..config import ConfigError
 from .models import BasicBlock, ResNet
 from .zoo import authors_small_lr_names
 from .. import safeio
-from ..rundir import atomic_write
+from .recorder import Recorder
+from ..rundir import atomic_write, kept_checkpoint
 from .sources import Streams
 from .step import EagerStep, StepPlan, make_optimizer, make_scaler, make_step, plan_step
 
@@ -195,9 +196,13 @@ class Trainer:
                  device: torch.device, checkpoint_path: Path, channels_last: Optional[bool] = None,
                  on_epoch: Optional[Callable[[dict], None]] = None,
                  on_snapshot: Optional[Callable[[int], None]] = None, run_id: str = "",
-                 plan: Optional[StepPlan] = None):
+                 plan: Optional[StepPlan] = None, recorder: Optional[Recorder] = None,
+                 trajectory_path: Optional[Path] = None, keep_epochs: Sequence[int] = ()):
         """``plan``: how the step runs (step.plan_step of tcfg, by default); ``channels_last``, when
-        given, overrides the plan's memory format (callers that resolved it themselves)."""
+        given, overrides the plan's memory format (callers that resolved it themselves).
+        ``recorder``: records the trajectory (run/recorder.py) at its grid's steps, its state kept in
+        every checkpoint and its file written to ``trajectory_path`` with each checkpoint.
+        ``keep_epochs``: epochs at whose end the checkpoint is also kept as rundir.kept_checkpoint."""
         self.model, self.data, self.streams, self.t, self.d = model, data, streams, tcfg, dcfg
         self.device, self.checkpoint_path = device, Path(checkpoint_path)
         self.run_id = run_id  # stored in every checkpoint: a checkpoint of another run is refused
@@ -207,6 +212,8 @@ class Trainer:
         self.plan = plan
         self.memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
         self.on_epoch, self.on_snapshot = on_epoch, on_snapshot
+        self.recorder, self.trajectory_path = recorder, trajectory_path
+        self.keep_epochs = frozenset(int(e) for e in keep_epochs)
         self.model.to(device=device, memory_format=self.memory_format)
         groups = param_groups(model, tcfg.lr, tcfg.lr_scale_bias_bn, tcfg.weight_decay, tcfg.param_groups)
         # What each group holds, for run.json: the rule, and tensors/values per peak LR.
@@ -236,15 +243,21 @@ class Trainer:
                 "progress": vars(self.progress).copy(), "epoch_streams": self.epoch_streams,
                 "snapshots_done": self.snapshots_done, "elapsed": self.elapsed,
                 "forward_rng": forward_rng_state(self.device) if self.in_fit else self.forward_rng,
-                **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
+                **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+                **({"recorder": self.recorder.state_dict()} if self.recorder is not None else {})}
 
-    def save_checkpoint(self) -> None:
-        state = self.state_dict()
-
-        def write(f: io.BufferedWriter) -> None:
-            torch.save(state, f)
-
-        atomic_write(self.checkpoint_path, write)
+    def save_checkpoint(self, keep: bool = False) -> None:
+        """The checkpoint, then the trajectory so far (the checkpoint's recorder state is what a
+        resume continues from; the file is rewritten from it at the next checkpoint). ``keep``:
+        the same bytes also under rundir.kept_checkpoint for this epoch."""
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        data = buf.getvalue()
+        atomic_write(self.checkpoint_path, lambda f: f.write(data))
+        if keep:
+            atomic_write(kept_checkpoint(self.checkpoint_path.parent, self.progress.epoch), lambda f: f.write(data))
+        if self.recorder is not None and self.trajectory_path is not None:
+            self.recorder.write(self.trajectory_path)
 
     def load_checkpoint(self) -> bool:
         if not os.path.lexists(self.checkpoint_path):
@@ -260,6 +273,9 @@ class Trainer:
         self.forward_rng = state.get("forward_rng")
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
+        if self.recorder is not None:  # None in an older checkpoint: recording restarts, marked incomplete
+            self.recorder.load_state_dict(state.get("recorder"))
+            self.recorder.check_resumed(self.progress.step)
         return True
 
     # --- the loop ----------------------------------------------------------------------------
@@ -273,7 +289,8 @@ class Trainer:
         """The rest of this epoch's batches; returns the summed loss (on the device) and the last LR.
 
         Nothing here reads a device value on the host or makes a tensor from Python data: an epoch
-        synchronises once, when on_epoch reads the loss (tests/test_train_step.py, gpu_check.sh).
+        synchronises once, when on_epoch reads the loss (tests/test_train_step.py, gpu_check.sh),
+        and once more at each step the recorder's grid holds (one device-to-host copy per point).
         """
         p = self.progress
         loss_sum = torch.zeros((), device=self.device)
@@ -284,6 +301,8 @@ class Trainer:
             loss = self.step(x_epoch[lo:hi], y_epoch[lo:hi], self.lrs)
             loss_sum += loss * (hi - lo)
             p.batch, p.step = b + 1, p.step + 1
+            if self.recorder is not None:  # the model after this step, before a stop checkpoints it
+                self.recorder.maybe_record(p.step)
             if _STOP.is_set():
                 self.elapsed += time.perf_counter() - start
                 self.save_checkpoint()
@@ -307,6 +326,8 @@ class Trainer:
             shape = (min(t.batch_size, self.n), *self.data.train_x.shape[1:])
             self.step = make_step(self.model, self.opt, self.normalize, self.plan, self.device, shape, self.scaler)
         self.model.train()
+        if self.recorder is not None:
+            self.recorder.maybe_record(p.step)  # step 0: the initial weights, after the bit change
         while p.epoch < t.epochs:
             start = time.perf_counter()
             # Replaying from the epoch's saved stream states makes a mid-epoch resume exact.
@@ -325,8 +346,9 @@ class Trainer:
                 self.on_snapshot(p.epoch // cycle)
                 self.model.train()
                 self.snapshots_done = p.epoch // cycle
-            if p.epoch % t.checkpoint_every == 0 or p.epoch == t.epochs or p.epoch % cycle == 0:
-                self.save_checkpoint()
+            keep = p.epoch in self.keep_epochs
+            if p.epoch % t.checkpoint_every == 0 or p.epoch == t.epochs or p.epoch % cycle == 0 or keep:
+                self.save_checkpoint(keep)
             if self.on_epoch:
                 self.on_epoch({"epoch": p.epoch, "epochs": t.epochs, "step": p.step, "steps": self.steps,
                                "train_loss": float(loss_sum) / self.n, "lr": lr, "time": time.time(),
