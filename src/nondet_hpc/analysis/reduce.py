@@ -133,25 +133,25 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     res = _Results(sweep, len(runs), df, per_model(groups), ablation(groups, seed), c1, c1_lines, excluded,
                    warnings, formula, n_boot, seed, _accounting_lines(groups, runs, excluded, acc), mixes,
                    no_variation_lines(groups))
-    res.judgement = judge(groups, df, c1, formula, n_boot, seed)
-    res.published = compare(groups, df, res.ablation, res.judgement)
-    res.instability = instability_section(groups, sweep, warnings)
-    res.architectures = architectures_table(groups, _condition_numbers(res.instability))
+    _judge_and_compare(res, groups, sweep, warnings)
     # lazy: the preset catalogue is only needed for the summary's first line
     from ..presets import describe_sweep  # torch- and Hydra-free
 
     reproduces = describe_sweep(sorted({str(r.info.get("experiment") or "") for r in runs}))
     summary = _summary(res, reproduces, report)
     report_files.write(sweep, _report_files(res, summary), warnings)
-
-    df.attrs["summary"] = summary
-    df.attrs["reproduces"] = reproduces
-    df.attrs["report_dir"] = str(report)
-    df.attrs["claim1"] = list(c1_lines)
-    df.attrs["claims"] = [v.text for v in res.judgement.verdicts]
-    df.attrs["excluded"] = [dict(e.__dict__) for e in excluded]
-    df.attrs["warnings"] = list(warnings)
+    df.attrs.update(summary=summary, reproduces=reproduces, report_dir=str(report), claim1=list(c1_lines),
+                    claims=[v.text for v in res.judgement.verdicts], excluded=[dict(e.__dict__) for e in excluded],
+                    warnings=list(warnings))
     return df
+
+
+def _judge_and_compare(res: _Results, groups: list[Group], sweep: Path, warnings: list[str]) -> None:
+    """The claims, the published values beside ours, the Instability section and the architecture ladder."""
+    res.judgement = judge(groups, res.df, res.claim1, res.formula, res.n_boot, res.seed)
+    res.published = compare(groups, res.df, res.ablation, res.judgement)
+    res.instability = instability_section(groups, sweep, warnings)
+    res.architectures = architectures_table(groups, _condition_numbers(res.instability))
 
 
 def _row_exclusions(g: Group, excluded: list[Exclusion]) -> set[str]:
