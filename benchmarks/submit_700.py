@@ -13,7 +13,11 @@ submission), checked out with ``git archive`` (src/ and conf/) into a temporary 
 same way, interleaved with this checkout's runs, so both see the same machine and load. The
 ratios (this checkout / reference) are what to compare; targets: submission < 1/3 of the
 reference, the identical rerun < 3 s. CPU seconds (user + sys) are reported beside the wall
-times: on a machine shared with other work they are the steadier measure.
+times: on a machine shared with other work they are the steadier measure; the load average before
+and after each measurement is recorded and printed with the summary. A repetition that fails
+(a command that exits non-zero or times out, e.g. an sbatch of the reference code that timed
+out) is recorded with its error and left out of the medians; the summary says how many of the
+repetitions each median is of, and is printed (and written) whatever failed.
 
     bash launch/start_slurm.sh              # a local cluster, if you have none
     python benchmarks/submit_700.py [--runs 700,1000] [--repeats 3] [--reference-rev REV] [--json out.json]
@@ -44,16 +48,24 @@ REFERENCE_REV = "2dac656"
 LAST_CPU_S = [0.0]
 
 
+class RepetitionFailed(RuntimeError):
+    """One measurement could not be made (a command failed or timed out); the others go on."""
+
+
 def run(args: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
     t = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO,
-                       timeout=600, stdin=subprocess.DEVNULL)
+    try:
+        p = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO,
+                           timeout=600, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise RepetitionFailed(f"no end within 600 s: {' '.join(args)}") from None
     dt = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     LAST_CPU_S[0] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if p.returncode != 0:
-        sys.exit(f"command failed ({p.returncode}): {' '.join(args)}\n{p.stdout}\n{p.stderr}")
+        tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-6:])
+        raise RepetitionFailed(f"command failed ({p.returncode}): {' '.join(args)}\n{tail}")
     return dt, p
 
 
@@ -88,17 +100,23 @@ def measure(src: Path, sweep: Path, seeds: int, max_array_size: int | None, with
         m = json.loads((sweep / "sweep.json").read_text())
         sub = m["submissions"][0]
         ids = {a["job_id"] for a in sub["arrays"]}
-        assert len(m["runs"]) == n and sum(a["size"] for a in sub["arrays"]) == n, "not all runs submitted"
+        if len(m["runs"]) != n or sum(a["size"] for a in sub["arrays"]) != n:
+            raise RepetitionFailed(f"not all {n} runs submitted")
         queued = queued_tasks(ids)
-        assert queued == n, f"{queued} of {n} tasks in squeue"
+        if queued != n:
+            raise RepetitionFailed(f"{queued} of {n} tasks in squeue")
         compose = re.search(r"composed \d+ job configs in ([\d.]+) s", p.stdout + p.stderr)
         rerun_s, p2 = run(cmd, env)
         rerun_cpu_s = LAST_CPU_S[0]
-        assert f"{n} queued/running, 0 submitted now" in p2.stdout, p2.stdout
+        if f"{n} queued/running, 0 submitted now" not in p2.stdout:
+            raise RepetitionFailed(f"the identical rerun submitted something:\n{p2.stdout}")
         status_s = run(["-m", "nondet_hpc.status", str(sweep), "--json"], env)[0] if with_status else None
     finally:
         if (sweep / "sweep.json").exists():
-            run(["-m", "nondet_hpc.cancel", str(sweep)], env)
+            try:
+                run(["-m", "nondet_hpc.cancel", str(sweep)], env)
+            except RepetitionFailed as e:  # the jobs are held: cancel them by hand (squeue -u $USER)
+                print(f"cancel failed: {e}", flush=True)
     return {"runs": n, "arrays": len(sub["arrays"]), "submit_s": round(submit_s, 2),
             "submit_cpu_s": round(submit_cpu_s, 2), "rerun_cpu_s": round(rerun_cpu_s, 2),
             "compose_s_in_launcher": float(compose.group(1)) if compose else None,
@@ -126,16 +144,16 @@ def main() -> int:
     for n in sizes:
         for rep in range(args.repeats):
             for name, src in paths.items():  # interleaved: both see the same load
-                row = {"code": name, **measure(src, parent / f"{name}-{n}-{rep}", n // 2, args.max_array_size,
-                                               with_status=name == "this")}
+                load = os.getloadavg()[0]
+                try:
+                    row = {"code": name, **measure(src, parent / f"{name}-{n}-{rep}", n // 2, args.max_array_size,
+                                                   with_status=name == "this")}
+                except RepetitionFailed as e:
+                    row = {"code": name, "runs": n, "failed": str(e)}
+                row["load_before"], row["load_after"] = round(load, 2), round(os.getloadavg()[0], 2)
                 rows.append(row)
                 print(f"{n} runs, repeat {rep}, {name}: {row}", flush=True)
-    summary = {}
-    for n in sizes:
-        for name in paths:
-            sel = [r for r in rows if r["runs"] == n and r["code"] == name]
-            summary[f"{name}_{n}"] = {k: statistics.median(r[k] for r in sel)
-                                      for k in ("submit_s", "rerun_s", "submit_cpu_s", "rerun_cpu_s")}
+    summary = _summary(rows, sizes, list(paths))
     result = {
         "benchmark": "submit_700", "sizes": sizes, "repeats": args.repeats,
         "reference_rev": None if args.no_reference else args.reference_rev, "summary": summary,
@@ -143,22 +161,54 @@ def main() -> int:
         "sbatch": subprocess.run(["sbatch", "--version"], capture_output=True, text=True).stdout.strip(),
     }
     print()
+    print(_describe(summary, sizes, args.reference_rev if "reference" in paths else None, rows))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0 if all("failed" not in r for r in rows) else 1
+
+
+KEYS = ("submit_s", "rerun_s", "submit_cpu_s", "rerun_cpu_s", "status_s")
+
+
+def _summary(rows: list[dict], sizes: list[int], codes: list[str]) -> dict:
+    """Medians of the repetitions that worked, per code and size, with how many worked."""
+    out = {}
+    for n in sizes:
+        for name in codes:
+            sel = [r for r in rows if r["runs"] == n and r["code"] == name and "failed" not in r]
+            med = {k: statistics.median(r[k] for r in sel) if sel and all(r.get(k) is not None for r in sel) else None
+                   for k in KEYS}
+            out[f"{name}_{n}"] = {**med, "repetitions": len(sel),
+                                  "failed": len([r for r in rows if r["runs"] == n and r["code"] == name]) - len(sel)}
+    return out
+
+
+def _describe(summary: dict, sizes: list[int], reference: str | None, rows: list[dict]) -> str:
+    loads = [x for r in rows for x in (r["load_before"], r["load_after"])]
+    lines = [f"machine: {os.cpu_count()} CPUs, load average (1 min) during the runs {min(loads):.1f}-{max(loads):.1f}"]
     for n in sizes:
         this = summary[f"this_{n}"]
-        line = (f"{n}-run sweep (median of {args.repeats}): submission {this['submit_s']:.1f} s, "
-                f"identical rerun {this['rerun_s']:.1f} s")
-        if "reference" in paths:
-            ref = summary[f"reference_{n}"]
-            line += (f"; reference {args.reference_rev}: {ref['submit_s']:.1f} s / {ref['rerun_s']:.1f} s; "
-                     f"ratio {this['submit_s'] / ref['submit_s']:.2f} (target < 0.33) / "
+        if not this["repetitions"]:
+            lines.append(f"{n}-run sweep: every repetition of this checkout failed (errors above)")
+            continue
+        line = (f"{n}-run sweep (median of {this['repetitions']}): submission {this['submit_s']:.1f} s, "
+                f"identical rerun {this['rerun_s']:.1f} s" + (f", status {this['status_s']:.1f} s"
+                                                                if this["status_s"] is not None else ""))
+        ref = summary.get(f"reference_{n}")
+        if ref and ref["repetitions"]:
+            line += (f"; reference {reference} (median of {ref['repetitions']}): {ref['submit_s']:.1f} s / "
+                     f"{ref['rerun_s']:.1f} s; ratio {this['submit_s'] / ref['submit_s']:.2f} (target < 0.33) / "
                      f"{this['rerun_s'] / ref['rerun_s']:.2f} (rerun target < 3 s)\n"
                      f"  CPU seconds (not stretched by other load): submission {this['submit_cpu_s']:.1f} vs "
                      f"{ref['submit_cpu_s']:.1f} (ratio {this['submit_cpu_s'] / ref['submit_cpu_s']:.2f}), "
                      f"rerun {this['rerun_cpu_s']:.1f} vs {ref['rerun_cpu_s']:.1f}")
-        print(line)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+        elif ref is not None:
+            line += f"; every repetition of the reference {reference} failed: no ratio"
+        failed = this["failed"] + (ref["failed"] if ref else 0)
+        if failed:
+            line += f"\n  {failed} repetition(s) failed and are left out (errors above and in the JSON)"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,21 @@ def cfg_factory(tmp_path) -> Callable[..., DictConfig]:
     return factory
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _signing_key(tmp_path_factory):
+    """The key that signs a study's recorded settings (nondet_hpc/sweep/trust.py): the test
+    session's own, not the user's ~/.config/nondet_hpc/sweep.key. Commands the tests run, and the
+    SLURM jobs those submit, inherit it through the environment."""
+    path = tmp_path_factory.mktemp("signing-key") / "sweep.key"
+    old = os.environ.get("NONDET_HPC_KEY_FILE")
+    os.environ["NONDET_HPC_KEY_FILE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("NONDET_HPC_KEY_FILE", None)
+    else:
+        os.environ["NONDET_HPC_KEY_FILE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # CPU results depend on the thread count: every test starts on one thread (runs it trains set
@@ -48,9 +63,9 @@ def bit_exact_resume(cfg_factory, monkeypatch) -> Callable[..., dict]:
     """``check(*overrides, stop_at_step=N)``: train the config straight through (in ``ref/``) and
     again (in ``interrupted/``) stopped at optimizer step N as a SLURM signal stops it, then
     resumed. The stopped run is left preempted without DONE; the resumed one is done on its second
-    attempt, and every .npy file it wrote (each view's logits, labels, features) equals the
-    straight run's byte for byte. Returns the resumed run's run.json."""
-    from nondet_hpc.rundir import run_dir
+    attempt, and every .npy file it wrote (each view's logits, labels, features), its trajectory and
+    its final weights equal the straight run's byte for byte. Returns the resumed run's run.json."""
+    from nondet_hpc.rundir import TRAJECTORY, WEIGHTS, run_dir
     from nondet_hpc.run import task
 
     def check(*overrides: str, stop_at_step: int) -> dict:
@@ -68,5 +83,8 @@ def bit_exact_resume(cfg_factory, monkeypatch) -> Callable[..., dict]:
         assert "logits/plain.npy" in files
         for name in files:
             assert (resumed / name).read_bytes() == (ref / name).read_bytes(), name
+        for name in (TRAJECTORY, WEIGHTS):  # the records of training too, byte for byte
+            assert (resumed / name).read_bytes() == (ref / name).read_bytes(), name
+        assert rec["record"]["complete"] is True
         return rec
     return check

@@ -44,6 +44,9 @@ FAKE_TOOL = textwrap.dedent(r'''
             json.dump(st, f)
         os.replace(STATE + ".tmp", STATE)
     behave = st.get("behave", {{}}).get(name, {{}})
+    n_call = sum(1 for c in st["calls"] if c[0] == name)
+    if behave.get("only_calls") and n_call not in behave["only_calls"]:
+        behave = {{}}  # this behaviour is for other calls of the tool (1 = its first call)
     if behave.get("sleep"):
         save(); time.sleep(behave["sleep"])
     if behave.get("fail"):
@@ -55,23 +58,33 @@ FAKE_TOOL = textwrap.dedent(r'''
         st["next_id"] = jid + 1
         m = re.search(r"^#SBATCH --array=0-(\d+)%(\d+)", script, re.M)
         dep = re.search(r"^#SBATCH --dependency=(\S+)", script, re.M)
+        com = re.search(r"^#SBATCH --comment=(.*)$", script, re.M)
+        comment = com.group(1).strip("'") if com else ""
         job = {{"id": str(jid), "script": args[-1], "array": int(m.group(1)) + 1 if m else None,
-               "parallelism": int(m.group(2)) if m else None, "dependency": dep.group(1) if dep else None}}
+               "parallelism": int(m.group(2)) if m else None, "dependency": dep.group(1) if dep else None,
+               "comment": comment}}
         st.setdefault("jobs", []).append(job)
         # queue every task as PENDING
         q = st.setdefault("queue", {{}})
         if m:
             for i in range(job["array"]):
-                q[f"{{jid}}_{{i}}"] = {{"state": "PENDING", "reason": "Priority", "raw": str(jid), "restarts": 0}}
+                q[f"{{jid}}_{{i}}"] = {{"state": "PENDING", "reason": "Priority", "raw": str(jid), "restarts": 0,
+                                    "comment": comment}}
         else:
-            q[str(jid)] = {{"state": "PENDING", "reason": "Dependency" if dep else "Priority", "raw": str(jid), "restarts": 0}}
+            q[str(jid)] = {{"state": "PENDING", "reason": "Dependency" if dep else "Priority", "raw": str(jid), "restarts": 0,
+                           "comment": comment}}
         out = f"{{jid}}\n" if "--parsable" in args else f"Submitted batch job {{jid}}\n"
+        if behave.get("late"):  # queued, and the answer comes late (a busy controller)
+            save(); time.sleep(behave["late"])
     elif name == "squeue":
         lines = []
+        fmt = [f.split(":")[0] for f in args[args.index("-O") + 1].split(",")] if "-O" in args else []
         for k, v in st.get("queue", {{}}).items():
             arr = k.split("_")[0] if "_" in k else k
-            lines.append("|".join([k, v.get("raw", arr), arr, v["state"], v.get("reason", "None"),
-                                   str(v.get("restarts", 0)), "0:05", "vm", v.get("stdout", "")]))
+            cols = {{"JobArrayID": k, "JobID": v.get("raw", arr), "ArrayJobID": arr, "State": v["state"],
+                    "Reason": v.get("reason", "None"), "RestartCnt": str(v.get("restarts", 0)), "TimeUsed": "0:05",
+                    "NodeList": "vm", "Comment": v.get("comment") or "(null)", "STDOUT": v.get("stdout", "")}}
+            lines.append("|".join(cols[f] for f in fmt) + "|")
         out = "\n".join(lines) + ("\n" if lines else "")
     elif name == "sacct":
         ids = set()

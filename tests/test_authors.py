@@ -35,7 +35,7 @@ from nondet_hpc.run.train import lr_factor, param_groups, small_lr_names
 
 ARCHS = {  # name: (widths, blocks, shortcut, channels of each shortcut BN)
     "resnet14": ([16, 32, 64], [2, 2, 2], "A", [16, 32]),  # option A: BN of the input (16, 32 channels)
-    "resnet18": ([64, 128, 256, 512], [2, 2, 2, 2], "B", [128, 256, 512]),  # option B: BN after a 1x1 conv
+    "resnet18b": ([64, 128, 256, 512], [2, 2, 2, 2], "B", [128, 256, 512]),  # option B: BN after a 1x1 conv
     "resnet34": ([64, 128, 256, 512], [3, 4, 6, 3], "B", [128, 256, 512]),
 }
 

@@ -116,21 +116,35 @@ def test_header_numbers_match_the_entry_and_the_sweep(name):
 
 
 def test_cost_model_constants_are_the_models_macs():
-    from nondet_hpc.run.models import build_model
+    """Each model's declared MACs: its convolutions (grouped ones counted per group) and hidden linear
+    layers on one 3x32x32 image, and the classifier's inputs (its last linear layer), counted with
+    forward hooks on the meta device (shapes only: ResNet-1202 costs nothing to count)."""
+    from nondet_hpc.registry.models import MODELS
+    from nondet_hpc.run.zoo import build
+    from nondet_hpc.run.zoo.cifar_resnet import CifarResNet
 
-    for name, (conv, fc_in) in presets.MACS.items():
-        model = build_model(name, 10, 3).eval()
+    for name, (body, fc_in) in presets.MACS.items():
+        e = MODELS[name]
+        if name == "resnet1202":  # 19M parameters: built on the meta device, never initialised
+            with torch.device("meta"):
+                model = CifarResNet(list(e.options["widths"]), list(e.options["blocks"]), 10, 3)
+        else:
+            model = build(name, (3, 32, 32), 10, torch.Generator().manual_seed(0)).to("meta")
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
         macs = []
 
         def hook(mod, inp, out):
             if isinstance(mod, torch.nn.Conv2d):
-                macs.append(out[0].numel() * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1])
+                macs.append(out[0].numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1])
+            elif isinstance(mod, torch.nn.Linear) and mod is not head:
+                macs.append(mod.in_features * mod.out_features)
 
-        for mod in model.modules():
+        for mod in model.eval().modules():
             mod.register_forward_hook(hook)
         with torch.no_grad():
-            model(torch.zeros(1, 3, 32, 32))
-        assert sum(macs) == conv and model.fc.in_features == fc_in
+            model(torch.zeros(1, 3, 32, 32, device="meta"))
+        assert (sum(macs), head.in_features) == (body, fc_in), name
+    assert set(presets.MACS) >= set(presets.ARCHITECTURES) | {"resnet18", "resnet18b", "resnet34"}
     # the anchor: one ResNet-14 / CIFAR-10 / 500-epoch model is the report's 0.7 V100 hours
     assert presets.gpu_hours_per_model("resnet14", 500) == pytest.approx(0.7, rel=1e-3)
     assert presets.transforms_per_image(["flip-crop81", "crop25", "flip"]) == 162
@@ -274,6 +288,26 @@ def test_quick_tta_end_to_end(tmp_path):
     assert {"Flip", "Crop25", "Crop81", "Flip-Crop25", "Flip-Crop81", "Acc.Ens", "Acc.Ens/Flip",
             "Acc.Ens/Flip-Crop81"} <= views
     assert np.isfinite(df.loc[df["view"] == "Acc.Ens/Flip", "reduction_pct"]).all()
+
+
+def test_quick_architectures_end_to_end(tmp_path):
+    """experiment=architectures_quick on two rungs of its ladder and fewer seeds and epochs (the
+    whole quick preset, 108 runs, is measured in docs/experiments/architectures.md): the report's
+    architectures table and plot, the control exactly 0, the condition-number slot empty."""
+    import pandas as pd
+
+    out = tmp_path / "architectures_quick"
+    run_cli(["-m", "nondet_hpc", "-m", "experiment=architectures_quick", "model=linearnet,resnet6", "seed=range(1,3)",
+             "train.epochs=2", f"out_dir={out}"], cwd=tmp_path)
+    assert len(_done(out)) == 12
+    table = pd.read_csv(out / "report" / "architectures.csv")
+    assert list(table["model"]) == ["linearnet", "resnet6"] and (table[["n_init", "n_bitflip"]] == 2).all().all()
+    assert (table["control_acc_sd"] == 0).all() and (table["control_disagreement"] == 0).all()
+    assert np.isfinite(table["acc_sd_ratio"]).all() and table["condition_number"].isna().all()
+    assert list(table["n_parameters"]) == [650, 9_690]  # on digits: 64 inputs, 1-channel stem
+    report = (out / "report" / "report.md").read_text()
+    assert "## Where instability begins" in report and (out / "report" / "architectures.png").stat().st_size > 0
+    assert "was not measured in this sweep" in (out / "report" / "architectures.md").read_text()
 
 
 def test_quick_cifar100_end_to_end(tmp_path):

@@ -65,7 +65,10 @@ def test_group_curve_equals_the_direct_computation():
         dis = 100 * np.mean([np.mean(pred[a] != pred[b]) for a, b in pairs])
         assert curve.distance[t] == pytest.approx(dist, rel=1e-6)
         assert curve.mean_norm[t] == pytest.approx(norm, rel=1e-12)
-        assert curve.rel_distance[t] == pytest.approx(dist / norm, rel=1e-6)
+        norms = [np.linalg.norm(r[1][t].astype(np.float64)) for r in runs]
+        rel = 100 * np.mean([np.linalg.norm(sk[a] - sk[b]) / ((norms[a] + norms[b]) / 2) for a, b in pairs])
+        assert curve.rel_distance[t] == pytest.approx(rel, rel=1e-6)
+        assert curve.identical[t] == (t == 0)
         assert curve.disagreement[t] == pytest.approx(dis, rel=1e-12)
     assert curve.first_split == 1 and curve.n_runs == 5
     assert curve.epoch.tolist() == (STEPS / 4).tolist()

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import pytest
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
+from hydra.version import VersionBase
+from packaging.version import Version
 
 from nondet_hpc.config import conf_dir
 
@@ -35,6 +37,19 @@ _ONE_JOB = ("one job: the local launcher runs a sweep of one job in the launchin
 SKIPPED = {("parallel", name): _ONE_JOB for name in (
     "test_sweep_1_job", "test_sweep_1_job_strict", "test_sweep_1_job_strict_and_bad_key",
     "test_not_sweeping_hydra_overrides", "test_sweep_with_custom_resolver")}
+
+
+@pytest.fixture(autouse=True)
+def _hydra_1_1_defaults():
+    """The suites' applications give no version_base, so they expect Hydra's 1.1 defaults (e.g. a job
+    runs in its own output folder). Hydra keeps the version base in a process-wide singleton that
+    every compose(..., version_base="1.3") of the other test modules sets: put 1.1 back for these
+    tests and restore what was there."""
+    base = VersionBase.instance()
+    saved = base.getbase()
+    base.setbase(Version("1.1"))
+    yield
+    base.version_base = saved
 
 
 @pytest.fixture(autouse=True)

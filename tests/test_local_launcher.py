@@ -1,9 +1,15 @@
 """The local launcher (hydra_plugins/nondet_hpc_launcher/local.py): n_jobs at once, each job's
 result the same as its solo run (same thread count), every failure seen by the end-of-sweep
-report and the exit code, one block of output per job."""
+report and the exit code, one block of output per job; Ctrl-C and SIGTERM stop the sweep and its
+workers, and a rerun finishes it bit-identically."""
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +59,74 @@ def test_bad_n_jobs_is_refused(tmp_path):
                  "hydra.launcher.n_jobs=0"], check=False)
     assert p.returncode != 0 and "hydra.launcher.n_jobs=0 is invalid" in p.stdout + p.stderr
     assert "Traceback" not in p.stderr
+
+
+# ------------------------------------------------------------------ issue 18 section 7: Ctrl-C and SIGTERM
+STOP_RUN = ["train.epochs=150", "train.warmup_epochs=1", "data.train_subset=64", "data.test_subset=40",
+            "train.batch_size=64", "train.threads=1"]
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _workers(pid: int) -> set[int]:
+    """The launcher's worker processes (multiprocessing's spawned children)."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        st = _proc_stat(int(d.name)) if d.name.isdigit() else None
+        if st and int(st[1]) == pid:
+            try:
+                if b"spawn_main" in (d / "cmdline").read_bytes():
+                    out.add(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+@pytest.mark.parametrize("sig,n_jobs", [(signal.SIGTERM, 2), (signal.SIGINT, 1)], ids=["SIGTERM-2-jobs", "SIGINT-serial"])
+def test_a_stopped_local_sweep_stops_its_workers_and_a_rerun_finishes_bit_identically(tmp_path, sig, n_jobs):
+    from helpers import REPO, cli_env, make_cfg
+    from nondet_hpc.run import task
+
+    out = tmp_path / "sw"
+    args = ["-m", "nondet_hpc", "-m", "source=init", "seed=1,2,3", *STOP_RUN, f"hydra.launcher.n_jobs={n_jobs}",
+            f"out_dir={out}"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    while True:  # until n_jobs runs train (a heartbeat); a hang is ended by pytest-timeout
+        beats = 0
+        for p in out.glob("runs/*/run.json"):
+            try:
+                beats += bool(json.loads(p.read_text()).get("heartbeat"))
+            except ValueError:
+                pass
+        if beats >= n_jobs:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    workers = _workers(proc.pid)
+    assert len(workers) == (n_jobs if n_jobs > 1 else 0)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate()
+    text = stdout + stderr
+    assert proc.returncode == 128 + sig, text
+    assert f"sweep stopped by {sig.name}" in text and "to rerun: #2" in text and "Traceback" not in stderr
+    assert "run the same command again to finish them: python -m nondet_hpc -m source=init" in text
+    while any(_proc_stat(w) and _proc_stat(w)[0] != "Z" for w in workers):  # the workers stop too
+        time.sleep(0.2)
+    runs = {p.name: json.loads((p / "run.json").read_text()) for p in list_runs(out)}
+    stopped = [rid for rid, info in runs.items() if info["state"] == "preempted"]
+    assert len(stopped) == n_jobs and not any((out / "runs" / r / "DONE").exists() for r in runs)
+    assert all((out / "runs" / r / "checkpoint.pt").is_file() for r in stopped)
+    # the same command finishes everything; a stopped run ends bit-identical to an uninterrupted one
+    run_cli(args)
+    assert len(list_runs(out)) == 3 and all((p / "DONE").is_file() for p in list_runs(out))
+    seed = runs[stopped[0]]["seed"]
+    ref = Path(task.run(make_cfg(tmp_path / "ref", "source=init", f"seed={seed}", *STOP_RUN, fast=False))["run_dir"])
+    assert ref.name == stopped[0]
+    assert np.load(logits_path(ref, "plain")).tobytes() == np.load(logits_path(out / "runs" / ref.name,
+                                                                                "plain")).tobytes()

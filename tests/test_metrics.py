@@ -225,6 +225,30 @@ def test_group_summary_matches_per_pair_definitions():
     assert s["ensemble_delta"] == pytest.approx(np.mean(ens), abs=1e-12)
 
 
+class _Flat:
+    """A flat parameter vector as the final-parameter-distance formula reads it (as a weights file)."""
+
+    def __init__(self, values):
+        self.values = np.asarray(values, dtype=np.float32)
+        self.n_values = self.values.size
+
+    def flat_range(self, lo: int, hi: int) -> np.ndarray:
+        return self.values[lo:hi]
+
+
+def test_final_parameter_distance_worked_by_hand():
+    # theta: (3, 4), (0, 0), (3, 0) and a copy of the first; norms 5, 0, 3, 5
+    vecs = [_Flat([3, 4]), _Flat([0, 0]), _Flat([3, 0]), _Flat([3, 4])]
+    dist, norms = M.flat_distances(vecs, block_bytes=8 * 4)  # one value of each vector per block
+    assert norms.tolist() == [5, 0, 3, 5]
+    assert dist[0].tolist() == [0, 5, 4, 0] and dist[1, 2] == 3 and dist[3, 0] == 0.0
+    rel = M.pairwise_param_distance(vecs, block_bytes=8 * 4)
+    # 100 * d / ((|a| + |b|) / 2): (0,1): 5 / 2.5; (0,2): 4 / 4; (1,2): 3 / 1.5; copies exactly 0
+    assert rel[0, 1] == pytest.approx(200.0) and rel[0, 2] == pytest.approx(100.0)
+    assert rel[1, 2] == pytest.approx(200.0) and rel[0, 3] == 0.0 and np.all(np.diag(rel) == 0)
+    assert np.array_equal(rel, rel.T)
+
+
 def test_the_registry_declares_what_the_formulas_compute():
     models, y = _random_group(4, 50, 3, seed=1)
     st = M.pairwise_stats(models, y)
@@ -234,6 +258,7 @@ def test_the_registry_declares_what_the_formulas_compute():
         if m.pair is not None and m.inputs == RM.LOGITS:
             st.add(m.key, m.pair(models, M.DEFAULT_BLOCK_BYTES), m.value)
     st.add("cka", M.pairwise_cka_matrix([np.random.default_rng(k).normal(size=(50, 3)) for k in range(4)]))
+    st.add("param_distance", M.pairwise_param_distance([_Flat(np.random.default_rng(k).normal(size=9)) for k in range(4)]))
     # subset_metrics yields per-model, pairwise, then group metrics (ablation.csv's order)
     want = [m.key for kind in (RM.MODEL, RM.PAIRWISE, RM.GROUP) for m in RM.of_kind(kind)]
     assert list(M.subset_metrics(st, [[0, 1, 2]])) == want

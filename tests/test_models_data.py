@@ -46,7 +46,7 @@ def test_option_a_shortcut_subsamples_normalises_and_pads_zero_channels():
     assert torch.allclose(y[:, :16], x[:, :, ::2, ::2] / math.sqrt(1 + 1e-5))
 
 
-@pytest.mark.parametrize("name,blocks,params_m", [("resnet18", [2, 2, 2, 2], 11.17), ("resnet34", [3, 4, 6, 3], 21.28)])
+@pytest.mark.parametrize("name,blocks,params_m", [("resnet18b", [2, 2, 2, 2], 11.17), ("resnet34", [3, 4, 6, 3], 21.28)])
 def test_resnet18_34_block_counts_and_size(name, blocks, params_m):
     m = _resnet(name, [64, 128, 256, 512], blocks, "B")
     assert len([b for b in m.modules() if isinstance(b, BasicBlock)]) == sum(blocks)

@@ -143,16 +143,39 @@ def test_split_cpus():
     assert pack.split_cpus([0], 2) == [[0], [0]]
 
 
-def test_mps_off_or_missing(monkeypatch):
+def test_mps_off_or_missing(monkeypatch, capsys):
     monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # a GPU, and no MPS command
     m = pack.Mps("auto", 2)
     m.start()
     assert m.record() == {"mode": "auto", "ran": False, "reason": "nvidia-cuda-mps-control not on PATH"}
+    assert "the 2 runs time-slice the GPU" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="mps=true but the MPS daemon could not start"):
         pack.Mps("true", 2).start()
     m = pack.Mps("auto", 1)
     m.start()
     assert not m.ran and "one run per task" in m.reason
+
+
+def test_a_cpu_only_task_does_not_talk_about_the_gpu(tmp_path, monkeypatch, capsys):
+    """No GPU visible, or runs on train.device=cpu: MPS is not needed and the log says the runs share
+    the CPUs, not that they time-slice a GPU (even where the MPS command exists)."""
+    exe = tmp_path / "bin" / pack.MPS_CONTROL
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{exe.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    m = pack.Mps("auto", 2)
+    m.start()
+    out = capsys.readouterr().out
+    assert not m.ran and m.reason == "not needed (no GPU visible: the runs train on CPU)"
+    assert "GPU" not in out.split("(")[0] and "time-slice" not in out and "share the task's CPUs" in out
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # a GPU, but the runs compute on the CPU
+    m = pack.Mps("auto", 2, gpu=False)
+    m.start()
+    assert not m.ran and "train.device=cpu" in m.reason and "time-slice" not in capsys.readouterr().out
+    assert pack._device({"train": {"device": "cpu"}}) == "cpu" and pack._device({}) == "auto"
 
 
 def test_mps_daemon_started_and_stopped(tmp_path, monkeypatch):
@@ -199,9 +222,15 @@ def test_packed_runs_match_solo_runs_and_a_failure_stays_alone(tmp_path, keep_ha
     # one run fails (a snapshot count that does not divide the epochs): the other finishes
     bad = _job(tmp_path / "fail", "source=init", "seed=3", "train.snapshots=3")
     good = _job(tmp_path / "fail", "source=init", "seed=4")
-    with pytest.raises(RuntimeError, match=r"1 of 2 runs of this task failed .*train.snapshots=3"):
+    with pytest.raises(RuntimeError, match=r"1 of 2 runs of this task failed .*train.snapshots=3") as e:
         pack.PackJob([bad, good], mps="false")()
+    assert str(e.value).endswith(f"the other 1 finished (DONE): {good.run_id}")
     assert is_done(Path(good.run_dir)) and not is_done(Path(bad.run_dir))
+    # both fail: the message does not claim that any finished
+    both = [_job(tmp_path / "both", "source=init", f"seed={s}", "train.snapshots=3") for s in (5, 6)]
+    with pytest.raises(RuntimeError, match=r"^all 2 runs of this task failed .*none of them finished$") as e:
+        pack.PackJob(both, mps="false")()
+    assert "DONE" not in str(e.value)
 
 
 PACK_SCRIPT = textwrap.dedent("""

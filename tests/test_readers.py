@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import struct
 
 import numpy as np
 import pytest
@@ -17,37 +16,10 @@ from nondet_hpc.config import ConfigError
 from nondet_hpc.readers import find_mnist_folder, parse_idx, read_folder, read_mnist, read_npz
 from nondet_hpc.readers.common import open_regular
 from nondet_hpc.readers.idx import IMAGES_MAGIC, LABELS_MAGIC, MNIST_FILES, MNIST_MD5
-
-
-def _tree(root):
-    """Every path below ``root`` with its size and mtime: to check that nothing was written."""
-    return sorted((str(p.relative_to(root)), p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*"))
+from data_files import file_tree as _tree, idx_bytes, write_folder, write_mnist, write_png
 
 
 # --- MNIST / IDX ---------------------------------------------------------------------------------
-def idx_bytes(a: np.ndarray) -> bytes:
-    """IDX encoding of a uint8 array: 0, 0, type 0x08, ndim, big-endian uint32 dims, data."""
-    return bytes([0, 0, 0x08, a.ndim]) + b"".join(struct.pack(">I", d) for d in a.shape) + a.tobytes()
-
-
-def write_mnist(folder, n_train=6, n_test=4, packed=True, side=28, seed=0):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        img, lab = MNIST_FILES[split]
-        x = rng.integers(0, 256, (n, side, side), dtype=np.uint8)
-        y = (np.arange(n) % 10).astype(np.uint8)
-        for name, a in ((img, x), (lab, y)):
-            data = idx_bytes(a)
-            if packed:
-                (folder / f"{name}.gz").write_bytes(gzip.compress(data))
-            else:
-                (folder / name).write_bytes(data)
-        arrays[split] = (x, y)
-    return arrays
-
-
 @pytest.mark.parametrize("packed", [True, False])
 def test_mnist_reads_idx_files_gz_or_raw(tmp_path, packed):
     arrays = write_mnist(tmp_path / "MNIST" / "raw", packed=packed)
@@ -236,23 +208,6 @@ def test_only_regular_files_are_opened(tmp_path):
 
 
 # --- image folders -------------------------------------------------------------------------------
-def write_png(path, size=(8, 8), mode="RGB", value=0):
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(value)
-    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(path)
-
-
-def write_folder(root, classes=("cat", "dog"), per_class=2, size=(8, 8), mode="RGB", test="test"):
-    for split, n in (("train", per_class), (test, 1)):
-        for c in classes:
-            for i in range(n):
-                write_png(root / split / c / f"{i}.png", size, mode, value=hash((split, c, i)) % 1000)
-    return root
-
-
 def test_folder_decodes_pngs_once_into_uint8_arrays(tmp_path):
     from PIL import Image
 
@@ -344,7 +299,7 @@ def test_dataset_declarations_name_real_readers_and_the_authors_mnist_facts():
     import nondet_hpc.readers as readers
     from nondet_hpc.registry.datasets import DATASETS
 
-    assert all(callable(getattr(readers, d.reader)) for d in DATASETS.values())
+    assert all(callable(getattr(readers, d.reader)) for d in DATASETS.values() if d.reader)
     m = DATASETS["mnist"]  # the authors' data.py: ToTensor + Normalize((0.1307,), (0.3081,)), no augmentation
     assert (m.num_classes, m.channels, m.image_size, m.pad, m.flip, m.mean, m.std) == \
         (10, 1, 28, 0, False, (0.1307,), (0.3081,))

@@ -14,10 +14,15 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from nondet_hpc.config import BOOKKEEPING_KEYS, key_matches
 from nondet_hpc.rundir import run_id
 
 LEGACY_RUNS = Path(__file__).parent / "data" / "legacy_0_1_0" / "runs"
 MODELS = ("resnet14", "resnet18", "resnet34")
+#: Models whose runs keep their ids. After version 0.1.0, model=resnet18 became the authors' option-A
+#: ResNet-18 and this package's option-B one was renamed resnet18b: both runs changed model, so both
+#: changed id (test_resnet18_is_now_the_authors_and_its_runs_changed_id).
+KEPT = ("resnet14", "resnet34")
 
 #: source -> the hash part of its run id with resnet14, resnet18, resnet34 (digits, seed 3, one thread)
 RUN_ID_HASHES = {
@@ -48,9 +53,23 @@ PRESET_RUN_IDS = {
 @pytest.mark.parametrize("source", sorted(RUN_ID_HASHES))
 def test_every_source_and_model_composes_the_run_ids_of_version_0_1_0(cfg_factory, source):
     for model, digest in zip(MODELS, RUN_ID_HASHES[source]):
+        if model not in KEPT:
+            continue
         cfg = cfg_factory("data=digits", f"model={model}", f"source={source}", "seed=3", "train.threads=1",
                           fast=False)
         assert run_id(cfg) == f"{source}-s0003-digits-{model}-e40-{digest}"
+
+
+def test_resnet18_is_now_the_authors_and_its_runs_changed_id(cfg_factory):
+    """model=resnet18 composes the authors' option-A network (no shortcut key: another family), and
+    resnet18b this package's option-B one under its new name; neither composes a 0.1.0 id."""
+    old = {f"{source}-s0003-digits-resnet18-e40-{digests[1]}" for source, digests in RUN_ID_HASHES.items()}
+    for model, node in (("resnet18", {"name": "resnet18", "widths": [64, 128, 256, 512], "blocks": [2, 2, 2, 2]}),
+                        ("resnet18b", {"name": "resnet18b", "widths": [64, 128, 256, 512], "blocks": [2, 2, 2, 2],
+                                       "shortcut": "B"})):
+        cfg = cfg_factory("data=digits", f"model={model}", "source=init", "seed=3", "train.threads=1", fast=False)
+        assert OmegaConf.to_container(cfg.model) == node
+        assert run_id(cfg).startswith(f"init-s0003-digits-{model}-e40-") and run_id(cfg) not in old
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_RUN_IDS))
@@ -61,14 +80,26 @@ def test_presets_compose_the_run_ids_of_version_0_1_0(cfg_factory, preset):
 
 @pytest.mark.parametrize("run", sorted(p.name for p in LEGACY_RUNS.iterdir()))
 def test_a_legacy_run_is_composed_again_key_for_key(cfg_factory, run):
-    """The command that trained a legacy run composes its config.yaml exactly, and its run id."""
+    """The command that trained a legacy run composes its config.yaml exactly, and its run id.
+
+    Exactly, but for keys added since: each must sit at its neutral default (config.NEUTRAL_DEFAULTS)
+    or be bookkeeping, so it cannot change what the run computes."""
+    from nondet_hpc.config import BOOKKEEPING_KEYS, NEUTRAL_DEFAULTS, key_matches
+
     folder = LEGACY_RUNS / run
     old = OmegaConf.load(folder / "config.yaml")
     views = ",".join(old.eval.views)
     cfg = cfg_factory(f"source={old.source.name}", f"seed={old.seed}", f"train.epochs={old.train.epochs}",
                       f"eval.views=[{views}]", f"eval.features={str(old.eval.features).lower()}",
                       f"out_dir={old.out_dir}", fast=False)
-    assert OmegaConf.to_container(cfg, resolve=True) == OmegaConf.to_container(old, resolve=True)
+    new, was = OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(old, resolve=True)
+    for section, node in new.items():
+        for key in set(node) - set(was.get(section, {})) if isinstance(node, dict) else ():
+            dotted = f"{section}.{key}"
+            assert (dotted in NEUTRAL_DEFAULTS and node[key] == NEUTRAL_DEFAULTS[dotted]) or \
+                key_matches(dotted, BOOKKEEPING_KEYS), dotted
+            del node[key]
+    assert new == was
     assert run_id(cfg) == json.loads((folder / "run.json").read_text())["run_id"] == run
 
 
@@ -97,14 +128,15 @@ def test_every_source_names_declared_streams_and_a_distinct_table_row():
     assert len({s.label for s in SOURCES.values()}) == len(SOURCES)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", ("resnet14", "resnet18b", "resnet34"))
 def test_every_model_builds_initialises_and_names_a_float32_bitflip_parameter(name):
     import dataclasses
 
     import torch
 
-    from nondet_hpc.registry.models import FAMILIES, MODELS as REGISTERED, config_node
-    from nondet_hpc.run.models import BUILDERS, INIT_RULES, bitflip_target, build_model, init_weights
+    from nondet_hpc.registry.models import FAMILIES, INIT_RULES, MODELS as REGISTERED, config_node
+    from nondet_hpc.run.models import bitflip_target, build_model, init_weights
+    from nondet_hpc.run.zoo import FAMILIES as BUILDERS
 
     entry = REGISTERED[name]
     assert entry.family in FAMILIES and entry.family in BUILDERS and entry.init in INIT_RULES
@@ -120,7 +152,8 @@ def test_an_unregistered_model_name_is_refused_before_anything_is_written(cfg_fa
     from nondet_hpc.config import ConfigError
     from nondet_hpc.run import task
 
-    with pytest.raises(ConfigError, match=r"model.name='resnet99' is not a registered model; valid: resnet14"):
+    with pytest.raises(ConfigError, match=r"model.name='resnet99' is not a registered model; valid: resnet14, "
+                                          r"resnet18b, resnet34, linearnet"):
         task.run(cfg_factory("model.name=resnet99"))
     assert not list((tmp_path / "sweep").glob("runs/*"))
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from helpers import run_cli
+from helpers import cli_env, run_cli
 from slurm_fixtures import (heartbeat, measure_epoch_seconds, require_cluster, sweep_status, wait_for,
                             wait_progressing)
 
@@ -82,7 +84,8 @@ def wait_sweep_over(sweep: Path, timeout: float, seen: list | None = None) -> di
 
 def test_end_to_end_sweep(cluster, tmp_path):
     sweep = tmp_path / "e2e"
-    args = ["-m", "nondet_hpc", "-m", "source=init,shuffle", "seed=range(1,4)", f"out_dir={sweep}", *FAST,
+    # init and the bit change: init's seed-1 run is every bit-change run's unperturbed twin
+    args = ["-m", "nondet_hpc", "-m", "source=init,bitflip", "seed=range(1,4)", f"out_dir={sweep}", *FAST,
             "hydra/launcher=slurm", "hydra.launcher.reducer.partition=cpu"]
     try:
         p = run_cli(args)
@@ -102,6 +105,13 @@ def test_end_to_end_sweep(cluster, tmp_path):
         assert {"pending", "running"} & states and "done" in states
         # the reducer ran after every array task ended and wrote the report
         assert st["reducer"]["state"] == "COMPLETED" and (sweep / "report" / "metrics.csv").exists()
+        # ... with the Instability section: every run's trajectory and weights, a condition number per
+        # bit-change run against its twin, and the divergence figure
+        report = sweep / "report"
+        assert "## Instability" in (report / "report.md").read_text() and (report / "divergence.png").exists()
+        pairs = pd.read_csv(report / "instability_pairs.csv")
+        assert len(pairs) == 3 and set(pairs["mode"]) == {"twin"} and (pairs["condition_number"] > 0).all()
+        assert "Condition number of training" in (report / "summary.txt").read_text()
         tasks = [r for r in sacct_rows(array_id) if r[0].startswith(f"{array_id}_")]
         assert len(tasks) == 6 and all(r[1] == "COMPLETED" for r in tasks)
         red = sacct_rows(reducer_id)[-1]
@@ -233,6 +243,8 @@ def test_usr2_requeue_resumes_bit_identically(cluster, epochs_for, tmp_path):
         a = np.load(run_dir / "logits" / "plain.npy", allow_pickle=False)
         b = np.load(ref_dir / "logits" / "plain.npy", allow_pickle=False)
         assert a.dtype == np.float32 and np.array_equal(a, b)
+        for name in ("trajectory.npz", "weights.safetensors"):  # the records of training, byte for byte
+            assert (run_dir / name).read_bytes() == (ref_dir / name).read_bytes(), name
     finally:
         cleanup(cut)
         cleanup(ref)
@@ -298,7 +310,9 @@ def test_waves_stop_at_max_continue_after_a_lost_reducer_and_never_resubmit(clus
         assert len(g.frame) == 9
         se = M.bootstrap_sd_se(g.frame["acc"].to_numpy(float), n_boot=10_000, seed=[0, g.seed_key])
         assert st["groups"]["(all)"]["precision"]["acc_sd_se"] == pytest.approx(se, rel=1e-12)
-        assert "## Study grown in waves" in (sweep / "report" / "report.md").read_text()
+        report = (sweep / "report" / "report.md").read_text()
+        # the last report shows the final state and why it stopped (decided after it was written)
+        assert "## Study grown in waves" in report and f"**State: done**: {st['stop_reason']}" in report
         # the same command again: nothing submitted, no seed twice, no run deleted
         n_subs = len(manifest(sweep)["submissions"])
         p = run_cli(args)
@@ -307,4 +321,71 @@ def test_waves_stop_at_max_continue_after_a_lost_reducer_and_never_resubmit(clus
         assert _seeds_of(sweep) == list(range(1, 10)) and len(list((sweep / "runs").iterdir())) == 9
     finally:
         subprocess.run(["scancel", blocker], timeout=30)
+        cleanup(sweep)
+
+
+def test_packed_sweep_runs_to_its_report_and_stays_private(cluster, tmp_path):
+    """runs_per_task=2 on SLURM (issue 19): every packed run trains to DONE, the reducer writes the
+    report, the task's log says what really happened (its runs share the CPUs; nothing about a GPU,
+    no failure), and with the user's umask 002 nothing the launcher or the jobs made is writable by
+    the group (sbatch passes the launcher's umask on to the jobs)."""
+    sweep = tmp_path / "packed"
+    args = ["-m", "nondet_hpc", "-m", "data=digits", "source=init,shuffle", "seed=1,2", f"out_dir={sweep}", *FAST,
+            "hydra/launcher=slurm", "hydra.launcher.runs_per_task=2", "hydra.launcher.cpus_per_task=2"]
+    old = os.umask(0o002)
+    try:
+        p = run_cli(args)
+    finally:
+        os.umask(old)
+    try:
+        assert re.search(r"array job \d+: 2 tasks of 2 runs each", p.stdout), p.stdout
+        st = wait_sweep_over(sweep, 900)
+        assert st["counts"]["done"] == 4, st["counts"]
+        assert st["reducer"]["state"] == "COMPLETED" and (sweep / "report" / "metrics.csv").is_file()
+        m = manifest(sweep)
+        for rec in m["runs"].values():
+            info = json.loads((Path(rec["run_dir"]) / "run.json").read_text())
+            assert info["state"] == "done" and info["packing"]["k"] == 2 and info["threads"] == 1
+            assert info["packing"]["cpus_shared"] is False and info["packing"]["mps"]["ran"] is False
+        (arr,) = m["submissions"][0]["arrays"]
+        for i in range(2):
+            log = (sweep / "slurm" / f"{arr['job_id']}_{i}_0_log.out").read_text()
+            assert "2 runs at once" in log and log.count(": done") == 2, log
+            assert "time-slice" not in log and "finished (DONE)" not in log and "failed" not in log, log
+        made = [sweep, sweep / "sweep.json", sweep / "slurm", sweep / "runs", sweep / "report",
+                *(sweep / "runs").iterdir(), *(sweep / "report").iterdir()]
+        writable = {str(x): oct(x.stat().st_mode & 0o777) for x in made if x.stat().st_mode & 0o022}
+        assert writable == {}, writable
+    finally:
+        cleanup(sweep)
+
+
+def test_an_sbatch_that_answers_late_is_found_and_recorded(cluster, tmp_path):
+    """An sbatch that queues its job and answers after command_timeout_s (a wrapper around the real
+    one): the launcher finds the array and the reducer by the submission token in their comment,
+    records them, and a rerun queues nothing twice (held jobs: nothing runs)."""
+    slow = tmp_path / "slow-bin"
+    slow.mkdir()
+    real = sh("sh", "-c", "command -v sbatch").strip()
+    (slow / "sbatch").write_text(f'#!/bin/sh\n{real} "$@"\nrc=$?\n[ $rc -eq 0 ] && exec sleep 30\nexit $rc\n')
+    (slow / "sbatch").chmod(0o755)
+    sweep = tmp_path / "late"
+    args = ["-m", "nondet_hpc", "-m", "source=init", "seed=1,2", f"out_dir={sweep}", *FAST, "hydra/launcher=slurm",
+            "hydra.launcher.hold=true", "hydra.launcher.command_timeout_s=3"]
+    env = cli_env({"PATH": f"{slow}{os.pathsep}{os.environ['PATH']}"})
+    try:
+        p = run_cli(args, env=env)
+        sub = manifest(sweep)["submissions"][0]
+        (arr,) = sub["arrays"]
+        red = sub["reducer"]
+        assert arr["late_answer"]["outcome"] == red["late_answer"]["outcome"] == "found", sub
+        assert "was found by its submission token" in p.stdout
+        comments = dict(line.split("|", 1) for line in sh("squeue", "-h", "-o", "%F|%k").splitlines())
+        assert arr["token"] in comments[arr["job_id"]] and red["token"] in comments[red["job_id"]]
+        deps = dict(line.split() for line in sh("squeue", "-h", "-o", "%F %E").splitlines() if " " in line)
+        assert deps[red["job_id"]].startswith(f"afterany:{arr['job_id']}")
+        assert (sweep / "slurm" / f"{arr['job_id']}_1_submitted.pkl").exists()
+        p = run_cli(args)  # the real sbatch: everything is queued already
+        assert "0 submitted now" in p.stdout and len(manifest(sweep)["submissions"]) == 1
+    finally:
         cleanup(sweep)

@@ -352,9 +352,10 @@ def test_manifest_write_is_atomic(tmp_path, monkeypatch):
     renames = []
     real_replace = os.replace
 
-    def replace(src, dst):
-        renames.append((Path(src), Path(dst), json.loads(Path(src).read_text())))
-        real_replace(src, dst)
+    def replace(src, dst, *, src_dir_fd=None, dst_dir_fd=None):  # safeio renames inside a folder's descriptor
+        where = Path(os.readlink(f"/proc/self/fd/{dst_dir_fd}")) if dst_dir_fd is not None else Path()
+        renames.append((where / src, where / dst, json.loads((where / src).read_text())))
+        real_replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
     monkeypatch.setattr(os, "replace", replace)
     data["runs"]["y"] = {"jobs": []}
@@ -792,19 +793,20 @@ def test_identical_rerun_composes_no_job(tmp_path, fake):
 
 
 def test_slurm_folder_is_private(fake, tmp_path):
+    from nondet_hpc.sweep.trust import TrustError
+
     sweep = tmp_path / "sw"
     submit.submit_sweep(sweep, plan(sweep, seeds=(1,)), params_for(sweep))
     assert (sweep / "slurm").stat().st_mode & 0o777 == 0o700
-    (sweep / "slurm").chmod(0o777)
     n = len(fake.calls("sbatch"))
     before = (sweep / "sweep.json").read_text()
-    with pytest.raises(client.SubmissionError, match="world-writable"):
-        submit.submit_sweep(sweep, plan(sweep, seeds=(2,)), params_for(sweep))
-    assert len(fake.calls("sbatch")) == n and (sweep / "sweep.json").read_text() == before
-    (sweep / "slurm").chmod(0o770)
-    said = []
-    submit.submit_sweep(sweep, plan(sweep, seeds=(2,)), params_for(sweep), echo=said.append)
-    assert any("group-writable" in s for s in said) and len(fake.calls("sbatch")) == n + 2
+    for mode in (0o777, 0o770):  # anyone, or the group (not trusted unless said): refused
+        (sweep / "slurm").chmod(mode)
+        with pytest.raises(TrustError, match=f"slurm \\(mode {mode:o}\\)"):
+            submit.submit_sweep(sweep, plan(sweep, seeds=(2,)), params_for(sweep))
+        assert len(fake.calls("sbatch")) == n and (sweep / "sweep.json").read_text() == before
+    submit.submit_sweep(sweep, plan(sweep, seeds=(2,)), params_for(sweep, trust_group=True))
+    assert len(fake.calls("sbatch")) == n + 2
 
 
 def test_summary_of_one_task_chunks_and_caps(fake, tmp_path):

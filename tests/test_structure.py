@@ -64,6 +64,7 @@ LAYERS = {
     "nondet_hpc.cancel": ENTRY,
     "nondet_hpc.evaluate": ENTRY,
     "nondet_hpc.barriers": ENTRY,
+    "nondet_hpc.compare": ENTRY,  # where two runs parted (analysis/compare_runs.py)
     "nondet_hpc.plan": ENTRY,
     "nondet_hpc.experiments": ENTRY,
     "nondet_hpc.callbacks": ENTRY,

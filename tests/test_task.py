@@ -66,7 +66,9 @@ def test_run_directory_contract(cfg_factory, monkeypatch):
 
     def recording_replace(src, dst, *a, **k):  # every file of a run is published by a rename
         real_replace(src, dst, *a, **k)
-        writes.append(Path(dst))
+        # safeio renames inside the folder's descriptor: the folder comes from dst_dir_fd
+        fd = k.get("dst_dir_fd")
+        writes.append(Path(os.readlink(f"/proc/self/fd/{fd}")) / dst if fd is not None else Path(dst))
     monkeypatch.setattr(os, "replace", recording_replace)
     out = task.run(cfg)
     monkeypatch.setattr(os, "replace", real_replace)
@@ -159,12 +161,25 @@ def test_unwritable_output_folder(cfg_factory, tmp_path):
         task.run(cfg)
 
 
-def test_failure_is_recorded_in_run_json(cfg_factory, tmp_path):
+def test_missing_data_is_refused_before_anything_is_written(cfg_factory, tmp_path):
     cfg = cfg_factory("data=cifar10", f"data.root={tmp_path}/none", fast=False)
     with pytest.raises(ConfigError, match="cifar-10-batches-py"):
         task.run(cfg)
+    assert not list((tmp_path / "sweep").glob("runs/*"))
+
+
+def test_failure_is_recorded_in_run_json(cfg_factory, monkeypatch):
+    from nondet_hpc.run import train
+
+    def fail(self):
+        raise RuntimeError("the loss became a cat")
+
+    monkeypatch.setattr(train.Trainer, "fit", fail)
+    cfg = cfg_factory()
+    with pytest.raises(RuntimeError, match="cat"):
+        task.run(cfg)
     rec = json.load(open(run_dir(cfg) / "run.json"))
-    assert rec["state"] == "failed" and "cifar-10-batches-py" in rec["error"]["message"]
+    assert rec["state"] == "failed" and "the loss became a cat" in rec["error"]["message"]
 
 
 def test_thread_count_changes_cpu_results_and_is_recorded(cfg_factory):

@@ -36,7 +36,7 @@ def _start(sweep: Path, params: dict):
     by_label: dict = {}
     for r in first:
         by_label.setdefault(waves.group_label(waves.split_seed(r.overrides)[0]), []).append(r)
-    waves.record_first_waves(sweep, RULE, groups, by_label, params, [])
+    waves.record_first_waves(sweep, RULE, groups, by_label, params, [], sign=True)  # as the SLURM launcher
     res = submit.submit_sweep(sweep, first, params, argv=["test"], echo=lambda s: None)
     waves.mark_submitted(sweep, res.submission)
     return res
@@ -173,3 +173,39 @@ def test_cli_first_wave_rerun_and_lost_reducer(tmp_path, fake):
     # a different stop rule is refused without a traceback
     p = run_cli(args[:-1] + ["study.max_models=8"], check=False)
     assert p.returncode == 1 and "fixed before its first wave" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_last_report_shows_the_final_state_and_why(fake, tmp_path, monkeypatch):
+    """The reducer writes report.md before its wave is decided; the decision brings the report's study
+    section up to date, so a finished study's last report says done (or stopped) and why."""
+    sweep = tmp_path / "sw"
+    _start(sweep, params_for(sweep))
+    _finish_all(sweep)
+    report = sweep / "report" / "report.md"
+    report.parent.mkdir()
+    # as the reducer leaves it: its sections, the study's (growing), and one after it
+    report.write_text("# Report\n\ntext\n\n" + "\n".join(waves.report_section(sweep)) + "\n## Later\n\nmore\n")
+    assert "**State: growing**" in report.read_text()
+    monkeypatch.setattr(advance, "measure", lambda d, s: {g: {"acc_sd_se": 0.1} for g in s["groups"]})
+    assert advance.advance(sweep, echo=lambda s: None) == 0
+    text = report.read_text()
+    section = text[text.index("## Study grown in waves"):text.index("## Later")]
+    assert "**State: done**: after 1 wave(s): every group stopped (target met)" in section
+    assert "growing" not in section and section.count("; target met") == 2
+    assert text.startswith("# Report\n\ntext\n\n") and text.endswith("## Later\n\nmore\n")
+
+
+def test_a_stopped_study_says_so_in_its_report(fake, tmp_path):
+    sweep = tmp_path / "sw"
+    _start(sweep, params_for(sweep))
+    report = sweep / "report" / "report.md"
+    report.parent.mkdir()
+    report.write_text("# Report\n" + "\n".join(waves.report_section(sweep)))
+    for job in list(fake.state["queue"]):
+        fake.set_task(job, "FAILED", queue=False, exit="1:0")
+    assert advance.advance(sweep, echo=lambda s: None) == 1
+    assert "**State: stopped**: wave 1: 6 run(s) not done" in report.read_text()
+    # a failed reducer stops it too, and says so
+    waves.record_first_waves(sweep, RULE, {}, {}, params_for(sweep), [], sign=True)  # the rerun continues it
+    advance.after_reduce(sweep, 2, echo=lambda s: None)
+    assert "**State: stopped**: the reducer exited with 2 after wave 1" in report.read_text()

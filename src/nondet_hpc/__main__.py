@@ -26,9 +26,10 @@ register_configs()  # the schema, and every source and model option, before Hydr
 
 def main() -> None:
     """The command line: Hydra's, after hydra.sweep.dir / hydra.run.dir became out_dir (guards.py)."""
-    from .guards import honour_hydra_dirs
+    from .guards import check_launcher_keys, honour_hydra_dirs
 
     sys.argv[1:] = honour_hydra_dirs(sys.argv[1:])
+    check_launcher_keys(sys.argv[1:])
     try:
         _hydra_main()
     except BrokenPipeError:  # `--help | head`: the reader left; not an error of ours

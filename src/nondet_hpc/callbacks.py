@@ -1,4 +1,5 @@
-"""Hydra callbacks: a local sweep ends with the reducer's table and a list of what failed."""
+"""Hydra callbacks: a local sweep ends with the reducer's table and a list of what failed; it exits
+non-zero when a job failed or the report could not be made."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from .rundir import RUNS
 
 
 class ReduceAtSweepEnd(Callback):
-    """After a local multirun: reduce the sweep folder, print the table, fail if any job failed.
+    """After a local multirun: reduce the sweep folder, print the table, fail (exit 1) if any job
+    failed or the reducer did.
 
     SLURM sweeps return before their jobs run; their launcher queues a reducer job instead.
     """
@@ -42,6 +44,7 @@ class ReduceAtSweepEnd(Callback):
         from .analysis import reduce
         from .cluster.client import job_states
 
+        reducer_error = ""
         if (sweep_dir / RUNS).is_dir():
             try:
                 # planned runs that never started get their SLURM state, as from python -m nondet_hpc.reduce
@@ -50,11 +53,15 @@ class ReduceAtSweepEnd(Callback):
                 print(f"[nondet_hpc] report: {sweep_dir / 'report'}  (metrics.csv, metrics.md, metrics.tex, plots)",
                       flush=True)
             except Exception as e:  # noqa: BLE001 - the runs are safe; say why there is no report
-                print(f"[nondet_hpc] reducer failed: {type(e).__name__}: {e}; rerun it with "
-                      f"python -m nondet_hpc.reduce {sweep_dir}", flush=True)
+                reducer_error = (f"reducer failed: {type(e).__name__}: {e}; the runs are safe, the previous report "
+                                 f"(if any) is unchanged. Rerun it with python -m nondet_hpc.reduce {sweep_dir}")
+                print(f"[nondet_hpc] {reducer_error}", flush=True)
         print(f"[nondet_hpc] runs: {sweep_dir / RUNS}", flush=True)
+        # SystemExit, not an exception: Hydra turns callback exceptions into warnings and exit 0.
         if self.failures:
             lines = "\n".join(f"  job {n}: {err}" for n, err in self.failures)
-            # SystemExit, not an exception: Hydra turns callback exceptions into warnings and exit 0.
             raise SystemExit(f"{len(self.failures)} job(s) of the sweep failed:\n{lines}\n"
-                              f"Fix the cause and rerun the same command: finished runs are skipped.")
+                             f"Fix the cause and rerun the same command: finished runs are skipped."
+                             + (f"\nAlso: {reducer_error}" if reducer_error else ""))
+        if reducer_error:
+            raise SystemExit(f"nondet_hpc: the sweep's runs finished but its report was not made: {reducer_error}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -20,24 +20,33 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = MISSING  # digits | cifar10 | cifar100 (the loader in data.py)
-    root: str = "data"  # folder holding cifar-10-batches-py / cifar-100-python (CIFAR only)
+    name: str = MISSING  # digits | cifar10 | cifar100 | mnist | npz | folder (run/data.py; docs/models.md)
+    # where the data are: the folder holding cifar-10-batches-py / cifar-100-python / MNIST's files,
+    # the .npz file (data=npz), or the folder holding train/ and test/ (data=folder)
+    root: Optional[str] = "data"  # null (data=npz, folder): must be given
     download: bool = False  # let torchvision download CIFAR into `root` if it is missing
-    verify_md5: bool = True  # CIFAR files must match the published md5s; false only for reduced copies (recorded)
-    num_classes: int = MISSING  # output width of the model's last layer
-    channels: int = 3  # input channels (digits: 1)
-    image_size: int = 32  # height = width of the stored images (digits: 8)
-    pad: int = 4  # training crop: zero-pad by this many pixels, crop back to image_size
+    verify_md5: bool = True  # CIFAR/MNIST files must match the published md5s; false only for reduced copies (recorded)
+    num_classes: Optional[int] = None  # output width of the model's last layer; null = from the data (npz, folder)
+    channels: Optional[int] = 3  # input channels (digits, mnist: 1); null = from the data
+    image_size: Optional[int] = 32  # height = width of the stored images (digits: 8); null = from the data
+    pad: int = 4  # training crop: zero-pad by this many pixels, crop back to image_size (0 = no crop)
     flip: bool = True  # training augmentation: random horizontal flip with p = 0.5
     # Which image gets the k-th crop/flip draw of an epoch (docs/sources.md, "Shuffle and augmentation"):
     # by_position = the k-th sample visited (the authors' pipeline: a new shuffle seed also re-assigns
     # every image's augmentation); by_image = image k (a new shuffle seed changes the order only).
     augment_draw: str = "by_position"
-    mean: List[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])  # per channel, 0..1 scale
-    std: List[float] = field(default_factory=lambda: [0.2023, 0.1994, 0.2010])  # per channel, 0..1 scale
+    # per channel, 0..1 scale; null = the training split's (npz, folder: recorded in run.json)
+    mean: Optional[List[float]] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
+    std: Optional[List[float]] = field(default_factory=lambda: [0.2023, 0.1994, 0.2010])
     train_subset: Optional[int] = None  # keep only the first k training images (quick checks); null = all
     test_subset: Optional[int] = None  # keep only the first k test images (quick checks); null = all
     test_size: int = 497  # digits only: size of the fixed stratified test split (split seed 0)
+    layout: str = "auto"  # npz only: images [N,H,W,C] (NHWC) or [N,C,H,W] (NCHW); auto decides when unambiguous
+    max_side: int = 256  # folder only: the largest image side accepted (images are never resized)
+    max_bytes: int = 2 << 30  # npz/folder: the most bytes of decoded images (or of one .npz file) accepted
+    # npz/folder: SHA-256 of the .npz file / of the folder's file list with each file's SHA-256. Filled in
+    # before the run id is made (registry/inputs.py): a dataset's content, not its path, is its identity
+    fingerprint: Optional[str] = None
 
 
 @dataclass
@@ -45,18 +54,60 @@ class ModelConfig:
     """What every model has; each family's schema below adds the keys of its builder.
 
     Every key of ``model`` is part of the run id, so a family's keys are its own: adding a family
-    (a schema here, a builder in run/models.py, entries in registry/models.py) leaves the ids of
-    every other family's runs as they are.
+    (a schema here, a builder in run/zoo/build.py, entries in registry/models.py) leaves the ids of
+    every other family's runs as they are. Families without keys (linear, mnist_cnn) use this one.
     """
-    name: str = MISSING  # the option model=NAME: an entry of registry/models.py (resnet14 | resnet18 | resnet34)
+    name: str = MISSING  # the option model=NAME: an entry of registry/models.py (docs/models.md)
 
 
 @dataclass
 class ResNetConfig(ModelConfig):
-    """The "resnet" family: CIFAR-style ResNets (run/models.py, ResNet)."""
+    """The "resnet" family: this package's CIFAR-style ResNets (run/models.py, ResNet)."""
     widths: List[int] = MISSING  # channels of each stage; the stem has widths[0] channels
     blocks: List[int] = MISSING  # basic blocks per stage
     shortcut: str = "A"  # A: subsample + BN + zero channels (paper's ResNet-14); B: 1x1 conv + BN
+
+
+@dataclass
+class CifarResNetConfig(ModelConfig):
+    """The "cifar_resnet" family: the authors' CIFAR ResNets, option A (run/zoo/cifar_resnet.py)."""
+    widths: List[int] = MISSING  # channels of each stage (may only grow)
+    blocks: List[int] = MISSING  # basic blocks per stage
+
+
+@dataclass
+class HiddenFCConfig(ModelConfig):
+    hidden: int = 512  # units of the hidden fully connected layer (hiddennet1)
+
+
+@dataclass
+class HiddenConvConfig(ModelConfig):
+    channels: int = 64  # channels of the hidden 5x5 stride-2 conv layer (hiddennet2)
+
+
+@dataclass
+class VGGConfig(ModelConfig):
+    depth: int = MISSING  # 11 | 13 | 16
+
+
+@dataclass
+class ShuffleNetConfig(ModelConfig):
+    size: float = MISSING  # 0.5 | 1.0
+
+
+@dataclass
+class TorchvisionResNetConfig(ModelConfig):
+    depth: int = MISSING  # 18 | 34 | 50
+
+
+@dataclass
+class CustomConfig(ModelConfig):
+    """model=custom: the researcher's own nn.Module (docs/own_model.md)."""
+    factory: Optional[str] = None  # package.module:function returning an nn.Module (importable from here)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory (plain values)
+    # SHA-256 of the factory module's source file, filled in before the run id is made
+    # (registry/inputs.py): editing the model makes new runs
+    source_sha256: Optional[str] = None
 
 
 @dataclass
@@ -65,6 +116,9 @@ class SourceConfig:
     label: str = MISSING  # row name in the paper's tables, e.g. "Parameter Initialization"
     vary: List[str] = field(default_factory=list)  # streams seeded by the replicate seed; others get 1
     deterministic_kernels: bool = True  # GPU: deterministic cuDNN/cuBLAS (false = the cudnn source)
+    # the parameter the bit change moves (a name of model.named_parameters()); null = the model's entry in
+    # registry/models.py (the first layer's weight), for model=custom the first weight in registration order
+    bitflip_param: Optional[str] = None
 
 
 @dataclass
@@ -130,6 +184,24 @@ class StudyConfig:
 
 
 @dataclass
+class RecordConfig:
+    # What a run keeps of its training besides the logits (docs/metrics.md, "Instability"; the files'
+    # formats: records/). Bookkeeping: recording never changes a bit of training, so no key is part
+    # of the run id. Keep the settings a run started with when it resumes (a checkpoint refuses others).
+    trajectory: bool = True  # trajectory.npz: fingerprint, norms, sketch, probe logits at the grid's points
+    weights: bool = True  # weights.safetensors: the final parameters and BatchNorm buffers
+    weights_max_params: int = 50_000_000  # no weights file for a larger model (run.json says why)
+    step_base: int = 2  # first epoch: steps 1, b, b^2, ... (2 = log2 grid, 1 = every step, 0 = none)
+    epoch_base: int = 2  # epoch ends 1, e, e^2, ... (2 = log2 grid, 0 = none); the last epoch always
+    extra_epochs: List[int] = field(default_factory=list)  # more epoch ends to record (e.g. [5, 10])
+    # epochs at whose end a copy of the full checkpoint is kept (checkpoints/epoch-K.pt; recorded in the
+    # trajectory too, so a run started from it can check its fingerprint)
+    keep_checkpoints: List[int] = field(default_factory=list)
+    sketch_dim: int = 4096  # buckets of the count sketch (its distance error ~ 1/sqrt(2 D): 1.1 %)
+    probe: int = 512  # test examples whose logits are kept at each point (evenly spaced; digits: 256)
+
+
+@dataclass
 class Config:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
@@ -141,6 +213,7 @@ class Config:
     force: bool = False  # retrain a run even if it is DONE (its old folder is moved aside, never deleted)
     experiment: Optional[str] = None  # name of the experiment preset, if one was used (set by the preset)
     study: StudyConfig = field(default_factory=StudyConfig)  # waves until a precision target (SLURM sweeps)
+    record: RecordConfig = field(default_factory=RecordConfig)  # weights and trajectory files (bookkeeping)
 
 
 def threads_for(threads: int, *, cpus: int | None = None, runs_per_task: int = 1,
@@ -174,15 +247,15 @@ def conf_dir() -> str:
 
 
 #: Top-level config nodes that can decide what a run computes; every other top-level key
-#: (out_dir, force, eval, experiment, study) is bookkeeping.
+#: (out_dir, force, eval, experiment, study, record) is bookkeeping.
 IDENTITY_ROOTS = ("data", "model", "source", "train", "seed")
 
 #: Config keys that never change the trained model, so they are never part of a run's identity:
 #: moving a sweep, adding an evaluation view or changing the checkpoint interval keeps run ids,
 #: and the SLURM launcher never compares them between submissions of one sweep folder. The ONE
 #: list: identity_items and the launcher both use it.
-BOOKKEEPING_KEYS = ("force", "out_dir", "experiment", "study", "eval", "train.checkpoint_every", "data.root",
-                    "data.download", "data.verify_md5")
+BOOKKEEPING_KEYS = ("force", "out_dir", "experiment", "study", "eval", "record", "train.checkpoint_every",
+                    "data.root", "data.download", "data.verify_md5", "data.max_side", "data.max_bytes")
 
 
 #: Keys kept in the schema only to refuse them with the name of their replacement: never part of
@@ -199,7 +272,11 @@ def key_matches(key: str, patterns: Any) -> bool:
 #: 0.1.0 computed. While a key holds that value it is left out of the identity, so adding an option
 #: never renames (or retrains) the runs that do not use it; any other value is part of the run id.
 #: A new identity key with a neutral default gets its entry here, in the same change.
-NEUTRAL_DEFAULTS: dict[str, Any] = {}
+NEUTRAL_DEFAULTS: dict[str, Any] = {
+    "source.bitflip_param": None,  # the model's registered bit-change parameter (issue 22)
+    "data.layout": "auto",  # npz only (issue 22)
+    "data.fingerprint": None,  # npz/folder content; CIFAR/digits/MNIST are fixed by name and md5 (issue 22)
+}
 
 
 def identity_items(cfg: Any) -> dict:

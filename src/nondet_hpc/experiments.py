@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import threads_for
-from .presets import MEASURED, PRESETS, cost_basis, describe, gpu_hours_per_model
+from .presets import CIFAR_TEST, CIFAR_TRAIN, MEASURED, PRESETS, cost_basis, describe, gpu_hours_per_model, \
+    run_files_bytes
 
 __all__ = ["plan", "main"]
 
@@ -80,6 +81,7 @@ def plan(name: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
 
     from .compose import GroupedComposer
     from .config import conf_dir
+    from .registry.inputs import resolve_inputs
     from .registry.options import register_configs
 
     register_configs()
@@ -114,6 +116,7 @@ def plan(name: str, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
                 if k not in groups:
                     OmegaConf.update(cfg, k, v, merge=False)
             cfg.train.threads = threads(int(cfg.train.threads))
+            resolve_inputs(cfg)  # model=custom, data=npz|folder: their content is part of the run id
             jobs.append(_job_record(cfg, job, packing))
     return jobs
 
@@ -126,13 +129,35 @@ def _job_record(cfg: Any, job: dict[str, Any], packing: int) -> dict[str, Any]:
 
     rd = run_dir(cfg)
     precision = str(OmegaConf.select(cfg, "train.precision", default="fp32"))
-    hours = gpu_hours_per_model(cfg.model.name, int(cfg.train.epochs), num_classes=int(cfg.data.num_classes),
+    hours = gpu_hours_per_model(cfg.model.name, int(cfg.train.epochs), num_classes=int(cfg.data.num_classes or 10),
                                 snapshots=int(cfg.train.snapshots), views=list(cfg.eval.views),
                                 precision=precision, runs_per_task=packing)
     return {"run_id": run_id(cfg), "run_dir": str(rd), "done": is_done(rd), "gpu_hours": hours,
+            "disk_bytes": _disk_bytes(cfg),
             "cost_basis": cost_basis(cfg.model.name, precision, packing)["note"],
             "overrides": [f"{k}={v}" for k, v in job.items()], "experiment": cfg.experiment,
             "data": cfg.data.name}
+
+
+def _disk_bytes(cfg: Any) -> int:
+    """Bytes of the run's folder when finished (presets.run_files_bytes; digits: its 1,300/497 split)."""
+    from .run.recording import record_settings
+
+    d = cfg.data
+    n_train, n_test = (1797 - int(d.test_size), int(d.test_size)) if d.name == "digits" else (CIFAR_TRAIN, CIFAR_TEST)
+    n_train, n_test = int(d.get("train_subset") or n_train), int(d.get("test_subset") or n_test)
+    sizes = run_files_bytes(cfg.model.name, int(cfg.train.epochs), num_classes=int(d.num_classes), n_train=n_train,
+                            n_test=n_test, batch_size=int(cfg.train.batch_size), views=list(cfg.eval.views),
+                            snapshots=int(cfg.train.snapshots), record=record_settings(cfg))
+    return sum(sizes.values())
+
+
+def _preset_disk(p: dict[str, Any]) -> float:
+    """GB of run folders of a preset (plain logits; the default record.* files included)."""
+    eps = p["epochs"] if isinstance(p["epochs"], list) else [p["epochs"]]
+    classes = 100 if p["data"] == "cifar100" else 10
+    per_epochs = p["groups"] * p["models"] / len(eps)
+    return sum(per_epochs * sum(run_files_bytes(p["model"], e, num_classes=classes).values()) for e in eps) / 1e9
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,17 +165,20 @@ def _job_record(cfg: Any, job: dict[str, Any], packing: int) -> dict[str, Any]:
 
 
 def _table() -> str:
-    rows = [("preset", "groups x models", "epochs", "V100 GPU-h*", "out_dir", "table")]
+    rows = [("preset", "groups x models", "epochs", "V100 GPU-h*", "disk**", "out_dir", "table")]
     for k, p in PRESETS.items():
         ep = p["epochs"]
         eps = ",".join(map(str, ep)) if isinstance(ep, (list, tuple)) else str(ep)
         cost = f"{p['gpu_hours']:g}" + (f" ({p['gpu_hours_alone']:g} alone)" if p["reuses"] else "")
-        rows.append((k, f"{p['groups']} x {p['models']}", eps, cost, p["out_dir"], p["table"].split(" (")[0]))
-    w = [max(len(r[i]) for r in rows) for i in range(5)]
-    text = "\n".join("  ".join(c.ljust(w[i]) if i < 5 else c for i, c in enumerate(r)) for r in rows)
+        rows.append((k, f"{p['groups']} x {p['models']}", eps, cost, f"{_preset_disk(p):.1f} GB", p["out_dir"],
+                     p["table"].split(" (")[0]))
+    w = [max(len(r[i]) for r in rows) for i in range(6)]
+    text = "\n".join("  ".join(c.ljust(w[i]) if i < 6 else c for i, c in enumerate(r)) for r in rows)
     measured = "none of these figures was measured on a GPU" if not MEASURED else \
         f"GPU measurements exist for {len(MEASURED)} (model, precision, runs per GPU) settings: see plan NAME"
-    return text + f"\n* {cost_basis()['note']} ({measured})."
+    return (text + f"\n* {cost_basis()['note']} ({measured}).\n** run folders of all its runs (shared runs "
+            f"counted in each preset): logits, checkpoint, final weights and trajectory with the default record.*; "
+            f"per run: docs/performance.md, 'Storage per run'.")
 
 
 def bill(n: int) -> str:
@@ -228,9 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     todo = [j for j in jobs if not j["done"]]
     folders = sorted({str(Path(j["run_dir"]).parent.parent) for j in jobs})
     hours = math.fsum(j["gpu_hours"] for j in todo)
-    cost = (f"about {hours:,.0f} V100 GPU-hours to go" if any(j["data"] != "digits" for j in jobs) else
-            "digits: a CPU does it in seconds per run, no GPU needed")
-    print(f"{len(jobs)} runs in {', '.join(folders)}: {len(done)} DONE, {len(todo)} to train; {cost}.")
+    cost = ("digits: a CPU does it in seconds per run, no GPU needed" if all(j["data"] == "digits" for j in jobs) else
+            f"about {hours:,.0f} V100 GPU-hours to go" if math.isfinite(hours) else
+            "no V100 estimate: some models have no cost figure (the cost model is CIFAR-10's; docs/models.md)")
+    disk = math.fsum(j["disk_bytes"] for j in todo) / 1e9
+    print(f"{len(jobs)} runs in {', '.join(folders)}: {len(done)} DONE, {len(todo)} to train; {cost}; about "
+          f"{disk:,.2f} GB of run folders to write (logits, checkpoints, final weights and trajectories).")
     if jobs and jobs[0]["data"] != "digits":
         print(f"Cost basis: {jobs[0]['cost_basis']}.")
     return 0

@@ -57,13 +57,86 @@ def honour_hydra_dirs(argv: Sequence[str]) -> list[str]:
     return rest
 
 
+LAUNCHER_PREFIX = "hydra.launcher."
+
+
+def _launcher_choice(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if sep and key.removeprefix("override ").strip() == "hydra/launcher":
+            return value
+    return None
+
+
+def _is_slurm_preset(name: str, depth: int = 0) -> bool:
+    """Whether ``hydra/launcher=NAME`` is the SLURM launcher (a preset of conf/ that extends its schema)."""
+    import yaml
+
+    from .config import conf_dir
+
+    if name == "nondet_slurm_schema":
+        return True
+    path = Path(conf_dir()) / "hydra" / "launcher" / f"{name}.yaml"
+    if depth > 8 or not path.is_file():
+        return False
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    defaults = data.get("defaults") if isinstance(data, dict) else None
+    return any(_is_slurm_preset(d, depth + 1) for d in defaults or [] if isinstance(d, str) and d != "_self_")
+
+
+def check_launcher_keys(argv: Sequence[str]) -> None:
+    """``hydra.launcher.KEY=V`` with or without ``+``: a KEY that is no field of the SLURM launcher is
+    refused with the closest valid name (Hydra's own error suggests the ``+`` form, which would
+    store the misspelt key and ignore it), before Hydra composes anything."""
+    choice = _launcher_choice(argv)
+    if choice is None or not _is_slurm_preset(choice):
+        return
+    from .cluster import fields
+
+    for arg in argv:
+        if arg.startswith("~"):
+            continue
+        key, sep, _ = arg.lstrip("+").partition("=")
+        if sep and key.startswith(LAUNCHER_PREFIX) and not fields.is_field(key[len(LAUNCHER_PREFIX):]):
+            _fail(f"{fields.unknown_field(key[len(LAUNCHER_PREFIX):])}\nNothing was submitted.")
+
+
+#: room a run folder needs below out_dir (runs/<run id>/logits/<view>.npy and its temp name)
+RUN_PATH_ROOM = 200
+
+
+def _too_long(path: Path) -> str | None:
+    """Why ``path`` is too long for the file system (a name over NAME_MAX, a path over PATH_MAX)."""
+    probe = path
+    while not os.path.isdir(probe) and probe.parent != probe:
+        probe = probe.parent
+    try:
+        name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max, path_max = 255, 4096
+    for part in path.parts:
+        if len(os.fsencode(part)) > name_max:
+            return (f"the folder name {part[:40]!r}... is {len(os.fsencode(part))} bytes, more than the {name_max} "
+                    f"this file system allows in one name")
+    if len(os.fsencode(str(path))) + RUN_PATH_ROOM > path_max:
+        return (f"the path is {len(os.fsencode(str(path)))} bytes; with the {RUN_PATH_ROOM} a run folder needs below "
+                f"it, that is more than the {path_max} this file system allows")
+    return None
+
+
 def out_dir_problem(out_dir: str) -> str | None:
     """Why results cannot be written under ``out_dir`` (None when they can)."""
     path = Path(out_dir).expanduser().absolute()
     if any(str(path) == r or str(path).startswith(r + "/") for r in VIRTUAL_ROOTS):
         return f"it lies in {path.parts[1] and '/' + path.parts[1]}, a virtual file system, not storage"
+    too_long = _too_long(path)
+    if too_long:
+        return too_long
     probe = path
-    while not probe.exists():  # the nearest existing folder decides whether we may create the rest
+    while not os.path.lexists(probe):  # the nearest existing folder decides whether we may create the rest
         if probe.parent == probe:
             break
         if probe.is_symlink():  # a dangling link

@@ -25,6 +25,8 @@ from typing import Any
 from .config import ConfigError
 
 _SPEC = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
+#: The keys of cfg.model that only model=custom has (config.CustomConfig).
+CUSTOM_KEYS = ("factory", "kwargs", "source_sha256")
 _EXAMPLE = "model.factory=my_models:make_net (a file my_models.py defining make_net(**kwargs) -> nn.Module)"
 
 

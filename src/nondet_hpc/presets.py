@@ -17,7 +17,9 @@ models, "about 40 min" per model). MACs are multiply-accumulates of one 32x32 fo
 on models.build_model and declared with each model (registry/models.py; ResNet-34 is 43.9x
 ResNet-14). The evaluation share counts every test-time view's forward passes (10,000 test
 images x distinct transforms x evaluations, one at the end plus one per snapshot) against
-training's 3 x epochs x 50,000 image passes (forward + backward ~ 3 forwards). Scaling by FLOPs is pessimistic for big models: ResNet-14 keeps a V100 far from its peak,
+training's 3 x epochs x 50,000 image passes (forward + backward ~ 3 forwards), and the trajectory's
+probe (record.probe images per recorded point: 18 x 512 for 500 epochs, +0.01 %).
+Scaling by FLOPs is pessimistic for big models: ResNet-14 keeps a V100 far from its peak,
 ResNet-34 much less so, so the ResNet-34 figure is an upper bound (see docs/experiments/README.md).
 
 Precision (``train.precision``) and runs per GPU (``hydra.launcher.runs_per_task``) change the cost
@@ -26,17 +28,24 @@ GPU, measured by benchmarks/packing.py / gpu_check.sh on a lent GPU. Where a (mo
 has one, a model costs ``epochs x 50,000 / images-per-s`` GPU-seconds (the K runs share the GPU);
 where it has none, the fp32, one-model-per-GPU estimate above is used and ``cost_basis`` says so
 (an upper bound: packing and lower precision only make a run cheaper).
+
+Disk (``run_files_bytes``): a run folder's logits, checkpoint, final weights and trajectory
+(docs/performance.md, "Storage per run"); ``python -m nondet_hpc.experiments NAME`` adds it up.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Sequence
 
+from .config import RecordConfig
+from .records.schedule import Grid
 from .registry.models import MODELS
 from .viewspec import view_transforms
 
-__all__ = ["PRESETS", "BASE_HOURS", "MACS", "MEASURED", "cost_basis", "describe", "describe_sweep", "gpu_hours_per_model",
-           "transforms_per_image", "model_macs"]
+__all__ = ["PRESETS", "BASE_HOURS", "MACS", "MEASURED", "PARAMETERS", "cost_basis", "describe", "describe_sweep",
+           "gpu_hours_per_model", "n_parameters", "record_points", "run_files_bytes", "transforms_per_image",
+           "model_macs"]
 
 #: V100 GPU-hours of one ResNet-14 / CIFAR-10 / 500-epoch model (report: 490 h for 700 models).
 BASE_HOURS = 0.7
@@ -79,6 +88,46 @@ def transforms_per_image(views: Iterable[str], pad: int = 4) -> int:
     return len(union)
 
 
+#: (parameter values without the classifier, BatchNorm buffer values, parameter tensors, buffer tensors)
+#: of every model the cost model covers, counted on run/models.build_model (tests/test_experiments.py)
+PARAMETERS: dict[str, tuple[int, int, int, int]] = {
+    "resnet14": (171_952, 1_039, 45, 45), "resnet18": (11_168_832, 9_620, 62, 60),
+    "resnet34": (21_276_992, 17_060, 110, 108)}
+_NAME_CHARS, _ENTRY, _STREAMS = 32, 200, 50_000  # longest tensor name, bytes per archive entry, stream states
+
+
+def n_parameters(model: str, num_classes: int = 10) -> int:
+    return PARAMETERS[model][0] + (MACS[model][1] + 1) * num_classes
+
+
+def record_points(epochs: int, steps_per_epoch: int, record: Any = None) -> int:
+    """Points of the recording grid of ``record`` (config.RecordConfig; default: the log2 grid)."""
+    rec = record if record is not None else RecordConfig()
+    grid = Grid(rec.step_base, rec.epoch_base, tuple(rec.extra_epochs) + tuple(rec.keep_checkpoints))
+    return len(grid.steps(steps_per_epoch, epochs))
+
+
+def run_files_bytes(model: str = "resnet14", epochs: int = BASE_EPOCHS, *, num_classes: int = 10,
+                    n_train: int = CIFAR_TRAIN, n_test: int = CIFAR_TEST, batch_size: int = 512,
+                    views: Sequence[str] = ("plain",), snapshots: int = 1, record: Any = None) -> dict[str, int]:
+    """Bytes of one finished run folder by file (estimate within a few %; tests/test_experiments.py
+    checks it against a real run): logits and labels, checkpoint.pt (model, optimizer momentum and
+    the recorder's state), and with the defaults of ``record`` (config.RecordConfig) the final
+    weights and the trajectory of the default grid."""
+    rec = record if record is not None else RecordConfig()
+    P, b = n_parameters(model, num_classes), PARAMETERS[model][1]
+    n_tensors = PARAMETERS[model][2] + 2
+    T = record_points(epochs, -(-n_train // batch_size), rec) if rec.trajectory else 0
+    K = min(rec.probe, n_test)
+    trajectory = (T * (8 * rec.sketch_dim + 40 * n_tensors + 48 + 4 * K * num_classes)
+                  + n_tensors * (4 * _NAME_CHARS + 8) + 16 * K + 15 * _ENTRY) if rec.trajectory else 0
+    weights = 4 * (P + b) + 100 * (n_tensors + PARAMETERS[model][3]) if rec.weights and P <= \
+        rec.weights_max_params else 0
+    n_views = len(views) + (snapshots * len(views) if snapshots > 1 else 0)
+    return {"logits": 4 * n_views * n_test * num_classes + 8 * n_test + 128 * (n_views + 1),
+            "checkpoint": 8 * P + 4 * b + trajectory + _STREAMS, "weights": weights, "trajectory": trajectory}
+
+
 def gpu_hours_per_model(model: str = "resnet14", epochs: int = BASE_EPOCHS, *, num_classes: int = 10,
                         snapshots: int = 1, views: Sequence[str] = ("plain",), n_train: int = CIFAR_TRAIN,
                         n_test: int = CIFAR_TEST, precision: str = "fp32", runs_per_task: int = 1) -> float:
@@ -87,10 +136,14 @@ def gpu_hours_per_model(model: str = "resnet14", epochs: int = BASE_EPOCHS, *, n
     basis = cost_basis(model, precision, runs_per_task)
     if basis["measured"]:
         train = epochs * n_train / basis["images_per_s"] / 3600
+    elif model not in MACS:  # model=custom, the MNIST and ImageNet models: no CIFAR-10 cost figure
+        return math.nan
     else:
         train = BASE_HOURS * epochs / BASE_EPOCHS * model_macs(model, num_classes) / model_macs("resnet14", 10)
     evaluations = 1 + (snapshots if snapshots > 1 else 0)
-    eval_share = evaluations * transforms_per_image(views) * n_test / (3 * epochs * n_train)
+    # the trajectory's probe: one forward pass of record.probe test images per recorded point
+    probe = record_points(epochs, -(-n_train // 512)) * min(RecordConfig.probe, n_test)
+    eval_share = (evaluations * transforms_per_image(views) * n_test + probe) / (3 * epochs * n_train)
     return train * (1 + eval_share)
 
 
@@ -181,6 +234,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: The ladder of experiment=architectures: from a convex linear model to a wide ResNet (claim 2 across
+#: architectures; analysis/architectures.py makes its table in this order).
+ARCHITECTURES = ("linearnet", "hiddennet1", "hiddennet2", "resnet6", "resnet14", "resnet14_2")
+PRESETS["architectures"] = {
+    "table": "Where instability begins: each architecture's bit-change variability as a fraction of its "
+             "initialisation variability, from a linear model to ResNet-14 at twice the width, on CIFAR-10",
+    "claims": [2],
+    "what": "six architectures (linear; one hidden fully connected layer; one hidden conv layer; ResNet-6; "
+            "ResNet-14; ResNet-14 at 2x width), each with the control, init and the bit change; grown in waves "
+            "of 10 models per group until the bootstrap SE of the accuracy SD is 0.02 pp (at most 100)",
+    "models": 100, "epochs": 500, "groups": 18,
+    "gpu_hours": 1146, "gpu_hours_alone": 1146, "reuses": None,
+    "data": "cifar10", "model": "resnet14", "models_swept": list(ARCHITECTURES), "out_dir": "outputs/architectures",
+    "report": "report/architectures.md and report/architectures.png (each architecture's bit-change accuracy SD "
+              "and disagreement over its init's), beside report/metrics.md",
+    "doc": "docs/experiments/architectures.md",
+}
+
 QUICK_SUFFIX = "_quick"
 
 _CLAIMS = {
@@ -219,8 +290,9 @@ def describe(name: str | None) -> str:
     cost = (f"about {p['gpu_hours']:g} V100 GPU-hours" if not p["reuses"] else
             f"about {p['gpu_hours']:g} V100 GPU-hours once experiment={p['reuses']} has run "
             f"({p['gpu_hours_alone']:g} without it)")
+    models = ", ".join(p["models_swept"]) if p.get("models_swept") else p["model"]
     return (f"This sweep reproduces {p['table']}: {p['groups']} group(s) x {p['models']} models, "
-            f"{p['model']} on {p['data']}, {_epochs_text(p['epochs'])}; {cost}. It tests {claims}. "
+            f"{models} on {p['data']}, {_epochs_text(p['epochs'])}; {cost}. It tests {claims}. "
             f"Read it in {p['report']}; how to judge the outcome: {p['doc']}.")
 
 

@@ -49,8 +49,9 @@ class NondetSlurmLauncher(Launcher):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         """Everything that can fail without composing a job fails here, before the sweeper's
         batch validation composes every job: no sbatch, bad launcher settings."""
-        from nondet_hpc.cluster import client, params
+        from nondet_hpc.cluster import client, fields, params
         from nondet_hpc.config import ConfigError
+        from nondet_hpc.sweep import trust
 
         self.config = config
         self.hydra_context = hydra_context
@@ -64,6 +65,15 @@ class NondetSlurmLauncher(Launcher):
             self.params = params.normalize(self.params, self.sweep_dir)
         except ConfigError as e:
             raise SystemExit(f"nondet_hpc: error: {e}\nNothing was submitted.") from None
+        # what Hydra, the launcher and (through sbatch) the jobs create is the user's alone, and a
+        # folder others could write is refused before a single job is composed
+        trust_group = bool(fields.value(self.params, "trust_group"))
+        self._installed.enter_context(trust.owner_only_umask(trust_group))
+        try:
+            trust.check_sweep_folder(self.sweep_dir, Path(str(self.params.get("submitit_folder")
+                                                               or self.sweep_dir / "slurm")), trust_group=trust_group)
+        except trust.TrustError as e:
+            raise SystemExit(f"nondet_hpc: error: {e}") from None
         if self.params.get("fast_compose", True):
             self.known = self._known_runs(self.sweep_dir)
             # installed before the sweeper validates the batch (it composes every job too)
@@ -96,7 +106,19 @@ class NondetSlurmLauncher(Launcher):
         assert self.composer is not None and self.config is not None
         if any(o.lstrip("+~").split("=", 1)[0] == "force" for o in overrides):
             return None  # force=true retrains DONE runs: always the full path
+        if self._content_addressed(overrides):
+            return None  # its run id hashes file contents (registry/inputs.py): always resolved anew
         return self.composer.plan_key(self.config, list(overrides))
+
+    def _content_addressed(self, overrides: Sequence[str]) -> bool:
+        """Whether the job's run id depends on files (model=custom, data=npz|folder), which the same
+        overrides do not pin: an edited model file must make new runs, not match the old plan."""
+        from nondet_hpc.registry.inputs import content_addressed
+
+        assert self.config is not None
+        chosen = dict(o.lstrip("+~").partition("=")[::2] for o in overrides)
+        return content_addressed(chosen.get("data", str(OmegaConf.select(self.config, "data.name", default=""))),
+                                 chosen.get("model", str(OmegaConf.select(self.config, "model.name", default=""))))
 
     # ------------------------------------------------------------------ composing the jobs
     def _job_config(self, overrides: Sequence[str], idx: int) -> DictConfig:
@@ -203,7 +225,7 @@ class NondetSlurmLauncher(Launcher):
             groups = waves.group_jobs(job_overrides)
             recorded = waves.load_study(sweep_dir)
             wanted = waves.seeds_to_plan(rule, groups, recorded)
-        except (ConfigError, waves.StudyMismatch) as e:
+        except (ConfigError, waves.StudyMismatch, SweepError) as e:  # SweepError: a damaged sweep.json
             raise SystemExit(f"nondet_hpc: error: {e}\nNothing was submitted.") from None
         chosen = [(label, ov) for label, jobs in groups.items() for s, ov in jobs if s in set(wanted[label])]
         if self.composer is not None:
@@ -214,7 +236,7 @@ class NondetSlurmLauncher(Launcher):
             by_label.setdefault(label, []).append(run)
         try:
             study = waves.record_first_waves(sweep_dir, rule, groups, by_label, self.params,
-                                             list(self.params.get("ignore_keys") or []))
+                                             list(self.params.get("ignore_keys") or []), sign=True)
             res = submit.submit_sweep(sweep_dir, planned, self.params, argv=sys.argv)
             if study["status"] == "running":
                 if not res.submitted:  # all done or queued: a lost reducer is queued again to decide
@@ -269,6 +291,7 @@ class NondetSlurmLauncher(Launcher):
               sweep_dir: Path, keys: list[str | None]) -> tuple[list, list[JobReturn]]:
         """Compose and check every job: its PlannedRun (run id, folder, identity) and JobReturn."""
         from nondet_hpc.config import ConfigError, threads_for
+        from nondet_hpc.registry.inputs import resolve_inputs
         from nondet_hpc.run.task import check_groups_chosen
         from nondet_hpc.sweep.identity import plan_run
 
@@ -288,6 +311,7 @@ class NondetSlurmLauncher(Launcher):
             job_cfg = self._job_config(overrides, initial_job_idx + i)
             try:  # a group left unset (source=[]) has no run id: say so before computing one
                 check_groups_chosen(job_cfg)
+                resolve_inputs(job_cfg)  # a custom model's source, an npz/folder's content: part of the run id
             except ConfigError as e:
                 raise SystemExit(f"nondet_hpc: error: job {' '.join(filter_overrides(overrides))}: {e}\n"
                                  "Nothing was submitted.") from None

@@ -13,6 +13,11 @@ end-of-sweep report and the exit code see every job, as with Hydra's basic launc
   here as one block when the job ends, so parallel jobs never interleave their lines.
 - A job's result depends on its thread count (``train.threads``, part of the run identity), never
   on how many jobs run beside it: a run trained alone or beside others gives the same logits.
+- Ctrl-C or SIGTERM stops the sweep: running jobs checkpoint, no job starts, the launcher lists what
+  finished and what to rerun and exits non-zero (``stopping.py``); rerunning the same command
+  finishes the rest bit-identically.
+- Job folders and logs are written through nondet_hpc.safeio: a link planted at
+  ``.hydra/job-N/job.log`` (or anywhere below the sweep folder) is refused, never written through.
 - ``study.target.*`` (a study grown in waves): the waves run here in sequence, recorded, measured
   and decided by the sweep layer (nondet_hpc.sweep.waves) as a SLURM study's reducer job does
   (``_launch_waves``); nothing here imports SLURM code.
@@ -35,6 +40,12 @@ from hydra.core.utils import JobReturn, JobRuntime, JobStatus, configure_log, fi
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from nondet_hpc.config import ConfigError  # torch-free
+
+# by module: Hydra's plugin scan executes each plugin module again, so a function must be looked up
+# on the module when it is pickled for a worker (its current object), not bound at import
+from . import stopping
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +95,31 @@ def _job_dir(config: DictConfig) -> Path:
     return Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
 
 
-def _work(payload: bytes) -> tuple[JobReturn, str | None]:
+def _make_job_dir(config: DictConfig) -> Path:
+    """The job's Hydra folder, every component below the sweep folder a real folder (no link)."""
+    from nondet_hpc import safeio
+
+    return safeio.make_dirs(_job_dir(config), root=str(config.hydra.sweep.dir))
+
+
+def _work(payload: bytes) -> tuple[JobReturn | None, str | None]:
     """In a worker: run one job (its config composed by the launcher) with output to its job.log.
 
     Returns the JobReturn and, for a job that raised, the exception as text (the exception itself
-    may not pickle, or unpickle in the launcher)."""
+    may not pickle, or unpickle in the launcher); (None, None) when the sweep is being stopped."""
+    if stopping.is_stopping():
+        return None, None
+    stopping.set_busy(True)
+    try:
+        return _work_now(payload)
+    finally:
+        stopping.set_busy(False)
+
+
+def _work_now(payload: bytes) -> tuple[JobReturn, str | None]:
     import cloudpickle  # pickles the task function by value (it lives in __main__)
+
+    from nondet_hpc import safeio
 
     task_function, config = cloudpickle.loads(payload)
     raised: list[Exception] = []
@@ -101,12 +131,15 @@ def _work(payload: bytes) -> tuple[JobReturn, str | None]:
             raised.append(e)
             raise
 
-    job_dir = _job_dir(config)
-    job_dir.mkdir(parents=True, exist_ok=True)
+    try:  # a link planted in the job's folder is refused: the job fails with that message
+        job_dir = _make_job_dir(config)
+        log_file = safeio.open_stream(job_dir / JOB_LOG, root=str(config.hydra.sweep.dir))
+    except safeio.RefusedFile as e:
+        return _lost_job(config, list(config.hydra.overrides.task), f"refused: {e}"), None
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(job_dir / JOB_LOG, "wb") as f:
+    with log_file as f:
         # file descriptors, not sys.stdout: torch's and numpy's C-level output lands there too
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
@@ -135,6 +168,14 @@ def _work(payload: bytes) -> tuple[JobReturn, str | None]:
         error = f"{type(raised[-1]).__name__}: {raised[-1]}"  # run_job fails a job only when the task raised
         ret.return_value = RuntimeError(error)
     return ret, error
+
+
+def _finished(ret: JobReturn | None) -> bool:
+    """A job that ran to its end (not stopped, failed or unstarted)."""
+    if ret is None or ret.status != JobStatus.COMPLETED:
+        return False
+    value = ret.return_value
+    return not (isinstance(value, dict) and value.get("state") == "failed")
 
 
 def _lost_job(config: DictConfig, overrides: Sequence[str], error: str) -> JobReturn:
@@ -207,13 +248,14 @@ class NondetLocalLauncher(Launcher):
         from nondet_hpc.analysis.planning import sweep_groups
         from nondet_hpc.config import ConfigError
         from nondet_hpc.sweep import waves
+        from nondet_hpc.sweep.manifest import SweepError
 
         assert self.config is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         try:
             groups = waves.group_jobs(job_overrides)
             wanted = waves.seeds_to_plan(rule, groups, waves.load_study(sweep_dir))
-        except (ConfigError, waves.StudyMismatch) as e:
+        except (ConfigError, waves.StudyMismatch, SweepError) as e:  # SweepError: a damaged sweep.json
             raise SystemExit(f"nondet_hpc: error: {e}\nNothing was run.") from None
         jobs = {label: dict(seed_jobs) for label, seed_jobs in groups.items()}
         chosen = [ov for label, seed_jobs in groups.items() for s, ov in seed_jobs if s in set(wanted[label])]
@@ -272,55 +314,87 @@ class NondetLocalLauncher(Launcher):
         if n_jobs > 1 and 0 in threads:
             log.warning("train.threads=0: every job uses torch's default thread pool (all cores), so "
                         f"{n_jobs} jobs at once compete for the cores; set train.threads=N")
-        try:
-            if n_jobs == 1:
-                return self._serial(configs, job_overrides)
-            return self._parallel(configs, job_overrides, n_jobs)
-        finally:
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        with stopping.SweepStop() as stop:
+            try:
+                results = (self._serial(configs, job_overrides, stop) if n_jobs == 1 else
+                           self._parallel(configs, job_overrides, n_jobs, stop))
+            finally:
+                configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        if stop.stopped:
+            names = [f"#{c.hydra.job.num} {' '.join(filter_overrides(o))}" for c, o in zip(configs, job_overrides)]
+            stop.exit([n for n, r in zip(names, results) if _finished(r)],
+                      [n for n, r in zip(names, results) if not _finished(r)])
+        return [r for r in results if r is not None]
 
-    def _serial(self, configs: list[DictConfig], job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
+    def _serial(self, configs: list[DictConfig], job_overrides: Sequence[Sequence[str]],
+                stop: stopping.SweepStop) -> list[JobReturn | None]:
         assert self.hydra_context is not None and self.config is not None and self.task_function is not None
-        runs = []
-        for config, overrides in zip(configs, job_overrides):
+        runs: list[JobReturn | None] = [None] * len(configs)
+        for i, (config, overrides) in enumerate(zip(configs, job_overrides)):
+            if stop.stopped:
+                break
             log.info(f"\t#{config.hydra.job.num} : {' '.join(filter_overrides(overrides))}")
-            runs.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
-                                job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+            try:  # Hydra creates the job's folder too, following links: a planted one is refused first
+                _make_job_dir(config)
+            except ConfigError as e:
+                runs[i] = _lost_job(config, overrides, f"refused: {e}")
+                log.error(f"#{config.hydra.job.num} refused: {e}")
+                self.hydra_context.callbacks.on_job_end(config=config, job_return=runs[i])
+                continue
+            runs[i] = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
+                              job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return runs
 
     def _parallel(self, configs: list[DictConfig], job_overrides: Sequence[Sequence[str]],
-                  n_jobs: int) -> list[JobReturn]:
+                  n_jobs: int, stop: stopping.SweepStop) -> list[JobReturn | None]:
         import cloudpickle
 
         assert self.hydra_context is not None and self.task_function is not None
         callbacks = self.hydra_context.callbacks
         results: list[JobReturn | None] = [None] * len(configs)
         futures: dict[Future, int] = {}
-        with ProcessPoolExecutor(max_workers=n_jobs, mp_context=get_context("spawn")) as pool:
+        ctx = get_context("spawn")
+        pids = ctx.SimpleQueue()
+        with ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx, initializer=stopping.init_worker,
+                                 initargs=(pids, os.getpid())) as pool:
             for i, config in enumerate(configs):
                 callbacks.on_job_start(config=config, task_function=self.task_function)
                 futures[pool.submit(_work, cloudpickle.dumps((self.task_function, config)))] = i
             pending = set(futures)
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                # short waits: a signal is acted on here, outside its handler
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                stop.add_workers(pids)
+                if stop.stopped:
+                    stop.stop_workers()
+                    pending = {f for f in pending if not f.cancel()}
                 for fut in sorted(finished, key=lambda f: futures[f]):
                     i = futures[fut]
-                    config, overrides = configs[i], job_overrides[i]
-                    try:
-                        ret, error = fut.result()
-                    except Exception as e:  # noqa: BLE001 - the worker died; the other jobs go on
-                        ret, error = _lost_job(config, overrides, f"worker process lost: {type(e).__name__}: {e}"), None
-                    self._echo(config, overrides, error, len(configs) - len(pending))
-                    callbacks.on_job_end(config=config, job_return=ret)
-                    results[i] = ret
-        return [r for r in results if r is not None]
+                    results[i] = self._collect(fut, configs[i], job_overrides[i], len(configs) - len(pending))
+        return results
+
+    def _collect(self, fut: Future, config: DictConfig, overrides: Sequence[str], n_finished: int) -> JobReturn | None:
+        """A finished future's JobReturn, echoed and passed to the callbacks (None: never started)."""
+        assert self.hydra_context is not None
+        if fut.cancelled():
+            return None
+        try:
+            ret, error = fut.result()
+        except Exception as e:  # noqa: BLE001 - the worker died; the other jobs go on
+            ret, error = _lost_job(config, overrides, f"worker process lost: {type(e).__name__}: {e}"), None
+        if ret is None:  # returned unstarted: the sweep is being stopped
+            return None
+        self._echo(config, overrides, error, n_finished)
+        self.hydra_context.callbacks.on_job_end(config=config, job_return=ret)
+        return ret
 
     @staticmethod
     def _echo(config: DictConfig, overrides: Sequence[str], error: str | None, n_finished: int) -> None:
         """One block per finished job: a header, then what the job printed (and what it raised)."""
-        path = _job_dir(config) / JOB_LOG
-        text = path.read_text(errors="replace") if path.is_file() else ""
+        from nondet_hpc import safeio
+
+        text = safeio.tail(_job_dir(config) / JOB_LOG, 8 << 20)  # a regular file only, never a FIFO
         print(f"[nondet_hpc] --- job #{config.hydra.job.num} ({n_finished} finished): "
               f"{' '.join(filter_overrides(overrides))}", flush=True)
         if text:

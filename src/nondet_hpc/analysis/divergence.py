@@ -6,7 +6,11 @@ For a group of N runs recorded on the same grid (records/schedule.py), at each p
 
       dist(t) = mean_{a<b} ||s_a(t) - s_b(t)||_2          (estimates mean_{a<b} ||theta_a - theta_b||)
       norm(t) = mean_a ||theta_a(t)||_2                   (exact, from the per-tensor norms)
-      rel(t)  = dist(t) / norm(t)
+      rel(t)  = 100 * mean_{a<b} ||s_a(t) - s_b(t)|| / ((||theta_a(t)|| + ||theta_b(t)||) / 2)
+
+  rel is in percent of each pair's mean norm, the definition of the report's final parameter
+  distance (metric ``param_distance``, from the weights files), so the curve's last point
+  estimates that metric.
 
   The sketch estimate of one distance is within about ``1/sqrt(2 D)`` of it (one SD; 1.1 % at
   D = 4096: :func:`nondet_hpc.records.projection.relative_sd`).
@@ -74,16 +78,15 @@ class GroupCurve:
     disagreement: np.ndarray  # float64 [T]: percent of probe examples, mean over pairs
     first_split: Optional[int]  # step of the first point where two runs' fingerprints differ; None = never
     final_sketch_distances: np.ndarray = field(repr=False)  # float64 [N, N] at the last point
+    rel_distance: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float64 [T]: percent, see above
+    identical: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # bool [T]: all fingerprints equal
+    final_norms: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)  # float64 [N] at the end
+    sketch_dim: int = 0  # D of the runs' count sketches
+    split_run: Optional[str] = None  # the first run whose fingerprints differ from the first run's somewhere
 
     @property
     def n_runs(self) -> int:
         return len(self.run_ids)
-
-    @property
-    def rel_distance(self) -> np.ndarray:
-        """distance / mean_norm at each point."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return self.distance / self.mean_norm
 
 
 class GroupAccumulator:
@@ -95,6 +98,7 @@ class GroupAccumulator:
         self.deltas: list[np.ndarray] = []  # float32 [T, D] per run: its sketch minus the first run's
         self.norms: list[np.ndarray] = []  # float64 [T] per run
         self.split: Optional[np.ndarray] = None  # bool [T]: some run's fingerprint differs from the first's
+        self.split_run: Optional[str] = None  # the first run that differs from the first run
         self.counts: Optional[np.ndarray] = None  # int32 [T, K, C]: runs predicting class c on example k
 
     def _check(self, t: Trajectory) -> None:
@@ -123,7 +127,10 @@ class GroupAccumulator:
         self.run_ids.append(t.run_id)
         self.deltas.append((t.sketch - self.ref.sketch).astype(np.float32))
         self.norms.append(t.param_norm)
-        self.split |= np.any(t.fingerprint != self.ref.fingerprint, axis=1)
+        differs = np.any(t.fingerprint != self.ref.fingerprint, axis=1)
+        if self.split_run is None and differs.any():
+            self.split_run = t.run_id
+        self.split |= differs
         T, K, C = self.counts.shape
         if K and C:
             pred = t.predictions()  # [T, K]
@@ -134,10 +141,14 @@ class GroupAccumulator:
             raise InstabilityError("a group without trajectories has no divergence curve")
         assert self.split is not None and self.counts is not None
         n, T = len(self.run_ids), self.ref.n_points
-        dist, final = np.full(T, math.nan), np.zeros((n, n))
+        dist, rel, final = np.full(T, math.nan), np.full(T, math.nan), np.zeros((n, n))
+        norms = np.stack(self.norms)  # [N, T]
         for t in range(T):
             m = pairwise_distances(np.stack([d[t] for d in self.deltas]))
             dist[t] = pair_mean(m)
+            scale = (norms[:, t][:, None] + norms[:, t][None, :]) / 2.0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel[t] = pair_mean(np.where(m > 0, 100.0 * m / scale, 0.0))
             final = m
         K = self.counts.shape[1]
         if n >= 2 and K:
@@ -146,8 +157,9 @@ class GroupAccumulator:
         else:
             dis = np.full(T, math.nan)
         first = int(self.ref.step[np.argmax(self.split)]) if self.split.any() else None
-        return GroupCurve(self.run_ids, self.ref.step.copy(), self.ref.epoch, dist,
-                          np.mean(np.stack(self.norms), axis=0), dis, first, final)
+        return GroupCurve(self.run_ids, self.ref.step.copy(), self.ref.epoch, dist, norms.mean(axis=0), dis, first,
+                          final, rel, ~self.split, norms[:, -1].copy() if T else np.zeros(n),
+                          int(self.ref.sketch.shape[1]), self.split_run)
 
 
 def group_curve(trajectories: Iterable[Trajectory]) -> GroupCurve:

@@ -41,6 +41,8 @@ class Group:
     n_excluded: int = 0  # distinct runs left out of this row, found while scanning or reducing
     n_planned: float = math.nan  # runs sweep.json plans for the group (NaN without sweep.json)
     n_never_started: int = 0  # planned runs without a run folder
+    n_duplicates: int = 0  # runs of a varied source whose logits equal another run's: one model (excluded.csv)
+    digests: list[bytes] = field(default_factory=list)  # the logits digest of each used model
     stopped: bool = False
 
     @property

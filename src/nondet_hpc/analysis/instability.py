@@ -37,6 +37,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..metrics import flat_distances
 from ..records.trajectory import Trajectory
 from ..records.weights import WeightsFile
 from .divergence import InstabilityError
@@ -59,14 +60,8 @@ def exact_distance(a: WeightsFile, b: WeightsFile, block_bytes: int = BLOCK_BYTE
     Differences of two float32 values are exact in float64; only the sums round.
     """
     _check_layouts([a, b])
-    n, step = a.layout.n_values, max(1, block_bytes // 16)
-    dd = aa = bb = 0.0
-    for lo in range(0, n, step):
-        x = a.flat_range(lo, min(n, lo + step)).astype(np.float64)
-        y = b.flat_range(lo, min(n, lo + step)).astype(np.float64)
-        d = x - y
-        dd, aa, bb = dd + float(d @ d), aa + float(x @ x), bb + float(y @ y)
-    return math.sqrt(dd), math.sqrt(aa), math.sqrt(bb)
+    (d, norms) = flat_distances([a, b], block_bytes)
+    return float(d[0, 1]), float(norms[0]), float(norms[1])
 
 
 def final_distance_matrix(files: Sequence[WeightsFile], block_bytes: int = BLOCK_BYTES) -> np.ndarray:
@@ -75,18 +70,7 @@ def final_distance_matrix(files: Sequence[WeightsFile], block_bytes: int = BLOCK
     times that with the float32 reads and one row's differences), differences row by row (exact
     zeros for copies). Time: N^2 / 2 x P subtractions (100 digits ResNet-14 runs: ~3 s here)."""
     _check_layouts(files)
-    N = len(files)
-    if N == 0:
-        return np.zeros((0, 0))
-    n, step = files[0].layout.n_values, max(1, block_bytes // (8 * N))
-    sq = np.zeros((N, N))
-    for lo in range(0, n, step):
-        x = np.stack([f.flat_range(lo, min(n, lo + step)) for f in files]).astype(np.float64)
-        for i in range(N - 1):
-            d = x[i + 1:] - x[i]
-            sq[i, i + 1:] += np.einsum("ij,ij->i", d, d)
-    out = np.sqrt(sq)
-    return out + out.T
+    return flat_distances(files, block_bytes)[0]
 
 
 def sketch_errors(sketch: np.ndarray, exact: np.ndarray) -> np.ndarray:

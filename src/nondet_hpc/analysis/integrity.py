@@ -3,9 +3,9 @@
 A group's statistics are only meaningful if its models were scored on the same labels, trained on
 the same data and computed by the same numerics. Labels and data are compared across the whole
 sweep (not only inside a group: two groups scored on different labels would still be compared in
-one table); the environment (thread count, device, GPU model, torch/CUDA/cuDNN versions, fp32
-precision settings as run.json records them) is compared inside each group, since that is where
-numbers are averaged. docs/metrics.md, "What the reducer checks first".
+one table); the environment (thread count, CPU model and vector ISA, device, GPU model,
+torch/CUDA/cuDNN versions, the resolved step on GPU, fp32 precision settings as run.json records
+them) is compared inside each group, since that is where numbers are averaged. docs/metrics.md, "What the reducer checks first".
 """
 
 from __future__ import annotations
@@ -103,21 +103,32 @@ def data_outliers(runs: list[Run]) -> dict[str, Outlier]:
 def environment(r: Run) -> dict[str, str]:
     """What decides a run's numerics besides its config, as run.json records it (run/task.py).
 
-    Thread count only on CPU (GPU runs compute on the device); GPU model and CUDA/cuDNN versions
-    only on GPU; torch version, fp32 settings and any recorded ``precision`` always.
+    On CPU: the thread count, the CPU model and the vector instruction set its kernels dispatch to
+    (``cpu``: torch's capability and oneDNN's ISA, with any pinning variables), as the GPU model
+    is on GPU; on GPU: the GPU model, CUDA/cuDNN versions and the resolved step (CUDA graph or
+    not, optimizer kernel); torch version, fp32 settings and any recorded ``precision`` always.
+    Runs of 0.1.0 have no ``cpu`` record: "<not recorded>", which no recorded value matches.
     """
     info = r.info
     dev = info.get("device") if isinstance(info.get("device"), dict) else {}
     ver = info.get("versions") if isinstance(info.get("versions"), dict) else {}
+    cpu = info.get("cpu") if isinstance(info.get("cpu"), dict) else {}
+    step = info.get("step") if isinstance(info.get("step"), dict) else {}
 
     def got(v: object) -> str:
         return NOT_RECORDED if v is None else (v if isinstance(v, str) else _canon(v))
 
     kind = dev.get("type")
+    on_cpu, on_gpu = kind in ("cpu", None), kind in ("cuda", None)
     env = {"device": got(kind)}
-    env["threads"] = got(info.get("threads")) if kind in ("cpu", None) else NOT_APPLICABLE
+    env["threads"] = got(info.get("threads")) if on_cpu else NOT_APPLICABLE
+    env["cpu"] = got(cpu.get("model")) if on_cpu else NOT_APPLICABLE
+    isa = {k: cpu[k] for k in ("capability", "onednn_isa", "pins") if cpu.get(k) not in (None, {})}
+    env["cpu ISA"] = (got(isa) if isa else NOT_RECORDED) if on_cpu else NOT_APPLICABLE
     for field, v in (("gpu", dev.get("name")), ("cuda", ver.get("cuda")), ("cudnn", ver.get("cudnn"))):
-        env[field] = got(v) if kind in ("cuda", None) else NOT_APPLICABLE
+        env[field] = got(v) if on_gpu else NOT_APPLICABLE
+    graph = {k: step[k] for k in ("cuda_graph", "optimizer_kernel") if k in step}
+    env["step"] = (got(graph) if graph else NOT_RECORDED) if on_gpu else NOT_APPLICABLE
     env["torch"] = got(ver.get("torch"))
     fp32 = info.get("fp32")
     if isinstance(fp32, dict):  # the GPU's name is in "gpu" already

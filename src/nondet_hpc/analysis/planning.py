@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ from ..registry.metrics import model_sds
 from ..registry.sources import ALL, CONTROL
 from ..rundir import RUNS, read_run_json
 from .groups import family, seed_key
+from .report_files import ReportMismatch, verified
+from .tables import read_csv
 from .precision import MIN_MODELS, needed_n, plan_ratio, plan_sd_se, se_star, subsample_check
 
 __all__ = ["TARGETS", "PlanError", "parse_target", "needed_n", "se_star", "plan_sd_se", "plan_ratio",
@@ -59,6 +62,7 @@ TARGETS: dict[str, tuple[str, str, str]] = {
 _STREAM: dict[str, list[int]] = {m.se: list(m.stream) for m in model_sds()}
 CHECK_MIN_N = 10  # the subsampling check needs n = N // 2 >= MIN_MODELS models per subset
 DIGITS = "digits"
+PER_MODEL = "per_model.csv"
 
 
 class PlanError(Exception):
@@ -111,14 +115,17 @@ class _Group:
 
 
 def _load(sweep: Path) -> list[_Group]:
-    csv = sweep / "report" / "per_model.csv"
-    if not csv.is_file():
+    csv = sweep / "report" / PER_MODEL
+    if not os.path.lexists(csv):
         where = "is not a sweep folder (no runs/)" if not (sweep / RUNS).is_dir() else "has runs but no report yet"
         raise PlanError(f"{csv} not found: {sweep} {where}. The planner reads the reducer's per-model values; "
                         f"make them with: python -m nondet_hpc.reduce {sweep}")
+    try:  # only a report whose parts come from one reduction (report.json) is read
+        data = verified(sweep, (PER_MODEL,))[PER_MODEL]
+    except ReportMismatch as e:
+        raise PlanError(str(e)) from None
     try:
-        df = pd.read_csv(csv, keep_default_na=False, dtype={"group": str, "source": str, "view_id": str,
-                                                            "run_id": str})
+        df = read_csv(data, keep_default_na=False, dtype={"group": str, "source": str, "view_id": str, "run_id": str})
     except (OSError, ValueError) as e:
         raise PlanError(f"{csv} is unreadable ({type(e).__name__}: {e}); rerun python -m nondet_hpc.reduce {sweep}")
     need = {"group", "source", "view_id", "run_id", "acc", "ce"}
@@ -127,6 +134,13 @@ def _load(sweep: Path) -> list[_Group]:
                         f"package's reducer: rerun python -m nondet_hpc.reduce {sweep}")
     if df.empty:
         raise PlanError(f"{csv} has no models; reduce a sweep with finished runs first")
+    for col in ("acc", "ce"):
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = [i for i, v in enumerate(values) if not np.isfinite(v)]
+        if bad:
+            raise PlanError(f"{csv}: row {bad[0] + 2} ({df['run_id'][bad[0]]}) has {col}={df[col][bad[0]]!r}, not a "
+                            f"finite number; the file was edited or damaged. Rerun python -m nondet_hpc.reduce {sweep}")
+        df[col] = values
     groups = []
     for (row, source, view), part in df.groupby(["group", "source", "view_id"], sort=False):
         g = _Group(str(row), str(source), str(view), part.reset_index(drop=True))

@@ -40,8 +40,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import metrics as M
-from ..rundir import atomic_write
-from . import tables
+from . import instab_text, report_files, tables
 from .accounting import (
     DEFAULT_SLURM_TIMEOUT_S,
     NEVER_STARTED,
@@ -50,21 +49,20 @@ from .accounting import (
     account,
     summary_lines,
 )
+from .architectures import architectures_md, architectures_png, architectures_table
 from .claims import ablation, claim1
 from .groups import VIEW_DISPLAY, Group, build_groups, view_display
+from .instab_report import Section, instability_section
 from .integrity import MIXED_HINT, Mix, Outlier, data_outliers, mixed_groups
 from .published import Comparison, compare, published_md
+from .report_files import REPORT_FILES
 from .scan import Exclusion, ReduceError, Run, parse_view_file, scan_sweep
-from .stats import apply_baselines, columns, group_row, per_model, reduce_group
+from .stats import apply_baselines, columns, group_row, no_variation_lines, per_model, reduce_group
 from .tables import format_table
 from .verdicts import Judgement, claims_md, judge
 
 __all__ = ["REPORT_FILES", "VIEW_DISPLAY", "ReduceError", "format_table", "reduce_sweep", "view_display"]
 
-REPORT_FILES: tuple[str, ...] = (
-    "metrics.csv", "metrics.md", "metrics.tex", "per_model.csv", "excluded.csv", "ablation.csv",
-    "ablation.md", "claim1.csv", "claims.csv", "published.csv", "summary.txt", "report.md", "metrics.png", "sd_vs_n.png",
-    "accuracy_spread.png", "claim1.png", "reduction.png")
 EXCLUDED_COLUMNS: list[str] = ["run_id", "group", "view", "category", "reason", "group_key"]
 
 
@@ -86,8 +84,11 @@ class _Results:
     seed: int
     accounting_lines: list[str]
     mixes: list[Mix]
+    top: list[str]  # said first: a varied source that produced no variation
     judgement: Judgement | None = None
     published: Comparison | None = None
+    architectures: pd.DataFrame | None = None  # analysis/architectures.py: empty without a ladder of models
+    instability: Section | None = None
 
 
 def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot: int = 10_000, seed: int = 0,
@@ -109,10 +110,7 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     """
     _check_request(formula, n_boot, seed)
     sweep = Path(sweep_dir)
-    report = sweep / "report"
-    if report.exists() and not report.is_dir():  # found before minutes of work, not after
-        raise ReduceError(f"{report} exists and is not a folder: the report is written there. Move or "
-                          "rename that file, then reduce again.")
+    report = report_files.check_writable(sweep)  # a link or a file there: found before minutes of work
     warnings: list[str] = []
     runs, excluded = scan_sweep(sweep, warnings)
     mixes = mixed_groups(runs)
@@ -121,6 +119,8 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
         raise ReduceError(f"{len(mixes)} group(s) of {sweep} hold runs of different environments:\n"
                           + "\n".join(lines) + "\n" + MIXED_HINT)
     acc = account(sweep, runs, excluded, slurm_timeout=slurm_timeout, job_states=job_states)
+    if acc.problem:  # a damaged sweep.json: the report comes from the run folders alone
+        warnings.append(f"{acc.problem}; this report is made from the run folders alone")
     if not runs:
         pending = tables.excluded_summary(excluded)
         raise ReduceError(f"{sweep}/runs has no complete run to reduce.\n" + "\n".join(pending))
@@ -131,25 +131,27 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     apply_baselines(df, groups, formula, baseline)
     c1, c1_lines = claim1(groups, n_boot, seed)
     res = _Results(sweep, len(runs), df, per_model(groups), ablation(groups, seed), c1, c1_lines, excluded,
-                   warnings, formula, n_boot, seed, _accounting_lines(groups, runs, excluded, acc), mixes)
-    res.judgement = judge(groups, df, c1, formula, n_boot, seed)
-    res.published = compare(groups, df, res.ablation, res.judgement)
-
+                   warnings, formula, n_boot, seed, _accounting_lines(groups, runs, excluded, acc), mixes,
+                   no_variation_lines(groups))
+    _judge_and_compare(res, groups, sweep, warnings)
     # lazy: the preset catalogue is only needed for the summary's first line
     from ..presets import describe_sweep  # torch- and Hydra-free
 
     reproduces = describe_sweep(sorted({str(r.info.get("experiment") or "") for r in runs}))
     summary = _summary(res, reproduces, report)
-    _write_report(report, _report_files(res, summary))
-
-    df.attrs["summary"] = summary
-    df.attrs["reproduces"] = reproduces
-    df.attrs["report_dir"] = str(report)
-    df.attrs["claim1"] = list(c1_lines)
-    df.attrs["claims"] = [v.text for v in res.judgement.verdicts]
-    df.attrs["excluded"] = [dict(e.__dict__) for e in excluded]
-    df.attrs["warnings"] = list(warnings)
+    report_files.write(sweep, _report_files(res, summary), warnings)
+    df.attrs.update(summary=summary, reproduces=reproduces, report_dir=str(report), claim1=list(c1_lines),
+                    claims=[v.text for v in res.judgement.verdicts], excluded=[dict(e.__dict__) for e in excluded],
+                    warnings=list(warnings))
     return df
+
+
+def _judge_and_compare(res: _Results, groups: list[Group], sweep: Path, warnings: list[str]) -> None:
+    """The claims, the published values beside ours, the Instability section and the architecture ladder."""
+    res.judgement = judge(groups, res.df, res.claim1, res.formula, res.n_boot, res.seed)
+    res.published = compare(groups, res.df, res.ablation, res.judgement)
+    res.instability = instability_section(groups, sweep, warnings)
+    res.architectures = architectures_table(groups, _condition_numbers(res.instability))
 
 
 def _row_exclusions(g: Group, excluded: list[Exclusion]) -> set[str]:
@@ -219,8 +221,12 @@ def _reduce_groups(runs: list[Run], sweep: Path, excluded: list[Exclusion], warn
 
 def _summary(res: _Results, reproduces: str, report: Path) -> str:
     """The printed summary (and summary.txt): what the sweep reproduces, the table, claim 1, left out."""
-    lines = [reproduces, "", format_table(res.df), "", *res.claim1_lines]
+    alarms = res.instability.alarms if res.instability else []
+    lines = [*alarms, *([""] if alarms else []), reproduces, *(["", *res.top] if res.top else []), "",
+             format_table(res.df), "", *res.claim1_lines]
     lines += [v.text for v in res.judgement.verdicts] if res.judgement else []
+    lines += _claim2_direct(res)
+    lines += instab_text.summary_lines(res.instability)
     if res.accounting_lines:
         lines += ["", *res.accounting_lines]
     lines += ["", *tables.excluded_summary(res.excluded)]
@@ -240,38 +246,71 @@ def _report_files(res: _Results, summary: str) -> dict[str, bytes]:
     md_table = tables.markdown(tables.display_frame(df))
     abl_md = tables.ablation_md(res.ablation)
     exc_df = pd.DataFrame([e.__dict__ for e in res.excluded], columns=EXCLUDED_COLUMNS)
+    csv = tables.csv_bytes  # every CSV: a cell that starts like a spreadsheet formula is escaped
     outputs: dict[str, bytes] = {
-        "metrics.csv": df.to_csv(index=False).encode(),
+        "metrics.csv": csv(df),
         "metrics.md": tables.metrics_md(md_table, df, res.formula).encode(),
         "metrics.tex": tables.latex(df, caption).encode(),
-        "per_model.csv": res.per_model.to_csv(index=False).encode(),
-        "excluded.csv": exc_df.to_csv(index=False).encode(),
-        "ablation.csv": res.ablation.to_csv(index=False).encode(),
+        "per_model.csv": csv(res.per_model),
+        "excluded.csv": csv(exc_df),
+        "ablation.csv": csv(res.ablation),
         "ablation.md": abl_md.encode(),
     }
     if not res.claim1.empty:
-        outputs["claim1.csv"] = res.claim1.to_csv(index=False).encode()
+        outputs["claim1.csv"] = csv(res.claim1)
     if res.judgement is not None and not res.judgement.stats.empty:
-        outputs["claims.csv"] = res.judgement.stats.to_csv(index=False).encode()
+        outputs["claims.csv"] = csv(res.judgement.stats)
     if res.published is not None and not res.published.rows.empty:
-        outputs["published.csv"] = res.published.rows.to_csv(index=False).encode()
+        outputs["published.csv"] = csv(res.published.rows)
+    if res.architectures is not None and not res.architectures.empty:
+        outputs["architectures.csv"] = csv(res.architectures)
+        outputs["architectures.md"] = architectures_md(res.architectures).encode()
+        outputs["architectures.png"] = architectures_png(res.architectures)
     outputs["summary.txt"] = (summary + "\n").encode()
+    if res.instability is not None:
+        outputs["instability.csv"] = csv(res.instability.table())
+        outputs["instability_groups.csv"] = csv(res.instability.group_table())
+        outputs["instability_pairs.csv"] = csv(res.instability.pair_table())
     figures = {"metrics.png": plots.group_metrics_png(df), "sd_vs_n.png": plots.sd_vs_n_png(res.ablation),
                "accuracy_spread.png": plots.accuracy_spread_png(res.per_model),
-               "claim1.png": plots.claim1_png(res.claim1), "reduction.png": plots.reduction_png(df)}
+               "claim1.png": plots.claim1_png(res.claim1), "reduction.png": plots.reduction_png(df),
+               instab_text.FIGURE: instab_text.divergence_png(res.instability)}
     drawn = {k: v for k, v in figures.items() if v is not None}
     outputs.update(drawn)
+    alarms = [f"> **{a}**" for a in res.instability.alarms] + [""] if res.instability and res.instability.alarms \
+        else []
     outputs["report.md"] = (tables.report_md(res.sweep, df, md_table, res.formula, res.claim1_lines, res.claim1,
                                              abl_md, res.excluded, res.warnings, list(drawn), res.n_boot,
-                                             res.seed, claims=claims_md(res.judgement) if res.judgement else [],
-                                             published=published_md(res.published) if res.published else [])
-                            + _extra_sections(res)).encode()
+                                             res.seed, claims=alarms + (claims_md(res.judgement) if res.judgement
+                                                                        else []),
+                                             published=published_md(res.published) if res.published else [],
+                                             top=res.top)
+                            + _extra_sections(res, list(drawn))).encode()
     return outputs
 
 
-def _extra_sections(res: _Results) -> str:
-    """report.md's sections on the sweep as a whole: planned runs and mixed environments."""
-    parts: list[str] = []
+def _condition_numbers(section: Section | None) -> dict[str, float]:
+    """group_key -> the median condition number of training of a bit-change group (Instability)."""
+    if section is None:
+        return {}
+    t = section.group_table()
+    if t.empty:
+        return {}
+    t = t[t["condition_number_median"].notna()]
+    return {str(k): float(v) for k, v in zip(t["group_key"], t["condition_number_median"])}
+
+
+def _claim2_direct(res: _Results) -> list[str]:
+    return instab_text.claim2_lines(res.judgement.stats) if res.judgement is not None else []
+
+
+def _extra_sections(res: _Results, figures: list[str]) -> str:
+    """report.md's sections on the sweep as a whole: instability, the architecture ladder, planned runs and
+    mixed environments."""
+    parts: list[str] = instab_text.section_md(res.instability, figures, _claim2_direct(res))
+    if res.architectures is not None and not res.architectures.empty:
+        parts += ["## Where instability begins: bit change / init per architecture", "",
+                  architectures_md(res.architectures), "![architectures](architectures.png)", ""]
     if res.accounting_lines:
         parts += ["## Planned runs", "", *[f"    {ln}" for ln in res.accounting_lines], ""]
     if res.mixes:
@@ -282,15 +321,3 @@ def _extra_sections(res: _Results) -> str:
 
     parts += report_section(res.sweep)
     return "\n" + "\n".join(parts) if parts else ""
-
-
-def _write_report(report: Path, outputs: dict[str, bytes]) -> None:
-    try:
-        for name, data in outputs.items():
-            atomic_write(report / name, lambda f, data=data: f.write(data))
-        for name in REPORT_FILES:  # a file this run did not produce must not survive from an older one
-            if name not in outputs and (report / name).exists():
-                (report / name).unlink()
-    except OSError as e:  # read-only sweep folder, full disk, a folder named like a report file
-        raise ReduceError(f"cannot write the report to {report} ({type(e).__name__}: {e}); make it writable "
-                          "(or free space) and reduce again") from None

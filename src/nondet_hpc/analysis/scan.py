@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import safeio
 from ..rundir import (
     DONE,
     LABELS,
@@ -49,39 +49,34 @@ class BadFile(ValueError):
 
 
 class Npy:
-    """A .npy file validated once (``np.load``, ``allow_pickle=False``), then mapped afresh per read.
+    """A .npy file validated once, then mapped afresh per read (both through nondet_hpc.safeio:
+    a regular file only, opened without following a link or blocking on a FIFO, never unpickled).
 
     Reopening per read (a few times per model) keeps the number of open maps bounded, so a group
     of hundreds of runs with several snapshot files each cannot exhaust file descriptors; the
-    header parsed at validation is reused, so a read costs one mmap, not a header parse.
+    header parsed at validation is reused, so a read costs one open and one mmap.
     """
 
     def __init__(self, path: Path, rel: str):
         self.path, self.rel = path, rel
-        problem = not_regular(path)
-        if problem:  # checked before opening: a FIFO would block np.load forever
-            raise BadFile(f"{rel}: {problem}", "missing" if problem == "file missing" else "unreadable")
         try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except FileNotFoundError:
-            raise BadFile(f"{rel}: file missing", "missing") from None
-        except Exception as e:  # any failure to parse means a corrupt file; say which one
-            raise BadFile(f"{rel}: {_npy_problem(path, e)}") from None
-        if not isinstance(arr, np.memmap):  # e.g. an .npz archive under a .npy name
-            kind = type(arr).__name__
-            if hasattr(arr, "close"):
-                arr.close()
-            raise BadFile(f"{rel}: expected one .npy array, found {kind}")
+            arr = safeio.load_npy(path, mmap=True)
+        except safeio.RefusedFile as e:
+            raise BadFile(f"{rel}: {_words(e.why)}", _category(e.why)) from None
         self.shape: tuple[int, ...] = tuple(int(s) for s in arr.shape)
         self.dtype = arr.dtype
-        self._offset = int(arr.offset)
+        self._offset = int(arr.offset) if isinstance(arr, np.memmap) else 0
         self._order = "F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C"
+        self._empty = not isinstance(arr, np.memmap)
         del arr
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        if self._empty:
+            return np.array(np.zeros(self.shape, dtype=self.dtype)[key])
         try:
-            arr = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self._offset, shape=self.shape,
-                            order=self._order)
+            with safeio.RegularFile(self.path, safeio.MAX_ARRAY) as rf, rf.fileobj() as f:
+                arr = np.memmap(f, dtype=self.dtype, mode="r", offset=self._offset, shape=self.shape,
+                                order=self._order)
         except (OSError, ValueError) as e:  # replaced or truncated since it was validated
             raise BadFile(f"{self.rel}: cannot be read any more ({type(e).__name__}: {e})") from None
         out = np.array(arr[key])
@@ -89,41 +84,25 @@ class Npy:
         return out
 
 
-def not_regular(path: Path) -> str:
-    """Why ``path`` is not a file the reducer may read ("" when it is a regular file).
+def _category(why: str) -> str:
+    """excluded.csv's category of a file safeio refused: missing, unreadable (not a regular file)
+    or corrupt (not a .npy array, pickled, truncated, too large)."""
+    if why == "file missing":
+        return "missing"
+    if why.startswith(("is a ", "cannot be opened", "not a regular")) and "bytes" not in why:
+        return "unreadable"
+    return "corrupt"
 
-    ``lstat``, so a symbolic link is refused rather than followed: a link inside a run folder can
-    make one model's logits count for two runs, or point at anything on the machine; a FIFO or a
-    device would block or never end.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return "file missing"
-    except OSError as e:
-        return f"cannot be examined ({type(e).__name__}: {e})"
-    if stat.S_ISLNK(st.st_mode):
+
+def _words(why: str) -> str:
+    """safeio's reason, in the reducer's words for the files of a run folder."""
+    if why.startswith("is a symbolic link"):
         return "is a symbolic link; the reducer reads only regular files inside a run folder"
-    if not stat.S_ISREG(st.st_mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else
-                "a socket" if stat.S_ISSOCK(st.st_mode) else "a device" if
-                stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
-        return f"is {kind}, not a regular file"
-    return ""
-
-
-def _npy_problem(path: Path, err: Exception) -> str:
-    """Why np.load refused a file, in words (numpy calls anything without a header "pickled")."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(6)
-    except OSError as e:
-        return f"cannot be opened ({e})"
-    if head != b"\x93NUMPY":
-        return "not a .npy file (no NUMPY header: truncated, empty or another format)"
-    if "allow_pickle" in str(err) or "Python objects" in str(err) or "object" in str(err):
+    if why.startswith("holds Python objects"):
         return "holds Python objects (pickle), which the reducer never loads (allow_pickle=False)"
-    return f"corrupt .npy file ({type(err).__name__}: {err})"
+    if _category(why) == "corrupt" and not why.startswith(("is not a .npy", "expected one .npy")):
+        return f"corrupt .npy file ({why})"
+    return why
 
 
 class SnapshotMean:

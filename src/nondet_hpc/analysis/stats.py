@@ -22,7 +22,7 @@ from .. import metrics as M
 from ..registry.metrics import METRICS, model_sds
 from ..registry.sources import CONTROL
 from ..rundir import LABELS, RUN_JSON
-from .groups import Group, view_display
+from .groups import Group, family, view_display
 from .inputs import add_pairs, open_inputs
 from .scan import (
     ACC_ENS,
@@ -38,7 +38,7 @@ from .scan import (
 
 #: metrics.csv: these columns, then each metric of the registry (its SE column after it), then TAIL
 HEAD: tuple[str, ...] = ("group", "source", "view", "view_id", "group_key", "n_models", "n_excluded", "n_planned",
-                         "n_never_started", "n_distinct")
+                         "n_never_started", "n_distinct", "n_duplicates")
 TAIL: tuple[str, ...] = ("baseline", "reduction_pct", "formula", "note")
 
 Exclude = Callable[[Run, str, str], None]  # (run, category, reason): leave a run out of one group
@@ -80,8 +80,9 @@ def reduce_group(g: Group, sweep: Path, excluded: list[Exclusion], warnings: lis
 
     if not _same_test_set(g, members, sweep, exclude, label_outliers):
         return
-    used = _usable_models(g, members, sweep, exclude)
+    used = _one_model_each(g, _usable_models(g, members, sweep, exclude), sweep, exclude)
     g.used = [r for r, _, _ in used]
+    g.digests = [s.digest for _, _, s in used]
     if not used:
         g.notes.append("no usable model")
         return
@@ -166,6 +167,43 @@ def _usable_models(g: Group, members: list[Run], sweep: Path, exclude: Exclude) 
     return used
 
 
+def _one_model_each(g: Group, used: Used, sweep: Path, exclude: Exclude) -> Used:
+    """In a group whose source varies, runs with bit-identical logits are one model: the first
+    (folder order) is kept, the others are excluded as duplicates naming it. A hard-linked copy of
+    a run with an edited run.json, or a source that made no difference on this hardware, so never
+    counts as N independent models. The determinism control keeps every run: its runs are meant
+    to be identical, and how many are is its result."""
+    if g.source_name == CONTROL:
+        return used
+    first: dict[bytes, Run] = {}
+    keep: Used = []
+    for r, a, s in used:
+        if s.digest in first:
+            files = ", ".join(rel(f, sweep) for _, f in r.views[g.view_id])
+            exclude(r, "duplicate", f"{files}: logits bit-identical to {rel(first[s.digest].path, sweep)}'s: one model "
+                                    f"(a source that varies gives distinct models), counted once")
+            g.n_duplicates += 1
+        else:
+            first[s.digest] = r
+            keep.append((r, a, s))
+    return keep
+
+
+def no_variation_lines(groups: list[Group]) -> list[str]:
+    """What the report says first: each varied source whose runs all gave one model (single-model
+    rows), and whether that model is the control's."""
+    control = {(family(g.identity), g.view_id): set(g.digests) for g in groups if g.source_name == CONTROL}
+    out = []
+    for g in groups:
+        if g.source_name == CONTROL or g.view_id != "plain" or len(g.used) != 1 or not g.n_duplicates:
+            continue
+        same = g.digests[0] in control.get((family(g.identity), g.view_id), set())
+        out.append(f"On this hardware the {g.name} source made no difference: its {g.n_duplicates + 1} runs are "
+                   f"bit-identical{' to the control' if same else ' to one another'}. It counts as 1 model "
+                   f"(N {1}/{g.n_duplicates + 1}), and no claim uses it as evidence of variability.")
+    return out
+
+
 def _check_recorded_accuracy(used: Used, warnings: list[str]) -> None:
     """Warn where run.json's test_acc and the saved plain logits disagree by more than half an example."""
     for r, _, s in used:
@@ -202,7 +240,7 @@ def group_row(g: Group) -> dict[str, Any]:
         "group": g.row_name, "source": g.name, "view": view_display(g.view_id), "view_id": g.view_id,
         "group_key": g.group_key, "n_models": len(g.used), "n_excluded": g.n_excluded,
         "n_planned": g.n_planned, "n_never_started": g.n_never_started,
-        "n_distinct": g.stats.n_distinct() if g.stats is not None else 0,
+        "n_distinct": g.stats.n_distinct() if g.stats is not None else 0, "n_duplicates": g.n_duplicates,
     }
     for m in METRICS.values():
         row[m.key] = g.summary.get(m.key, math.nan)

@@ -7,6 +7,7 @@ units line come from :mod:`nondet_hpc.registry.metrics`.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,11 +34,61 @@ def _pm(v: Any, se: Any, nd: int) -> str:
     return s if s == "-" or not math.isfinite(float(se)) else f"{s} ± {_f(se, nd)}"
 
 
-def _n(n: Any, planned: Any) -> str:
-    """N as printed: "2/3*" when fewer models than sweep.json planned were used (see the row's note)."""
+def _n(n: Any, planned: Any, distinct: Any = math.nan, duplicates: Any = 0) -> str:
+    """N as printed: "1/8" (distinct models / runs) when some runs' logits are identical (the
+    control's, or copies merged as one model; the row's note says which), else "2/3*" when fewer
+    models than sweep.json planned were used (see the row's note), else the number of models."""
     n = int(n)
     p = float(planned)
+    total = n + int(duplicates or 0)
+    d = float(distinct)
+    below = math.isfinite(p) and total < p
+    if math.isfinite(d) and n > 0 and int(d) < total:
+        return f"{int(d)}/{total}" + ("*" if below else "")
     return f"{n}/{int(p)}*" if math.isfinite(p) and n < p else str(n)
+
+
+# ------------------------------------------------------------------------------ CSV files
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def escape_cell(v: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (starting with = + - @, a tab or CR),
+    prefixed with ' so it is shown as text; a cell already starting with ' gets one more, so
+    :func:`unescape_cell` restores every text exactly. Numbers are left alone."""
+    if isinstance(v, str) and v and (v[0] in _FORMULA_START or v[0] == "'"):
+        return "'" + v
+    return v
+
+
+def unescape_cell(v: Any) -> Any:
+    if isinstance(v, str) and len(v) > 1 and v[0] == "'" and (v[1] in _FORMULA_START or v[1] == "'"):
+        return v[1:]
+    return v
+
+
+def _textual(col: pd.Series) -> bool:
+    return col.dtype == object or pd.api.types.is_string_dtype(col.dtype)
+
+
+def csv_bytes(df: pd.DataFrame) -> bytes:
+    """``df`` as CSV (no index), every text cell and column name escaped (:func:`escape_cell`):
+    the one way the package writes a CSV (a run folder named =HYPERLINK(...) stays text)."""
+    out = df.rename(columns=lambda c: escape_cell(str(c)))
+    for col in out.columns:
+        if _textual(out[col]):
+            out[col] = out[col].map(escape_cell)
+    return out.to_csv(index=False).encode()
+
+
+def read_csv(data: bytes, **kwargs: Any) -> pd.DataFrame:
+    """A CSV written by :func:`csv_bytes` (its bytes), text cells unescaped."""
+    df = pd.read_csv(io.BytesIO(data), **kwargs)
+    df = df.rename(columns=unescape_cell)
+    for col in df.columns:
+        if _textual(df[col]):
+            df[col] = df[col].map(unescape_cell)
+    return df
 
 
 def _finite(col: pd.Series) -> bool:
@@ -49,7 +100,8 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
     optional metric's column (CKA) and the Reduction column only when some row has a value."""
     out = pd.DataFrame({
         "Group": df["group"],
-        "N": [_n(n, p) for n, p in zip(df["n_models"], df["n_planned"] if "n_planned" in df else [math.nan] * len(df))],
+        "N": [_n(n, p, d, k) for n, p, d, k in zip(df["n_models"], _col(df, "n_planned", math.nan),
+                                                    _col(df, "n_distinct", math.nan), _col(df, "n_duplicates", 0))],
     })
     for m in METRICS.values():
         if m.optional and not _finite(df[m.key]):
@@ -61,6 +113,10 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
     if _finite(df["reduction_pct"]):
         out["Reduction %"] = [_f(v, 1) for v in df["reduction_pct"]]
     return out
+
+
+def _col(df: pd.DataFrame, name: str, default: Any) -> list:
+    return list(df[name]) if name in df else [default] * len(df)
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -174,10 +230,11 @@ def _claim1_section(claim1_lines: list[str], claim1: pd.DataFrame, figures: list
 def report_md(sweep: Path, df: pd.DataFrame, md_table: str, formula: str, claim1_lines: list[str],
               claim1: pd.DataFrame, abl_md: str, excluded: list[Exclusion], warnings: list[str],
               figures: list[str], n_boot: int, seed: int, *, claims: Sequence[str] = (),
-              published: Sequence[str] = ()) -> str:
-    """report.md: the claims judged (``claims``), every table, the published values beside ours
-    (``published``), the figures that were drawn."""
-    parts = [f"# Variability report: {sweep.name}", "",
+              published: Sequence[str] = (), top: Sequence[str] = ()) -> str:
+    """report.md: what must be said first (``top``: a varied source without variation), the claims
+    judged (``claims``), every table, the published values beside ours (``published``), the
+    figures that were drawn."""
+    parts = [f"# Variability report: {sweep.name}", "", *[f"**{t}**" for t in top], *([""] if top else []),
              (f"Bootstrap: {n_boot} resamples, seed {seed}. Reduction formula: {formula}. "
               "Formulas and how to read this page: docs/metrics.md."), "", *claims, "## Metrics", "", md_table, "",
              units_line(formula), ""]

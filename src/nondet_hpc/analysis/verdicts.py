@@ -2,7 +2,8 @@
 
 Claim 1: each single source alone gives the accuracy SD of all sources together (the SD ratios of
 :func:`nondet_hpc.analysis.claims.claim1`). Claim 2: the random bit change gives as much
-variability as all sources (ratios of accuracy SD, disagreement and 1 - correlation). Claim 3:
+variability as all sources (ratios of accuracy SD, disagreement and 1 - correlation, and, where the
+runs kept their final weights, of the final parameter distance: the direct evidence). Claim 3:
 every TTA / Acc.Ens row reduces variability against its baseline row (both formulas). The rules
 that turn an interval into a verdict are in docs/metrics.md ("Claims and verdicts"); they are the
 constants below, so the page and the code cannot drift apart silently.
@@ -221,11 +222,17 @@ def judge_claim2(groups: list[Group], res: Resamples) -> tuple[list[Stat], list[
                 verdicts.append(Verdict(2, where, "not measured", math.nan,
                                         f"Claim 2{where}: not measured: no {miss} with 2 or more models."))
             continue
-        mine = [_claim2_stat(m, where, bit, ref, res) for m in in_claim(2)]
+        mine = [_claim2_stat(m, where, bit, ref, res) for m in in_claim(2) if _measured(m, bit, ref)]
         verdict, need = _verdict(mine, "differs", "same")
         stats += mine
         verdicts.append(Verdict(2, where, verdict, need, _claim_text(2, where, verdict, need, mine, None)))
     return stats, verdicts
+
+
+def _measured(m: Metric, *groups: Group) -> bool:
+    """An optional metric (the final parameter distance: weights files) judges a claim only where
+    every group has it; the others are measured wherever there are logits."""
+    return not m.optional or all(math.isfinite(g.summary.get(m.key, math.nan)) for g in groups)
 
 
 def _claim2_stat(m: Metric, where: str, bit: Group, ref: Group, res: Resamples) -> Stat:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 from ..sweep import waves
-from ..sweep.manifest import SweepError, latest_job, load_manifest, manifest_path, sweep_lock
+from ..sweep.manifest import SweepError, latest_job, load_manifest, manifest_path, sweep_lock, write_manifest
+from ..sweep.trust import TrustError, check_sweep_folder, verify_study
 from .client import ACTIVE_STATES, DEFAULT_TIMEOUT_S, SlurmError, current_user, query_squeue
 from .joblog import job_label
 from .submit import submit_sweep
@@ -58,6 +59,21 @@ def _outside_this_job() -> Iterator[None]:
         os.environ.update(saved)
 
 
+def _untrusted(sweep_dir: Path, study: Mapping) -> str | None:
+    """Why the next wave must not be submitted from this record, or None: others could change what
+    its jobs run (permissions), or the recorded settings differ from what the owner's sweep command
+    signed (:mod:`nondet_hpc.sweep.trust`)."""
+    params = dict(study.get("params") or {})
+    try:
+        verify_study(study, sweep_dir)
+        check_sweep_folder(sweep_dir, params.get("submitit_folder") or sweep_dir / "slurm",
+                           trust_group=bool(params.get("trust_group")),
+                           consequence="No wave was submitted; fix that, then rerun the same sweep command to go on.")
+    except TrustError as e:
+        return str(e)
+    return None
+
+
 def advance(sweep_dir: str | Path, *, by: str = "reducer job", echo: Callable[[str], None] = print) -> int:
     """After the reducer: decide the newest wave and submit the next one. 0 = fine, 1 = stopped
     on an error (the message is in sweep.json and printed). Safe to run twice."""
@@ -72,6 +88,13 @@ def advance(sweep_dir: str | Path, *, by: str = "reducer job", echo: Callable[[s
             echo(f"nondet_hpc: study: nothing to decide (status {study['status']}, wave {last['n']} "
                  f"{'decided' if last.get('decided') else last['status']})")
             return 0
+        refused = _untrusted(sweep_dir, study)
+        if refused:
+            waves.stop(study, "stopped", refused)
+            write_manifest(sweep_dir, manifest)
+            waves.refresh_report(sweep_dir, study)
+            echo(f"nondet_hpc: study stopped: {refused}")
+            return 1
         missing = waves.not_done(sweep_dir, study, manifest)
         if missing and _still_queued(missing, manifest):
             # a repeated or early reducer run: the reducer queued behind this wave decides it

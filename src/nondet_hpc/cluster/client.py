@@ -42,6 +42,11 @@ class SubmissionError(SlurmError):
     """sbatch refused a job: carries SLURM's message and the command line."""
 
 
+class SlurmTimeout(SlurmError):
+    """A SLURM command gave no answer within its timeout; it may still have acted (a late sbatch
+    may have queued its job: :mod:`.tokens` looks it up)."""
+
+
 NO_SBATCH = (
     "`sbatch` is not on PATH: this machine cannot submit SLURM jobs.\n"
     "  Run the sweep here instead with the local launcher:  hydra/launcher=local\n"
@@ -95,7 +100,7 @@ def run_command(cmd: Sequence[str], timeout: float | None = None, input: str | N
             raise SlurmUnavailable(NO_SBATCH) from e
         raise SlurmError(f"{cmd[0]} is not on PATH (command: {shlex.join(cmd)})") from e
     except subprocess.TimeoutExpired as e:
-        raise SlurmError(f"no answer from `{shlex.join(cmd)}` within {timeout:g} s") from e
+        raise SlurmTimeout(f"no answer from `{shlex.join(cmd)}` within {timeout:g} s") from e
     return CommandResult(cmd, p.returncode, p.stdout, p.stderr)
 
 
@@ -311,6 +316,31 @@ def job_states(job_ids: list[str], timeout: float) -> tuple[dict[str, str], str]
     except SlurmError as e:
         return {}, f"SLURM not reachable ({e})"
     return {j: infos[j].state for j in job_ids if j in infos}, ""
+
+
+#: squeue's view of every job of a user, in any state SLURM still holds, with its comment
+TOKEN_FIELDS = ["JobArrayID", "State", "Comment"]
+
+
+def find_tokens(tokens: Iterable[str], user: str, timeout: float | None = None) -> dict[str, str]:
+    """Submission token -> the job id (an array's id for an array) of the job of ``user`` whose
+    comment holds it, among the jobs squeue lists in any state (pending, running, or ended within
+    MinJobAge). Raises SlurmError when squeue does not answer."""
+    wanted = [t for t in tokens if t]
+    if not wanted:
+        return {}
+    fmt = ",".join(f"{f}:|" for f in TOKEN_FIELDS)
+    res = run_command(["squeue", "-h", "-r", "-t", "all", "-u", user, "-O", fmt], timeout).check()
+    found: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        parts = [p.strip() for p in line.rstrip().removesuffix("|").split("|")]
+        if len(parts) < 3 or not parts[0]:
+            continue
+        comment = "|".join(parts[2:]).split()
+        for token in wanted:
+            if token in comment:
+                found.setdefault(token, parts[0].split("_")[0])
+    return found
 
 
 def current_user() -> str:

@@ -12,6 +12,7 @@ option is one entry here and its line in docs/slurm.md. Torch- and Hydra-free.
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
@@ -32,6 +33,7 @@ class Field:
     sbatch: str | None = None  # the #SBATCH option it sets (cpus_per_task -> --cpus-per-task); None: none
     render: Callable[[Any], Any] | None = None  # its value as that option (mem_gb=8 -> 8GB); None: as it is
     alias_of: str | None = None  # hydra-submitit-launcher's name of one of our fields (same meaning)
+    minimum: float | None = None  # the smallest valid value (params.normalize refuses less); None: no bound
 
 
 def mem(mem_gb: Any) -> str | None:
@@ -64,32 +66,35 @@ FIELDS: tuple[Field, ...] = (
     Field("qos", _S, None, "sbatch --qos", sbatch="qos"),
     Field("constraint", _S, None, "sbatch --constraint (node features), e.g. v100|a100", sbatch="constraint"),
     Field("gres", _S, None, "sbatch --gres (generic resources), e.g. gpu:1 or gpu:v100:1", sbatch="gres"),
-    Field("gpus_per_node", _I, None, "sbatch --gpus-per-node (instead of gres)", sbatch="gpus_per_node"),
+    Field("gpus_per_node", _I, None, "sbatch --gpus-per-node (instead of gres)", sbatch="gpus_per_node",
+          minimum=0),
     Field("exclude", _S, None, "sbatch --exclude: nodes never to use", sbatch="exclude"),
     Field("nodelist", _S, None, "sbatch --nodelist: only these nodes", sbatch="nodelist"),
-    Field("gpus_per_task", _I, None, "sbatch --gpus-per-task (another way to ask for a GPU)", sbatch="gpus_per_task"),
-    Field("cpus_per_gpu", _I, None, "sbatch --cpus-per-gpu", sbatch="cpus_per_gpu"),
+    Field("gpus_per_task", _I, None, "sbatch --gpus-per-task (another way to ask for a GPU)", sbatch="gpus_per_task",
+          minimum=0),
+    Field("cpus_per_gpu", _I, None, "sbatch --cpus-per-gpu", sbatch="cpus_per_gpu", minimum=1),
     Field("comment", _S, None, "sbatch --comment (shown by squeue -o %k and sacct)", sbatch="comment"),
     # --- resources of one array task (its runs_per_task runs share them)
     Field("cpus_per_task", int, 1, "sbatch --cpus-per-task; a run's thread count when train.threads=0",
-          sbatch="cpus_per_task"),
-    Field("mem_gb", _F, None, "sbatch --mem in GB; null: the cluster's DefMemPerCPU x cpus", sbatch="mem", render=mem),
+          sbatch="cpus_per_task", minimum=1),
+    Field("mem_gb", _F, None, "sbatch --mem in GB (0: all of the node's); null: the cluster's DefMemPerCPU x cpus",
+          sbatch="mem", render=mem, minimum=0),
     Field("mem_per_cpu", _S, None, "sbatch --mem-per-cpu, e.g. 4G (instead of mem_gb)", sbatch="mem_per_cpu"),
     Field("mem_per_gpu", _S, None, "sbatch --mem-per-gpu, e.g. 16G (instead of mem_gb)", sbatch="mem_per_gpu"),
     Field("timeout_min", int, 60, "sbatch --time in minutes; a run reaching it checkpoints and requeues",
-          sbatch="time", render=int),
+          sbatch="time", render=int, minimum=1),
     # one run = one process on one node: 1 is the only value (hydra-submitit's fields, kept so their
     # configs compose; params.normalize refuses any other value, the script always says --nodes=1)
     Field("nodes", int, 1, "sbatch --nodes: only 1"),
     Field("tasks_per_node", int, 1, "only 1 (hydra-submitit's name)"),
     # --- preemption / time limit: the run checkpoints at the next iteration boundary and requeues
     Field("signal_delay_s", int, 120, "sbatch --signal: USR2 this many seconds before the time limit",
-          sbatch="signal", render=_signal),
-    Field("max_requeue", int, 20, "restarts a run requeues itself for (then: rerun the sweep to resume)"),
+          sbatch="signal", render=_signal, minimum=0),
+    Field("max_requeue", int, 20, "restarts a run requeues itself for (then: rerun the sweep to resume)", minimum=0),
     # --- arrays
-    Field("array_parallelism", _I, None, "at most this many tasks of the sweep at once (--array=...%N)"),
-    Field("max_array_size", _I, None, "tasks per array job; null: MaxArraySize of `scontrol show config`"),
-    Field("max_submit", _I, None, "your submit limit; null: MaxSubmitJobs from sacctmgr; 0: no limit"),
+    Field("array_parallelism", _I, None, "at most this many tasks of the sweep at once (--array=...%N)", minimum=1),
+    Field("max_array_size", _I, None, "tasks per array job; null: MaxArraySize of `scontrol show config`", minimum=1),
+    Field("max_submit", _I, None, "your submit limit; null: MaxSubmitJobs from sacctmgr; 0: no limit", minimum=0),
     Field("hold", _B, False, "submit held (sbatch --hold); release with `scontrol release JOBID`"),
     # --- job environment
     Field("setup", List[str], [], "shell lines run on the node before the run (module loads, environments)"),
@@ -102,7 +107,7 @@ FIELDS: tuple[Field, ...] = (
     Field("name", _S, None, "= job_name", alias_of="job_name"),
     Field("max_num_timeout", _I, None, "= max_requeue", alias_of="max_requeue"),
     # --- several runs per array task (docs/slurm.md, "Several runs per task")
-    Field("runs_per_task", int, 1, "K runs at once per task, as K processes sharing its GPU/CPUs"),
+    Field("runs_per_task", int, 1, "K runs at once per task, as K processes sharing its GPU/CPUs", minimum=1),
     Field("mps", str, "auto", "CUDA MPS daemon per task when K > 1 on a GPU: auto | true (required) | false"),
     # --- sweep folder consistency (never mix runs of two configurations in one out_dir)
     Field("run_keys", List[str], ["seed", "source", "train.epochs"],
@@ -110,7 +115,11 @@ FIELDS: tuple[Field, ...] = (
     Field("ignore_keys", List[str], [], "more keys never compared (bookkeeping keys never are)"),
     Field("fast_compose", _B, True, "compose job configs per group choice (checked against Hydra's composition) "
                                      "and find an identical rerun's runs in sweep.json; false: Hydra's way"),
-    Field("command_timeout_s", int, 60, "sbatch/squeue/sacct/scontrol calls give up after this many seconds"),
+    Field("command_timeout_s", int, 60, "sbatch/squeue/sacct/scontrol calls give up after this many seconds "
+          "(an sbatch that answers late is looked up by its submission token)", minimum=1),
+    # --- who may write the sweep folder (docs/slurm.md, "Sharing a sweep folder")
+    Field("trust_group", _B, False, "the sweep folder, slurm/ and sweep.json may be writable by their group "
+                                    "(every member can then run code as you); false: by you alone"),
 )
 
 #: ``hydra.launcher.reducer.*``: the job that runs ``python -m nondet_hpc.reduce SWEEP_DIR`` after the arrays
@@ -120,9 +129,9 @@ REDUCER_FIELDS: tuple[Field, ...] = (
           sbatch="partition"),
     Field("account", _S, None, "sbatch --account; null: the training account", sbatch="account"),
     Field("qos", _S, None, "sbatch --qos; null: the training qos", sbatch="qos"),
-    Field("cpus_per_task", int, 1, "sbatch --cpus-per-task (numpy on logits)", sbatch="cpus_per_task"),
-    Field("mem_gb", _F, 8, "sbatch --mem in GB", sbatch="mem", render=mem),
-    Field("timeout_min", int, 60, "sbatch --time in minutes", sbatch="time", render=int),
+    Field("cpus_per_task", int, 1, "sbatch --cpus-per-task (numpy on logits)", sbatch="cpus_per_task", minimum=1),
+    Field("mem_gb", _F, 8, "sbatch --mem in GB", sbatch="mem", render=mem, minimum=0),
+    Field("timeout_min", int, 60, "sbatch --time in minutes", sbatch="time", render=int, minimum=1),
     Field("additional_parameters", Dict[str, Any], {}, "any other sbatch option for the reducer only"),
 )
 
@@ -140,6 +149,32 @@ def default(name: str, *, reducer: bool = False) -> Any:
 def value(params: Mapping[str, Any], name: str, *, reducer: bool = False) -> Any:
     """A field's value in a launcher config (``params``, or its ``reducer`` node), its default when unset."""
     return params[name] if name in params else default(name, reducer=reducer)
+
+
+#: fields whose value is a mapping of the user's: any key below them is valid
+MAPPINGS = ("additional_parameters",)
+
+
+def is_field(path: str) -> bool:
+    """Whether ``hydra.launcher.<path>`` names a field (``reducer.partition``, ``additional_parameters.x``)."""
+    parts = path.split(".")
+    if parts[0] == "reducer" and len(parts) > 1:
+        return parts[1] in _REDUCER and (len(parts) == 2 or parts[1] in MAPPINGS)
+    return parts[0] in _FIELDS or parts[0] in ("reducer", "_target_")
+
+
+def unknown_field(path: str) -> str:
+    """The refusal of ``hydra.launcher.<path>`` that names no field: the closest valid name, or all."""
+    parts = path.split(".")
+    reducer = parts[0] == "reducer" and len(parts) > 1
+    name = parts[1] if reducer else parts[0]
+    names = list(_REDUCER) if reducer else [*_FIELDS, "reducer"]
+    prefix = "hydra.launcher." + ("reducer." if reducer else "")
+    guess = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    hint = (f"did you mean {prefix}{guess[0]}?" if guess else
+            f"the fields of {prefix.rstrip('.')} are: {', '.join(names)}.")
+    return (f"hydra.launcher.{path} is not a field of the SLURM launcher: {hint} (every field: docs/slurm.md, "
+            f"'Presets and fields'; any other sbatch option goes in {prefix}additional_parameters)")
 
 
 def sbatch_options(params: Mapping[str, Any], *, reducer: bool = False) -> dict[str, Any]:

@@ -79,12 +79,22 @@ def _gpu_visible() -> bool:
     return Path("/dev/nvidia0").exists()
 
 
-class Mps:
-    """An MPS control daemon for this job (start/stop), and what happened, for run.json."""
+def _device(cfg: Any) -> str:
+    """A run's ``train.device`` (plain data or a DictConfig); ``auto`` when unset."""
+    train = cfg.get("train") if hasattr(cfg, "get") else None
+    return str(train.get("device", "auto") if train is not None else "auto")
 
-    def __init__(self, mode: str, k: int) -> None:
+
+class Mps:
+    """An MPS control daemon for this job (start/stop), and what happened, for run.json.
+
+    ``gpu``: whether the task's runs compute on a GPU (None: whether one is visible). Without one
+    there is nothing to share (mps=auto starts nothing and says so; mps=true still insists)."""
+
+    def __init__(self, mode: str, k: int, gpu: bool | None = None) -> None:
         self.mode = mode
         self.k = k
+        self.gpu = gpu
         self.ran = False
         self.reason = ""
         self.base: Path | None = None
@@ -93,6 +103,12 @@ class Mps:
     def start(self) -> None:
         if self.mode == "false" or self.k < 2:
             self.reason = "off (mps=false)" if self.mode == "false" else "not needed (one run per task)"
+            return
+        gpu = _gpu_visible() if self.gpu is None else self.gpu
+        if not gpu and self.mode == "auto":
+            self.reason = ("not needed (no GPU visible: the runs train on CPU)" if not _gpu_visible() else
+                           "not needed (the runs train on CPU: train.device=cpu)")
+            log(f"MPS {self.reason}; the {self.k} runs share the task's CPUs")
             return
         exe = shutil.which(MPS_CONTROL)
         why = (f"{MPS_CONTROL} not on PATH" if exe is None else "no GPU visible" if not _gpu_visible() else "")
@@ -200,11 +216,16 @@ class PackJob:
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
         shares = split_cpus(cpus, k)
         threads = threads_for(0, cpus=len(cpus), runs_per_task=k)  # each run's torch pool when its train.threads=0
-        mps = Mps(self.mps, k)
-        mps.start()
+        gpu = _gpu_visible() and any(not _device(j.cfg).startswith("cpu") for j in self.jobs)
+        mps = Mps(self.mps, k, gpu=gpu)
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold CUDA or threads
         conns: list[Connection] = []
-        log(f"task {job_label()}: {k} runs at once on cpus {cpus}: {', '.join(self.run_ids)}")
+        shared = len(cpus) < k
+        sharing = (f"the {k} runs share all {len(cpus)}, taking turns" if shared else
+                   f"{len(shares[0])} each")
+        log(f"task {job_label()}: {k} runs at once on cpus {cpus} ({sharing}; {threads} thread(s) per run where "
+            f"train.threads=0): {', '.join(self.run_ids)}")
+        mps.start()
         try:
             # signals stay blocked while a run starts: one arriving before its handlers exist would
             # kill it (the default action); it is delivered once the run unblocks them
@@ -212,8 +233,8 @@ class PackJob:
             try:
                 for slot, (job, share) in enumerate(zip(self.jobs, shares)):
                     recv, send = ctx.Pipe(duplex=False)
-                    packing = {"k": k, "slot": slot, "job": job_label(), "cpus": share, "mps": mps.record(),
-                               "runs": self.run_ids}
+                    packing = {"k": k, "slot": slot, "job": job_label(), "cpus": share, "cpus_shared": shared,
+                               "mps": mps.record(), "runs": self.run_ids}
                     p = ctx.Process(target=_child, args=(job, share, threads, packing, send),
                                     name=f"nondet-run-{slot}")
                     p.start()
@@ -260,6 +281,10 @@ class PackJob:
                                f"{[j.run_id for j, o in zip(self.jobs, outcomes) if o[0] == 'preempted']}")
         if failed:
             lines = "; ".join(f"{rid}: {err}" for rid, err in failed)
-            raise RuntimeError(f"{len(failed)} of {len(self.jobs)} runs of this task failed ({lines}); "
-                               "the others finished (DONE)")
+            finished = [j.run_id for j, o in zip(self.jobs, outcomes) if o[0] == "done"]
+            k = len(self.jobs)
+            head = f"all {k} runs of this task failed" if len(failed) == k else f"{len(failed)} of {k} runs of this task failed"
+            tail = (f"the other {len(finished)} finished (DONE): {', '.join(finished)}" if finished else
+                    "none of them finished")
+            raise RuntimeError(f"{head} ({lines}); {tail}")
         return [o[1] for o in outcomes]

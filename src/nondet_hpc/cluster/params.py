@@ -14,8 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import ConfigError
+from ..config import ConfigError, threads_for
 from . import fields
+
 #: sbatch options (ours or in additional_parameters) that give a job a GPU
 GPU_OPTIONS = ("gres", "gpus", "gpus_per_node", "gpus_per_task", "gpus-per-node", "gpus-per-task", "G")
 
@@ -31,6 +32,8 @@ def normalize(params: Mapping[str, Any], sweep_dir: str | Path) -> dict[str, Any
     Raises ConfigError (what was wrong, what is valid, what to do) on a conflict.
     """
     p = dict(params)
+    _check_names(p)
+    _check_values(p)
     for alias, ours in fields.ALIASES.items():
         value = p.pop(alias, None)
         if value is None:
@@ -59,6 +62,57 @@ def normalize(params: Mapping[str, Any], sweep_dir: str | Path) -> dict[str, Any
             f"hydra.launcher: {given}: sbatch accepts only one of --mem (mem_gb), --mem-per-cpu "
             f"(mem_per_cpu) and --mem-per-gpu (mem_per_gpu). Keep one, set the others to null.")
     return p
+
+
+#: why a value below a field's minimum is refused, where more than "at least N" helps
+WHY_MINIMUM = {
+    "timeout_min": "the time limit in minutes; sbatch reads --time=0 as no limit at all, so a run would hold its "
+                   "allocation without bound and never get the warning that checkpoints and requeues it. Give a "
+                   "limit, e.g. hydra.launcher.timeout_min=60: longer runs requeue and resume from their checkpoint",
+    "cpus_per_task": "a task needs at least one CPU",
+    "runs_per_task": "the number of runs each array task trains at once (default 1)",
+}
+
+
+def _check_names(p: Mapping[str, Any]) -> None:
+    """Every key a field: ``+hydra.launcher.partiton=debug`` gets past Hydra's schema, not past this."""
+    for key in p:
+        if not fields.is_field(key):
+            raise ConfigError(fields.unknown_field(key))
+    for key in dict(p.get("reducer") or {}):
+        if not fields.is_field(f"reducer.{key}"):
+            raise ConfigError(fields.unknown_field(f"reducer.{key}"))
+
+
+def _check_values(p: Mapping[str, Any]) -> None:
+    """Numbers within their field's bounds, and a time-limit warning that comes before the limit."""
+    for node, declared, prefix in ((p, fields.FIELDS, "hydra.launcher."),
+                                   (dict(p.get("reducer") or {}), fields.REDUCER_FIELDS, "hydra.launcher.reducer.")):
+        for f in declared:
+            value = node.get(f.name)
+            if f.minimum is None or value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < f.minimum:
+                raise ConfigError(f"{prefix}{f.name}={value!r} is invalid: it must be a number >= {f.minimum:g} "
+                                  f"({WHY_MINIMUM.get(f.name, f.doc)}).")
+    delay, limit = fields.value(p, "signal_delay_s"), fields.value(p, "timeout_min")
+    if delay >= limit * 60:
+        raise ConfigError(
+            f"hydra.launcher.signal_delay_s={delay} is not below the time limit (timeout_min={limit}, {limit * 60} s): "
+            f"SLURM would send the checkpoint-and-requeue warning (USR2) as each run starts, and the run would requeue "
+            f"until max_requeue without training. Lower signal_delay_s (e.g. {limit * 60 // 2}) or raise timeout_min.")
+
+
+def cpu_sharing(params: Mapping[str, Any]) -> str | None:
+    """What a task with more runs than CPUs does with them (the launcher prints it, sweep.json records
+    it); None when each run has CPUs of its own."""
+    k, cpus = int(fields.value(params, "runs_per_task")), int(fields.value(params, "cpus_per_task"))
+    if k <= cpus:
+        return None
+    return (f"runs_per_task={k} > cpus_per_task={cpus}: the {k} runs of a task share its {cpus} CPU(s), taking "
+            f"turns (slower, not different: a run's results depend on its thread count, not on its neighbours); "
+            f"with train.threads=0 each run computes with {threads_for(0, cpus=cpus, runs_per_task=k)} thread(s), "
+            f"the count in its run id and run.json. For a CPU per run set hydra.launcher.cpus_per_task={k}.")
 
 
 def requests_gpu(params: Mapping[str, Any]) -> bool:

@@ -8,38 +8,25 @@ holding them must be private: submitit unpickles them with full pickle on the no
 
 from __future__ import annotations
 
-import shlex
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .. import safeio
 from ..sweep.identity import PlannedRun
 from . import fields
-from .client import SubmissionError
 from .jobs import RunJob
 from .pack import PackJob
 
 TEMPORARY = ".tmp_*.pkl"  # a job pickle before SLURM gave its job an id
 
 
-def private_folder(folder: Path, echo: Callable[[str], None]) -> None:
-    """The job pickles' folder: created 0o700; refused when anyone may write it.
-
-    submitit's job side unpickles ``<job id>_submitted.pkl`` from it with full pickle, so whoever
-    can write there can run code as the job's user (docs/slurm.md, "Sharing a sweep folder").
-    """
+def private_folder(folder: Path) -> None:
+    """The job pickles' folder, made 0o700 when missing. submitit's job side unpickles
+    ``<job id>_submitted.pkl`` from it with full pickle, so nobody else may write it: the launcher
+    checks that before it submits (:func:`nondet_hpc.sweep.trust.check_sweep_folder`)."""
     if not folder.exists():
         folder.mkdir(parents=True, mode=0o700)
-        return
-    mode = folder.stat().st_mode
-    if mode & 0o002:
-        raise SubmissionError(
-            f"{folder} is world-writable (mode {mode & 0o777:o}): anyone on the cluster could plant a job pickle "
-            f"there and run code as you when the job starts. Make it private (chmod 700 {shlex.quote(str(folder))}, "
-            f"or chmod 750 to let your group read the logs) and rerun.")
-    if mode & 0o020:
-        echo(f"nondet_hpc: warning: {folder} is group-writable (mode {mode & 0o777:o}): every member of its group "
-             f"can run code as you through the job pickles there (chmod g-w {shlex.quote(str(folder))} to stop it).")
 
 
 def task_job(params: Mapping[str, Any], runs: Sequence[PlannedRun]) -> Callable[[], Any]:
@@ -53,16 +40,23 @@ def task_job(params: Mapping[str, Any], runs: Sequence[PlannedRun]) -> Callable[
     return PackJob(jobs, mps=str(fields.value(params, "mps")), max_requeue=max_requeue)
 
 
-def pickle_job(folder: Path, fn: Callable[[], Any], timeout_min: int, max_requeue: int) -> Path:
+def temporary(folder: Path, name: str) -> Path:
+    """A job pickle's name before SLURM gave its job an id (``name``: its submission token, and
+    ``_i`` for task i of an array)."""
+    return folder / TEMPORARY.replace("*", name)
+
+
+def pickle_job(folder: Path, fn: Callable[[], Any], timeout_min: int, max_requeue: int,
+               name: str | None = None) -> Path:
     """Pickle a job for submitit's job side under a temporary name (renamed once SLURM gave an id)."""
     import cloudpickle  # submitit's pickler (by reference for importable classes)
     from submitit.core.utils import DelayedSubmission
 
-    tmp = folder / TEMPORARY.replace("*", uuid.uuid4().hex)
+    tmp = temporary(folder, name or uuid.uuid4().hex)
     ds = DelayedSubmission(fn)
     ds.set_timeout(timeout_min, max_requeue)
-    with tmp.open("wb") as f:
-        cloudpickle.dump(ds, f)
+    # never through a link planted in the folder (it is private, but checked again at each write)
+    safeio.atomic_write(tmp, lambda f: cloudpickle.dump(ds, f), root=folder)
     return tmp
 
 
@@ -73,7 +67,17 @@ def job_pickle_path(folder: Path, job_id: str) -> Path:
     return JobPaths(folder, job_id=job_id).submitted_pickle
 
 
-def discard_temporary(folder: Path) -> None:
-    """Remove the pickles of jobs sbatch refused (they never got an id)."""
-    for tmp in folder.glob(TEMPORARY):
+def adopt_pickles(folder: Path, token: str, job_id: str, n_tasks: int | None) -> None:
+    """The pickles written under a submission token get the names of the job SLURM queued:
+    ``<job id>_<i>`` for the ``n_tasks`` tasks of an array, ``<job id>`` for one job (None)."""
+    names = [(f"{token}_{i}", f"{job_id}_{i}") for i in range(n_tasks)] if n_tasks is not None else [(token, job_id)]
+    for tmp_name, jid in names:
+        tmp = temporary(folder, tmp_name)
+        if tmp.exists():
+            tmp.rename(job_pickle_path(folder, jid))
+
+
+def discard_pickles(folder: Path, token: str) -> None:
+    """Remove the pickles of a job that was not queued (they never got an id)."""
+    for tmp in [temporary(folder, token), *folder.glob(TEMPORARY.replace("*", f"{token}_*"))]:
         tmp.unlink(missing_ok=True)

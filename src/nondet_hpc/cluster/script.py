@@ -111,11 +111,17 @@ def render_script(options: Mapping[str, Any], *, folder: Path, command: str, set
 
 def sbatch_script(params: Mapping[str, Any], folder: Path, *, array_size: int | None = None,
                   parallelism: int | None = None, reducer: bool = False,
-                  dependency: str | None = None) -> str:
-    """The sbatch script of a training array (``array_size`` tasks) or of the reducer job."""
+                  dependency: str | None = None, token: str | None = None) -> str:
+    """The sbatch script of a training array (``array_size`` tasks) or of the reducer job.
+
+    ``token``: the submission token (:mod:`.tokens`), added to the job's comment (after the user's
+    own, from ``comment`` or ``additional_parameters``), so the job can be found by it when sbatch
+    answers too late."""
     options = reducer_options(params) if reducer else array_options(params)
     if dependency:
         options.setdefault("dependency", dependency)  # additional_parameters win, as for any option
+    if token:
+        options["comment"] = f"{options['comment']} {token}" if options.get("comment") else token
     array = (int(array_size), int(parallelism or array_size)) if array_size is not None else None
     return render_script(options, folder=folder, command=python_command(params, folder),
                          setup=list(params.get("setup") or []), use_srun=fields.value(params, "use_srun"),

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from .. import safeio
 from ..rundir import RUNS, is_done, list_runs, read_run_json
-from ..sweep.manifest import latest_job, load_manifest, now_iso
+from ..sweep.manifest import ManifestError, latest_job, load_manifest, now_iso, read_salvaged
 from .client import (ACTIVE_STATES, REQUEUE_STATES, RUNNING_STATES, JobInfo, SlurmError, current_user,
                      query_sacct, query_squeue)
 
@@ -66,6 +67,11 @@ def apply_heartbeat(st: RunStatus, hb: Mapping[str, Any], now: float, stale_s: f
     The ETA extrapolates the elapsed training time by the fraction done, minus the time since
     the heartbeat was written. ``stale_s``: note a heartbeat older than this.
     """
+    bad = [k for k in ("epoch", "epochs", "time", "elapsed_s", "step", "steps")
+           if hb.get(k) is not None and _number(hb.get(k)) is None]
+    if bad:  # one run's garbage names that run; the others' status is unaffected
+        st.note = "run.json heartbeat unreadable: " + ", ".join(f"{k}={hb.get(k)!r}"[:60] for k in bad)
+        hb = {k: v for k, v in hb.items() if k not in bad}
     st.epoch, st.epochs = hb.get("epoch"), hb.get("epochs")
     st.progress = heartbeat_progress(hb)
     if hb.get("time"):
@@ -80,16 +86,25 @@ def apply_heartbeat(st: RunStatus, hb: Mapping[str, Any], now: float, stale_s: f
         st.eta_s = eta if eta > 0 or st.progress >= 1 else None
 
 
-def _log_tail(path: Path, n: int) -> list[str]:
+def _number(v: Any) -> float | None:
+    """``v`` as a finite float, None when it is not a number (bool excluded)."""
+    if isinstance(v, bool):
+        return None
     try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read().decode(errors="replace")
-        return data.splitlines()[-n:]
-    except OSError:
-        return []
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _heartbeat(info: Mapping[str, Any]) -> dict:
+    hb = info.get("heartbeat")
+    return hb if isinstance(hb, dict) else {}
+
+
+def _log_tail(path: Path, n: int) -> list[str]:
+    """The last ``n`` lines of a log: a regular file only (safeio.tail: a FIFO there never blocks)."""
+    return safeio.tail(path).splitlines()[-n:]
 
 
 def task_logs(folder: str | os.PathLike, job_id: str) -> tuple[Path, Path]:
@@ -192,7 +207,7 @@ def _run_status(run_id: str, rec: Mapping, folders: Mapping[Any, Any], default_f
     if job and "slot" in job and not st.note:
         st.note = f"run {job['slot'] + 1} of the runs packed in task {job['job_id']}"
     if st.state == "running" or (st.state == "unknown" and st.run_state == "running"):
-        hb = info.get("heartbeat") or {}
+        hb = _heartbeat(info)
         apply_heartbeat(st, hb, now, stale_s)
         if not _heartbeat_of_this_attempt(info, hb):
             st.eta_s = None  # the previous attempt's heartbeat: the new one has not written its own
@@ -212,8 +227,10 @@ def _heartbeat_of_this_attempt(info: Mapping[str, Any], hb: Mapping[str, Any]) -
     ``state: running``) or the heartbeat predates the last resume."""
     if info.get("state") not in (None, "running"):
         return False
-    resumed = (info.get("resumed_from") or {}).get("time")
-    return not (resumed and hb.get("time") and float(hb["time"]) < float(resumed))
+    resumed = info.get("resumed_from")
+    resumed = _number(resumed.get("time")) if isinstance(resumed, dict) else None
+    beat = _number(hb.get("time"))
+    return not (resumed and beat and beat < resumed)
 
 
 def _reducer_status(manifest: Mapping, sweep_dir: Path, seen: _Slurm) -> dict | None:
@@ -242,10 +259,17 @@ def sweep_status(sweep_dir: str | os.PathLike, *, timeout: float | None = None, 
     and the run folder are used instead. Every SLURM command has a timeout.
     """
     sweep_dir = Path(sweep_dir).absolute()
-    manifest = load_manifest(sweep_dir)
+    damage: dict[str, str] = {}
+    try:
+        manifest = load_manifest(sweep_dir)
+    except ManifestError as e:  # status acts on what can be read, and says what could not
+        manifest, lost = read_salvaged(sweep_dir)
+        damage["sweep.json"] = _damage_note(e, manifest is not None)
     if manifest is None:
-        if (sweep_dir / RUNS).is_dir():
-            return _local_status(sweep_dir, stale_s)
+        if (sweep_dir / RUNS).is_dir() or damage:
+            out = _local_status(sweep_dir, stale_s)
+            out["errors"].update(damage)
+            return out
         raise FileNotFoundError(f"{sweep_dir} holds neither sweep.json (written by hydra/launcher=slurm) "
                                 "nor runs/: not a sweep folder")
     folders = {s["n"]: s.get("folder", str(sweep_dir / "slurm")) for s in manifest["submissions"]}
@@ -255,12 +279,19 @@ def sweep_status(sweep_dir: str | os.PathLike, *, timeout: float | None = None, 
     now = time.time()
     runs = [_run_status(run_id, rec, folders, sweep_dir / "slurm", seen, now, tail, stale_s)
             for run_id, rec in manifest["runs"].items()]
+    if damage and (sweep_dir / RUNS).is_dir():  # runs whose entries were left out: from their folders
+        named = set(manifest["runs"])
+        runs += [_folder_status(d, now, stale_s) for d in list_runs(sweep_dir) if d.name not in named]
     accounting = ("sacct" if seen.acct is not None else
                   "squeue+run folder" if seen.queue is not None else "run folder")
     return {"sweep_dir": str(sweep_dir), "time": now_iso(), "counts": _counts(runs),
             "runs": [dataclasses.asdict(r) for r in runs], "reducer": _reducer_status(manifest, sweep_dir, seen),
-            "submissions": len(manifest["submissions"]), "errors": seen.errors, "accounting": accounting,
-            "study": _study_summary(manifest.get("study"))}
+            "submissions": len(manifest["submissions"]), "errors": {**damage, **seen.errors}, "accounting": accounting,
+            "study": _study_summary(manifest.get("study")),
+            # sbatch calls that never answered (cluster/tokens.py): looked up by the next submission
+            "unanswered": [{"submission": s["n"], "kind": u["kind"], "token": u["token"], "time": u.get("time")}
+                           for s in manifest["submissions"] for u in s.get("unanswered", [])
+                           if u.get("outcome") == "unknown"]}
 
 
 def _study_summary(study: Mapping | None) -> dict | None:
@@ -272,28 +303,39 @@ def _study_summary(study: Mapping | None) -> dict | None:
     return out
 
 
+def _damage_note(e: ManifestError, salvaged: bool) -> str:
+    shown = "; ".join(e.problems[:6]) + (f"; and {len(e.problems) - 6} more" if len(e.problems) > 6 else "")
+    did = ("shown: the runs its readable entries name (their SLURM state), the other run folders from their "
+           "run.json; jobs of damaged entries are not asked" if salvaged else
+           "nothing of it can be used: shown from the run folders alone, SLURM not asked")
+    return f"damaged ({shown}); {did}. Repair or restore {e.path} (see docs/troubleshooting.md)"
+
+
+def _folder_status(run_dir: Path, now: float, stale_s: float) -> RunStatus:
+    """A run's state from its folder alone (DONE, run.json state and heartbeat)."""
+    info = read_run_json(run_dir)[0] or {}
+    st = RunStatus(run_id=run_dir.name, run_dir=str(run_dir), state="unknown", run_state=str(info.get("state", "")))
+    hb = _heartbeat(info)
+    if is_done(run_dir):
+        st.state = "done"
+    elif st.run_state == "running":
+        age = now - (_number(hb.get("time")) or _number(info.get("updated")) or 0.0)
+        st.state = "running" if age < stale_s else "failed"
+        if st.state == "failed":
+            st.note = f"run.json says running but nothing was written for {age / 60:.0f} min"
+    elif st.run_state in ("failed", "preempted"):
+        st.state = "failed"
+        st.note = "preempted: rerunning the sweep resumes it" if st.run_state == "preempted" else ""
+        st.error = str(info.get("error", ""))[:2000]
+    if st.state == "running":
+        apply_heartbeat(st, hb, now)  # staleness was judged above: a stale run is failed here
+    return st
+
+
 def _local_status(sweep_dir: Path, stale_s: float) -> dict:
     """Status of a sweep folder without sweep.json (local launcher): from the run folders only."""
     now = time.time()
-    runs = []
-    for run_dir in list_runs(sweep_dir):
-        info = read_run_json(run_dir)[0] or {}
-        st = RunStatus(run_id=run_dir.name, run_dir=str(run_dir), state="unknown", run_state=str(info.get("state", "")))
-        hb = info.get("heartbeat") or {}
-        if is_done(run_dir):
-            st.state = "done"
-        elif st.run_state == "running":
-            age = now - float(hb.get("time") or info.get("updated") or 0)
-            st.state = "running" if age < stale_s else "failed"
-            if st.state == "failed":
-                st.note = f"run.json says running but nothing was written for {age / 60:.0f} min"
-        elif st.run_state in ("failed", "preempted"):
-            st.state = "failed"
-            st.note = "preempted: rerunning the sweep resumes it" if st.run_state == "preempted" else ""
-            st.error = str(info.get("error", ""))[:2000]
-        if st.state == "running":
-            apply_heartbeat(st, hb, now)  # staleness was judged above: a stale run is failed here
-        runs.append(st)
+    runs = [_folder_status(d, now, stale_s) for d in list_runs(sweep_dir)] if (sweep_dir / RUNS).is_dir() else []
     return {"sweep_dir": str(sweep_dir), "time": now_iso(), "counts": _counts(runs),
             "runs": [dataclasses.asdict(r) for r in runs], "reducer": None, "submissions": 0,
             "errors": {}, "accounting": "run folders (no sweep.json: not a SLURM sweep)"}

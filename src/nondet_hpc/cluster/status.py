@@ -52,7 +52,7 @@ def format_status(st: dict, *, show_done: bool = True, tail: bool = True) -> str
     counts = "  ".join(f"{k} {c[k]}" for k in STATES if c.get(k) or k in ("pending", "running", "done", "failed"))
     lines = [head, f"  {sum(c.values())} runs:  {counts}"]
     for cmd, err in st.get("errors", {}).items():
-        lines.append(f"  note: {cmd} unavailable: {err}")
+        lines.append(f"  note: {cmd} {err}" if cmd == "sweep.json" else f"  note: {cmd} unavailable: {err}")
     if st.get("study"):
         lines += ["  " + line for line in waves.describe(st["study"])]
     runs = sorted(st["runs"], key=lambda r: (ORDER.get(r["state"], 9), r["run_id"]))
@@ -84,6 +84,10 @@ def format_status(st: dict, *, show_done: bool = True, tail: bool = True) -> str
                 lines.append("      no log: the task never started")
             for t in r.get("log_tail") or []:
                 lines.append(f"      | {t[:200]}")
+    for u in st.get("unanswered") or []:
+        lines.append(f"  sbatch of the {u['kind']} of submission {u['submission']} never answered: whether it was "
+                     f"queued is unknown (its job's comment holds {u['token']}); the next run of the sweep command "
+                     "looks it up before it submits anything")
     red = st.get("reducer")
     if red:
         report = "written" if red["report_exists"] else "not written yet"

@@ -4,7 +4,11 @@ The Hydra launcher (hydra_plugins.nondet_hpc_launcher) composes one config per r
 :func:`submit_sweep`, which returns as soon as sbatch has accepted the jobs; nothing here waits
 for a job. sweep.json (:mod:`nondet_hpc.sweep.manifest`) is written before the first sbatch and
 after every step, so a refusal half-way leaves a record of what was queued. Success of a run is
-its DONE file, never SLURM's exit state. The job pickles are written by :mod:`.pickles`.
+its DONE file, never SLURM's exit state. The job pickles are written by :mod:`.pickles`, the
+sbatch calls made by :mod:`.arrays`, each identifiable by its submission token (:mod:`.tokens`:
+an sbatch that answers late is looked up, never lost, and a rerun looks up what never answered
+before it submits anything). Nothing is submitted into a folder others could write
+(:mod:`nondet_hpc.sweep.trust`), and arrays queued without their reducer get one.
 """
 
 from __future__ import annotations
@@ -20,14 +24,16 @@ from typing import Any, Callable, Mapping, Sequence
 from ..rundir import is_done
 from ..sweep.identity import PlannedRun, check_compatible, manifest_from_runs, varying_keys
 from ..sweep.manifest import (jsonable, latest_job, load_manifest, manifest_path, new_manifest, now_iso,
-                              submission_folders, sweep_lock, write_manifest)
+                              submission_folders, sweep_lock)
+from ..sweep.trust import check_sweep_folder, owner_only_umask
 from . import fields
-from .client import (ACTIVE_STATES, DEFAULT_TIMEOUT_S, JobInfo, SlurmError, SubmissionError, current_user,
-                     max_array_size, query_squeue, require_sbatch, run_command, sbatch, submit_limit)
-from .jobs import ReduceJob
+from .arrays import Launch, check_reducer_place, submit_arrays, submit_reducer
+from .client import ACTIVE_STATES, DEFAULT_TIMEOUT_S, SubmissionError, current_user, query_squeue, require_sbatch, \
+    submit_limit
 from .pack import check_packing
-from .pickles import discard_temporary, job_pickle_path, pickle_job, private_folder, task_job
-from .script import sbatch_script
+from .params import cpu_sharing
+from .pickles import private_folder
+from .tokens import resolve, unanswered
 
 
 @dataclasses.dataclass
@@ -42,34 +48,13 @@ class SubmissionResult:
     reducer: dict | None
     duplicates: list[str] = dataclasses.field(default_factory=list)
     superseded: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # late answers found, CPU sharing, ...
 
     def job_ids(self) -> list[str]:
         ids = [a["job_id"] for a in self.arrays]
         if self.reducer:
             ids.append(self.reducer["job_id"])
         return ids
-
-
-@dataclasses.dataclass
-class _Launch:
-    """One call of submit_sweep: the folder, settings and the manifest being written."""
-
-    sweep_dir: Path
-    params: dict[str, Any]
-    folder: Path  # submitit folder: scripts, pickles, logs
-    timeout: float
-    user: str
-    manifest: dict
-    queue: dict[str, JobInfo] = dataclasses.field(default_factory=dict)
-    record: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def save(self) -> None:
-        write_manifest(self.sweep_dir, self.manifest)
-
-
-def chunks(n: int, size: int) -> list[tuple[int, int]]:
-    """(offset, size) of the arrays that hold ``n`` runs, at most ``size`` per array."""
-    return [(o, min(size, n - o)) for o in range(0, n, size)]
 
 
 def _unique(planned: Sequence[PlannedRun]) -> tuple[list[PlannedRun], list[str]]:
@@ -84,7 +69,7 @@ def _unique(planned: Sequence[PlannedRun]) -> tuple[list[PlannedRun], list[str]]
     return list(unique.values()), duplicates
 
 
-def _triage(launch: _Launch, runs: list[PlannedRun]) -> tuple[list[PlannedRun], list[PlannedRun], list[PlannedRun]]:
+def _triage(launch: Launch, runs: list[PlannedRun]) -> tuple[list[PlannedRun], list[PlannedRun], list[PlannedRun]]:
     """Split into done, queued/running (a job of ours SLURM still lists) and to do."""
     manifest = launch.manifest
     recorded = [latest_job(manifest["runs"].get(r.run_id)) for r in runs]
@@ -126,11 +111,14 @@ def nothing_to_submit(sweep_dir: str | os.PathLike, runs: Sequence[KnownRun],
         manifest = load_manifest(sweep_dir)
         if manifest is None:
             return None
-        launch = _Launch(sweep_dir, dict(params), _submitit_folder(sweep_dir, params),
-                         float(params.get("command_timeout_s") or DEFAULT_TIMEOUT_S), current_user(), manifest)
+        launch = Launch(sweep_dir, dict(params), _submitit_folder(sweep_dir, params),
+                        float(params.get("command_timeout_s") or DEFAULT_TIMEOUT_S), current_user(), manifest)
+        if unanswered(manifest):
+            return None  # an sbatch call to look up first: the full path does
         done, active, todo = _triage(launch, unique)  # type: ignore[arg-type] - KnownRun has what it reads
-    if todo:
-        return None
+        want_reducer = bool(fields.value(dict(params.get("reducer") or {}), "enabled", reducer=True))
+        if todo or _reducer_missing(launch, want_reducer):
+            return None
     return SubmissionResult(sweep_dir, None, [], [r.run_id for r in done], [r.run_id for r in active], [], [], None,
                             duplicates)
 
@@ -139,7 +127,7 @@ def _submitit_folder(sweep_dir: Path, params: Mapping[str, Any]) -> Path:
     return Path(str(params.get("submitit_folder") or sweep_dir / "slurm")).absolute()
 
 
-def _within_submit_limit(launch: _Launch, todo: list[PlannedRun],
+def _within_submit_limit(launch: Launch, todo: list[PlannedRun],
                          want_reducer: bool) -> tuple[list[PlannedRun], list[PlannedRun]]:
     """(what fits under the user's MaxSubmitJobs, what does not); refuses when nothing fits."""
     if not todo:
@@ -160,7 +148,7 @@ def _within_submit_limit(launch: _Launch, todo: list[PlannedRun],
     return todo[:room], todo[room:]
 
 
-def _new_record(launch: _Launch, runs: list[PlannedRun], todo: list[PlannedRun], skipped: dict[str, list[str]],
+def _new_record(launch: Launch, runs: list[PlannedRun], todo: list[PlannedRun], skipped: dict[str, list[str]],
                 argv: Sequence[str] | None) -> dict[str, Any]:
     """The submission record appended to sweep.json before anything is queued."""
     flats = [r.flat for r in runs]
@@ -190,124 +178,40 @@ def _record_runs(manifest: dict, runs: list[PlannedRun]) -> None:
             rec.pop("plan_key", None)
 
 
-def _fail(launch: _Launch, status: str, error: str) -> None:
-    launch.record["status"] = status
-    launch.record["error"] = error
-    launch.save()
+def _reducer_missing(launch: Launch, want_reducer: bool) -> bool:
+    """Arrays of this sweep still queued or running and no reducer job of it behind them (its sbatch
+    failed or never answered): the reducer must follow its arrays, so one is queued now."""
+    if not want_reducer:
+        return False
+    arrays, reducers = set(), set()
+    for s in launch.manifest["submissions"]:
+        arrays |= {(a["job_id"], s.get("folder")) for a in s.get("arrays", [])}
+        if s.get("reducer"):
+            reducers.add((s["reducer"]["job_id"], s.get("folder")))
+    alive = [(k.split("_")[0], j) for k, j in launch.queue.items() if j.state in ACTIVE_STATES]
+    return (any(j.belongs_to(f) for a, f in arrays for k, j in alive if k == a)
+            and not any(j.belongs_to(f) for r, f in reducers for k, j in alive if k == r))
 
 
-def _check_reducer_place(launch: _Launch) -> None:
-    """A reducer bound for another partition/account/qos is checked by SLURM (sbatch --test-only)
-    before any array is queued, so a typo there never leaves arrays without their reducer."""
-    p, r = launch.params, dict(launch.params.get("reducer") or {})
-    if not any((r.get(k) or p.get(k)) != p.get(k) for k in ("partition", "account", "qos")):
-        return
-    script_path = launch.folder / f"sub{launch.record['n']:03d}_reduce.sh"
-    script_path.write_text(sbatch_script(p, launch.folder, reducer=True))
-    try:
-        sbatch(script_path, launch.timeout, test_only=True)
-    except SlurmError as e:
-        _fail(launch, "failed", f"reducer job: {e}")
-        raise SubmissionError(f"reducer job (hydra.launcher.reducer.*): {e}") from None
+def _open(sweep_dir: Path, params: Mapping[str, Any], manifest: dict) -> Launch:
+    """A Launch of this folder; sbatch calls of earlier launches whose answer never came are
+    looked up first (:func:`.tokens.resolve`) and what was found is recorded."""
+    launch = Launch(sweep_dir, dict(params), _submitit_folder(sweep_dir, params),
+                    float(params.get("command_timeout_s") or DEFAULT_TIMEOUT_S), current_user(), manifest)
+    found = resolve(manifest, launch.user, launch.timeout)
+    if found:
+        launch.notes += found
+        launch.save()
+    return launch
 
 
-def _submit_array(launch: _Launch, c: int, runs: list[PlannedRun], offset: int, parallelism: int | None,
-                  dependency: str | None) -> dict:
-    """Write one array's script and pickles, sbatch it, record its tasks in the manifest.
-
-    Task i holds ``runs[i*K:(i+1)*K]`` (K = runs_per_task; the last task may hold fewer)."""
-    p, folder, sub_n = launch.params, launch.folder, launch.record["n"]
-    k = int(p.get("runs_per_task") or 1)
-    tasks = [runs[i:i + k] for i in range(0, len(runs), k)]
-    script_path = folder / f"sub{sub_n:03d}_array{c:02d}.sh"
-    script_path.write_text(sbatch_script(p, folder, array_size=len(tasks), parallelism=parallelism,
-                                         dependency=dependency))
-    max_requeue, timeout_min = int(fields.value(p, "max_requeue")), int(fields.value(p, "timeout_min"))
-    tmp_pickles = [pickle_job(folder, task_job(p, task), timeout_min, max_requeue) for task in tasks]
-    array_id = sbatch(script_path, launch.timeout)
-    for i, tmp in enumerate(tmp_pickles):
-        tmp.rename(job_pickle_path(folder, f"{array_id}_{i}"))
-    arr = {"job_id": array_id, "offset": offset, "size": len(tasks), "parallelism": parallelism or len(tasks),
-           "dependency": dependency, "script": str(script_path), "command": f"sbatch --parsable {script_path}",
-           "runs_per_task": k, "n_runs": len(runs), "tasks": [[r.run_id for r in task] for task in tasks]}
-    launch.record["arrays"].append(arr)
-    for i, task in enumerate(tasks):
-        for slot, run in enumerate(task):
-            job = {"submission": sub_n, "job_id": f"{array_id}_{i}", "array_job_id": array_id, "index": i}
-            if k > 1:
-                job["slot"] = slot  # the task's K runs share its job id
-            launch.manifest["runs"][run.run_id]["jobs"].append(job)
-    launch.save()
-    return arr
-
-
-def _submit_arrays(launch: _Launch, todo: list[PlannedRun], result: SubmissionResult,
-                   echo: Callable[[str], None]) -> None:
-    """Chunk to MaxArraySize; with array_parallelism the chunks run one after another (afterany),
-    so the cap holds for the whole sweep."""
-    size = int(launch.params.get("max_array_size") or max_array_size(launch.timeout))
-    k = int(launch.params.get("runs_per_task") or 1)
-    # MaxArraySize counts tasks; each task holds k runs
-    parts = [(o * k, min(n * k, len(todo) - o * k)) for o, n in chunks(-(-len(todo) // k), max(1, size))]
-    par = launch.params.get("array_parallelism")
-    par = int(par) if par else None
-    chain = par is not None and len(parts) > 1 and par < -(-len(todo) // k)
-    prev_array = None
-    try:
-        for c, (offset, n) in enumerate(parts):
-            dependency = f"afterany:{prev_array}" if chain and prev_array else None
-            arr = _submit_array(launch, c, todo[offset:offset + n], offset, par, dependency)
-            result.arrays.append(arr)
-            result.submitted += [r.run_id for r in todo[offset:offset + n]]
-            prev_array = arr["job_id"]
-    except SlurmError as e:
-        discard_temporary(launch.folder)
-        _fail(launch, "failed" if not launch.record["arrays"] else "partial", str(e))
-        if launch.record["arrays"]:
-            echo(f"nondet_hpc: submitted {len(result.submitted)} runs before SLURM refused the rest; "
-                 "no reducer job queued.")
-        raise
-
-
-def _reducer_dependency(launch: _Launch) -> tuple[str, list[str]]:
-    """afterany on this submission's arrays and on the still-queued arrays of earlier ones; and the
-    pending reducers of earlier submissions, which the new one supersedes."""
-    deps = [a["job_id"] for a in launch.record["arrays"]]
-    earlier_reducers = []
-    for s in launch.manifest["submissions"][:-1]:
-        for a in s.get("arrays", []):
-            if any(k.split("_")[0] == a["job_id"] and j.state in ACTIVE_STATES and j.belongs_to(s.get("folder"))
-                   for k, j in launch.queue.items()):
-                deps.append(a["job_id"])
-        red = s.get("reducer") or {}
-        rq = launch.queue.get(red.get("job_id", ""))
-        if rq and rq.state == "PENDING" and rq.belongs_to(s.get("folder")):
-            earlier_reducers.append(red["job_id"])
-    # no array left to wait for (a reducer-only submission after them all): no dependency
-    return ("afterany:" + ":".join(dict.fromkeys(deps))) if deps else "", earlier_reducers
-
-
-def _submit_reducer(launch: _Launch, result: SubmissionResult) -> None:
-    dependency, earlier_reducers = _reducer_dependency(launch)
-    script_path = launch.folder / f"sub{launch.record['n']:03d}_reduce.sh"
-    script_path.write_text(sbatch_script(launch.params, launch.folder, reducer=True, dependency=dependency))
-    timeout_min = int(fields.value(dict(launch.params.get("reducer") or {}), "timeout_min", reducer=True))
-    tmp = pickle_job(launch.folder, ReduceJob(str(launch.sweep_dir)), timeout_min, 0)
-    try:
-        red_id = sbatch(script_path, launch.timeout)
-    except SlurmError as e:
-        tmp.unlink(missing_ok=True)
-        _fail(launch, "partial", f"reducer job: {e}")
-        raise
-    tmp.rename(job_pickle_path(launch.folder, red_id))
-    launch.record["reducer"] = {"job_id": red_id, "dependency": dependency, "script": str(script_path),
-                                "command": f"sbatch --parsable {script_path}"}
-    result.reducer = launch.record["reducer"]
-    if earlier_reducers:
-        # superseded: the new reducer waits for everything the old ones waited for
-        run_command(["scancel", *earlier_reducers], launch.timeout)
-        launch.record["superseded_reducers"] = earlier_reducers
-        result.superseded = earlier_reducers
+def _checked_folder(sweep_dir: str | os.PathLike, params: Mapping[str, Any]) -> Path:
+    """The sweep folder (made when missing), refused when others could change what its jobs run."""
+    sweep_dir = Path(sweep_dir).absolute()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    check_sweep_folder(sweep_dir, _submitit_folder(sweep_dir, params),
+                       trust_group=bool(fields.value(params, "trust_group")))
+    return sweep_dir
 
 
 def submit_sweep(sweep_dir: str | os.PathLike, planned: Sequence[PlannedRun], params: Mapping[str, Any],
@@ -315,50 +219,75 @@ def submit_sweep(sweep_dir: str | os.PathLike, planned: Sequence[PlannedRun], pa
     """Submit the runs of a sweep that are neither done nor queued/running; record everything.
 
     ``params`` is the launcher config (see hydra_plugins.nondet_hpc_launcher.config). Returns
-    after sbatch has accepted the arrays and the reducer job; never waits for a job.
+    after sbatch has accepted the arrays and the reducer job; never waits for a job. Refused
+    (:class:`nondet_hpc.sweep.trust.TrustError`) before anything is read or queued when others
+    could change what the jobs run; what it creates is the user's alone (:func:`owner_only_umask`).
     """
     params = dict(params)
     params["runs_per_task"], params["mps"] = check_packing(params)
     require_sbatch()
-    sweep_dir = Path(sweep_dir).absolute()
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with owner_only_umask(bool(fields.value(params, "trust_group"))):
+        sweep_dir = _checked_folder(sweep_dir, params)
+        with sweep_lock(sweep_dir):
+            return _submit(sweep_dir, planned, params, argv, echo)
+
+
+def _submit(sweep_dir: Path, planned: Sequence[PlannedRun], params: dict[str, Any], argv: Sequence[str] | None,
+            echo: Callable[[str], None]) -> SubmissionResult:
     runs, duplicates = _unique(planned)
     want_reducer = bool(fields.value(dict(params.get("reducer") or {}), "enabled", reducer=True))
     run_keys, ignore_keys = list(params.get("run_keys") or []), list(params.get("ignore_keys") or [])
-    with sweep_lock(sweep_dir):
-        recorded = load_manifest(sweep_dir)
-        if recorded is None:
-            # no sweep.json: run folders of the local launcher follow the same rules (their run.json)
-            local = manifest_from_runs([r.run_dir.parent.parent for r in runs], ignore_keys)
-            if local:
-                check_compatible(local, runs, run_keys, ignore_keys)
-        launch = _Launch(sweep_dir, params, _submitit_folder(sweep_dir, params),
-                         float(params.get("command_timeout_s") or DEFAULT_TIMEOUT_S), current_user(),
-                         recorded or new_manifest(sweep_dir))
-        check_compatible(launch.manifest, runs, run_keys, ignore_keys)
-        done, active, todo = _triage(launch, runs)
-        todo, over_limit = _within_submit_limit(launch, todo, want_reducer)
-        skipped = {"done": [r.run_id for r in done], "active": [r.run_id for r in active],
-                   "over_limit": [r.run_id for r in over_limit], "duplicates": duplicates}
-        launch.record = _new_record(launch, runs, todo, skipped, argv)
-        _record_runs(launch.manifest, runs)
-        result = SubmissionResult(sweep_dir, None, [], skipped["done"], skipped["active"], skipped["over_limit"],
-                                  [], None, duplicates)
-        if not todo:
-            launch.save()  # runs recorded, no submission record
-            return result
-        private_folder(launch.folder, echo)  # before any record: a refusal leaves sweep.json as it was
-        launch.manifest["submissions"].append(launch.record)
-        launch.save()  # sweep.json exists before anything is submitted
-        result.submission = launch.record["n"]
-        if want_reducer:
-            _check_reducer_place(launch)
-        _submit_arrays(launch, todo, result, echo)
-        if want_reducer:
-            _submit_reducer(launch, result)
-        launch.record["status"] = "submitted"
-        launch.save()
+    recorded = load_manifest(sweep_dir)
+    if recorded is None:
+        # no sweep.json: run folders of the local launcher follow the same rules (their run.json)
+        local = manifest_from_runs([r.run_dir.parent.parent for r in runs], ignore_keys)
+        if local:
+            check_compatible(local, runs, run_keys, ignore_keys)
+    launch = _open(sweep_dir, params, recorded or new_manifest(sweep_dir))
+    check_compatible(launch.manifest, runs, run_keys, ignore_keys)
+    done, active, todo = _triage(launch, runs)
+    todo, over_limit = _within_submit_limit(launch, todo, want_reducer)
+    skipped = {"done": [r.run_id for r in done], "active": [r.run_id for r in active],
+               "over_limit": [r.run_id for r in over_limit], "duplicates": duplicates}
+    launch.record = _new_record(launch, runs, todo, skipped, argv)
+    _record_runs(launch.manifest, runs)
+    result = SubmissionResult(sweep_dir, None, [], skipped["done"], skipped["active"], skipped["over_limit"],
+                              [], None, duplicates, notes=launch.notes)
+    if not todo:
+        if _reducer_missing(launch, want_reducer):
+            _reducer_alone(launch, result)
+        launch.save()  # runs recorded, no submission record unless a reducer was missing
+        return result
+    sharing = cpu_sharing(params)
+    if sharing:
+        launch.record["cpu_sharing"] = sharing
+        launch.notes.append(f"note: {sharing}")
+    private_folder(launch.folder)
+    launch.manifest["submissions"].append(launch.record)
+    launch.save()  # sweep.json exists before anything is submitted
+    result.submission = launch.record["n"]
+    if want_reducer:
+        check_reducer_place(launch)
+    submit_arrays(launch, todo, result.submitted, result.arrays, echo)
+    if want_reducer:
+        result.reducer = submit_reducer(launch)
+        result.superseded = launch.record.get("superseded_reducers", [])
+    launch.record["status"] = "submitted"
+    launch.save()
     return result
+
+
+def _reducer_alone(launch: Launch, result: SubmissionResult) -> None:
+    """A submission of a reducer job and no runs (its record is ``launch.record``)."""
+    private_folder(launch.folder)
+    launch.record.update(runs=[], run_values={}, base_config={}, varying_keys=[])
+    launch.manifest["submissions"].append(launch.record)
+    launch.save()
+    result.submission = launch.record["n"]
+    result.reducer = submit_reducer(launch)
+    result.superseded = launch.record.get("superseded_reducers", [])
+    launch.record["status"] = "submitted"
+    launch.save()
 
 
 def submit_reducer_only(sweep_dir: str | os.PathLike, params: Mapping[str, Any], *,
@@ -368,27 +297,22 @@ def submit_reducer_only(sweep_dir: str | os.PathLike, params: Mapping[str, Any],
     It waits (afterany) for every array of the sweep SLURM still lists."""
     params = dict(params)
     require_sbatch()
-    sweep_dir = Path(sweep_dir).absolute()
-    with sweep_lock(sweep_dir):
-        recorded = load_manifest(sweep_dir)
-        if recorded is None:
-            return None
-        launch = _Launch(sweep_dir, params, _submitit_folder(sweep_dir, params),
-                         float(params.get("command_timeout_s") or DEFAULT_TIMEOUT_S), current_user(), recorded)
-        launch.queue = query_squeue(launch.user, launch.timeout)
-        for sub in recorded["submissions"]:
-            q = launch.queue.get((sub.get("reducer") or {}).get("job_id", ""))
-            if q and q.state in ACTIVE_STATES and q.belongs_to(sub.get("folder")):
+    with owner_only_umask(bool(fields.value(params, "trust_group"))):
+        sweep_dir = _checked_folder(sweep_dir, params)
+        with sweep_lock(sweep_dir):
+            recorded = load_manifest(sweep_dir)
+            if recorded is None:
                 return None
-        launch.record = _new_record(launch, [], [], {"done": [], "active": [], "over_limit": [], "duplicates": []},
-                                    argv)
-        private_folder(launch.folder, print)
-        launch.manifest["submissions"].append(launch.record)
-        launch.save()
-        result = SubmissionResult(sweep_dir, launch.record["n"], [], [], [], [], [], None)
-        _submit_reducer(launch, result)
-        launch.record["status"] = "submitted"
-        launch.save()
+            launch = _open(sweep_dir, params, recorded)
+            launch.queue = query_squeue(launch.user, launch.timeout)
+            for sub in recorded["submissions"]:
+                q = launch.queue.get((sub.get("reducer") or {}).get("job_id", ""))
+                if q and q.state in ACTIVE_STATES and q.belongs_to(sub.get("folder")):
+                    return None
+            launch.record = _new_record(launch, [], [], {"done": [], "active": [], "over_limit": [],
+                                                         "duplicates": []}, argv)
+            result = SubmissionResult(sweep_dir, None, [], [], [], [], [], None, notes=launch.notes)
+            _reducer_alone(launch, result)
     return result
 
 
@@ -400,6 +324,7 @@ def describe_submission(res: SubmissionResult, params: Mapping[str, Any]) -> str
              f"{len(res.active)} queued/running, {len(res.submitted)} submitted now"]
     if res.duplicates:
         lines.append(f"  {len(res.duplicates)} overrides named a run already in this sweep (ignored)")
+    lines += [f"  {note}" for note in res.notes]
     part = params.get("partition") or "(default partition)"
     for a in res.arrays:
         dep = f", after {a['dependency']}" if a.get("dependency") else ""

@@ -11,8 +11,9 @@ The torch side (run/data.py) turns an ``ImageArrays`` into its ``Dataset`` of te
 """
 
 from .common import ImageArrays
-from .folder import read_folder
+from .folder import folder_fingerprint, read_folder
 from .idx import find_mnist_folder, parse_idx, read_mnist
-from .npz import read_npz
+from .npz import npz_fingerprint, read_npz
 
-__all__ = ["ImageArrays", "find_mnist_folder", "parse_idx", "read_folder", "read_mnist", "read_npz"]
+__all__ = ["ImageArrays", "find_mnist_folder", "folder_fingerprint", "npz_fingerprint", "parse_idx", "read_folder",
+           "read_mnist", "read_npz"]

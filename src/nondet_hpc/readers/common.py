@@ -4,14 +4,12 @@ Data folders may be shared: a file there can be a symlink planted to make a read
 something else, a FIFO that blocks forever, or far larger than any dataset. ``open_regular``
 opens without following a final symlink and without blocking, then checks on the open
 descriptor (not the name, which could be swapped between a check and the open) that it is a
-regular file within the size limit.
+regular file within the size limit (:mod:`nondet_hpc.safeio`, the one home of that check).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -19,6 +17,7 @@ from typing import BinaryIO
 import numpy as np
 
 from ..config import ConfigError
+from ..safeio import RefusedFile, RegularFile
 
 #: Largest single file a reader opens by default (MNIST's biggest file is 47 MB unpacked).
 MAX_FILE_BYTES = 4 << 30
@@ -46,26 +45,23 @@ class ImageArrays:
 
 
 def open_regular(path: Path, max_bytes: int = MAX_FILE_BYTES) -> BinaryIO:
-    """``path`` opened for reading if it is a regular file (not a symlink) of at most ``max_bytes``."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    """``path`` opened for reading if it is a regular file (not a symlink) of at most ``max_bytes``
+    (checked by :class:`nondet_hpc.safeio.RegularFile`, on the open descriptor)."""
     try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist: check data.root (or the file name) and that the dataset "
-                          f"was copied completely.") from None
-    except OSError as e:  # ELOOP: a symlink; EACCES: permissions
-        raise ConfigError(f"{path} could not be opened ({e.strerror}): a dataset file must be a regular file "
-                          f"you can read, not a symlink; copy the real file there.") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise ConfigError(f"{path} is not a regular file (a folder, FIFO or device): replace it with the "
-                          f"dataset file.")
-    if st.st_size > max_bytes:
-        os.close(fd)
-        raise ConfigError(f"{path} is {st.st_size:,} bytes, over the limit of {max_bytes:,} for one dataset "
-                          f"file: check it is the right file, or raise the reader's size limit.")
-    return os.fdopen(fd, "rb")
+        with RegularFile(path, max_bytes) as f:
+            return f.fileobj()
+    except RefusedFile as e:
+        if e.why == "file missing":
+            raise ConfigError(f"{path} does not exist: check data.root (or the file name) and that the dataset "
+                              f"was copied completely.") from None
+        if e.why.startswith("is a symbolic link") or e.why.startswith("cannot be opened"):
+            raise ConfigError(f"{path} could not be opened ({e.why}): a dataset file must be a regular file you "
+                              f"can read, not a symlink; copy the real file there.") from None
+        if e.why.startswith("is ") and "bytes, more than" in e.why:
+            size = e.why.split(" bytes")[0][3:]
+            raise ConfigError(f"{path} is {size} bytes, over the limit of {max_bytes:,} for one dataset file: "
+                              f"check it is the right file, or raise the reader's size limit.") from None
+        raise ConfigError(f"{path} is not a regular file ({e.why}): replace it with the dataset file.") from None
 
 
 def sha256_of(f: BinaryIO) -> str:

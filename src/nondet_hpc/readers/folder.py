@@ -153,6 +153,28 @@ def _decode(items: list, size: tuple[int, int], channels: int, hashes: list) -> 
     return x, np.array([label for _, label in items], dtype=np.int64)
 
 
+def _manifest(root: Path, hashes: list) -> str:
+    """The folder's identity: SHA-256 over each file's path (relative to ROOT) and SHA-256."""
+    lines = "".join(f"{p.relative_to(root).as_posix()}\t{sha}\n" for p, sha in hashes)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def folder_fingerprint(root: str | Path) -> str:
+    """What ``read_folder(root).info["manifest_sha256"]`` will be, without decoding an image: the
+    layout is checked (classes, splits, links) and every listed file hashed. Cached in this process
+    by each file's (path, size, mtime), so a sweep of many runs hashes the folder once."""
+    root = Path(root).expanduser().resolve()
+    _, listing, _ = _listing(root)
+    files = [path for items in listing.values() for path, _ in items]
+    key = (str(root), *((str(p), st.st_size, st.st_mtime_ns) for p in files for st in [os.stat(p)]))
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = _manifest(root, [(p, read_bytes(p, MAX_IMAGE_FILE)[1]) for p in files])
+    return _FINGERPRINTS[key]
+
+
 def read_folder(root: str | Path, max_side: int = MAX_SIDE, max_bytes: int = MAX_BYTES) -> ImageArrays:
     """The folder's training and test images (see the module docstring for layout and limits)."""
     root = Path(root).expanduser().resolve()
@@ -166,8 +188,7 @@ def read_folder(root: str | Path, max_side: int = MAX_SIDE, max_bytes: int = MAX
                           f"machine has the memory.")
     hashes: list = []
     (xtr, ytr), (xte, yte) = (_decode(listing[s], size, channels, hashes) for s in ("train", "test"))
-    manifest = "".join(f"{p.relative_to(root).as_posix()}\t{sha}\n" for p, sha in hashes)
     mean, std = channel_stats(xtr)
     info = {"format": "folder", "folder": str(root), "n_files": len(hashes), "skipped_files": skipped,
-            "manifest_sha256": hashlib.sha256(manifest.encode()).hexdigest(), "mean": mean, "std": std}
+            "manifest_sha256": _manifest(root, hashes), "mean": mean, "std": std}
     return ImageArrays(xtr, ytr, xte, yte, class_names=names, info=info)

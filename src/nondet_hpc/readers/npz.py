@@ -14,6 +14,7 @@ is unpacked.
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -25,6 +26,21 @@ from .common import MAX_FILE_BYTES, ImageArrays, channel_stats, check_labels, ch
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 LAYOUTS = ("auto", "NHWC", "NCHW")
 _FIX = "Write the archive with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...) (docs: data=npz)."
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def npz_fingerprint(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> str:
+    """SHA-256 of the archive (what ``read_npz(path).info["files"][name]["sha256"]`` will be),
+    cached in this process by the file's (path, size, mtime, inode)."""
+    path = Path(path).expanduser()
+    with open_regular(path, max_bytes) as f:
+        st = os.fstat(f.fileno())
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key not in _FINGERPRINTS:
+            _FINGERPRINTS[key] = sha256_of(f)
+    return _FINGERPRINTS[key]
 
 
 def _to_nchw(x: np.ndarray, layout: str, where: str) -> np.ndarray:

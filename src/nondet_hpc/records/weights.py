@@ -32,7 +32,7 @@ from typing import Mapping
 import numpy as np
 import safetensors.numpy
 
-from .projection import Layout, fingerprint
+from .projection import Layout, fingerprint, tensor_digests
 from ..safeio import RefusedFile, RegularFile, write_bytes
 
 FORMAT = "nondet_hpc.weights"
@@ -183,6 +183,7 @@ class WeightsFile:
             raise
         self.layout = Layout.of((n, self.entries[n].shape) for n in self.param_names)
         self.offsets = self.layout.offsets
+        self.n_values = self.layout.n_values
         self.run_id, self.fingerprint_hex = self.meta.get("run_id", ""), self.meta.get("fingerprint", "")
 
     def __enter__(self) -> "WeightsFile":
@@ -204,6 +205,19 @@ class WeightsFile:
             out.append(np.frombuffer(self.file.pread(e.start + 4 * int(a), 4 * int(b - a)), dtype="<f4"))
             lo, k = off[k] + b, k + 1
         return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def check_parameters(self) -> None:
+        """Read the parameters tensor by tensor (memory: the largest tensor) and refuse the file
+        unless their fingerprint is the header's and every value is finite."""
+        digests = np.empty((len(self.param_names), 32), dtype=np.uint8)
+        for k in range(len(self.param_names)):
+            part = self.flat_range(int(self.offsets[k]), int(self.offsets[k + 1]))
+            if not np.isfinite(part).all():
+                raise RefusedFile(self.file.path, f"parameter {self.param_names[k]} holds NaN or inf (a diverged run)")
+            digests[k] = tensor_digests(Layout.of([(self.param_names[k], (part.size,))]), part)[0]
+        if fingerprint(self.layout, np.zeros(0, np.float32), digests).hex() != self.fingerprint_hex:
+            raise RefusedFile(self.file.path, "its parameters do not match the fingerprint in its header (corrupt "
+                                              "or edited)")
 
     def load(self, verify: bool = True) -> Weights:
         """Every tensor; ``verify``: the parameters' fingerprint must equal the recorded one."""

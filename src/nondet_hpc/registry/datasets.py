@@ -1,4 +1,5 @@
-"""Defaults of the datasets the readers in nondet_hpc/readers add (data=mnist | npz | folder).
+"""Every dataset a run can load (data=NAME), with its defaults; the readers in nondet_hpc/readers
+add mnist, npz and folder to the built-in digits, cifar10 and cifar100 (run/data.py).
 
 Torch-free declarations, one per dataset, in DataConfig's terms (nondet_hpc/config.py). ``None``
 means "from the data": the shape and the class count are read from the files (and checked against
@@ -13,6 +14,9 @@ standard deviation (readers put them in ``info["mean"]``/``info["std"]``; run.js
   Normalisation from the training split (grey or RGB alike). Their ImageNet pipeline (random
   resized crops to 224) is out of scope; for a folder of RGB photos, ImageNet's statistics
   (``IMAGENET_MEAN``/``IMAGENET_STD``, their ImageNet loader's) are the fixed alternative.
+
+conf/data/<name>.yaml holds the same values as the option Hydra composes (tests/test_datasets.py
+checks that they agree); ``--help``, README and docs/models.md list the datasets from here.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 @dataclass(frozen=True)
 class DatasetDefaults:
     name: str  # data=NAME
-    reader: str  # nondet_hpc.readers function that loads it
+    reader: Optional[str]  # nondet_hpc.readers function that loads it; None: built into run/data.py
     num_classes: Optional[int]  # None: from the data
     channels: Optional[int]  # None: from the data
     image_size: Optional[int]  # None: from the data (images are square or the config says otherwise)
@@ -38,6 +42,12 @@ class DatasetDefaults:
 
 
 DATASETS: dict[str, DatasetDefaults] = {d.name: d for d in (
+    DatasetDefaults("digits", None, 10, 1, 8, 1, True, (0.3053,), (0.3759,),
+                    "scikit-learn's 1,797 handwritten 8x8 digits, shipped in the wheel: the default, offline, CPU"),
+    DatasetDefaults("cifar10", None, 10, 3, 32, 4, True, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
+                    "CIFAR-10 (cifar-10-batches-py under data.root, md5-checked): the paper's dataset"),
+    DatasetDefaults("cifar100", None, 100, 3, 32, 4, True, (0.4914, 0.4822, 0.4465),
+                    (0.2023, 0.1994, 0.2010), "CIFAR-100, fine labels (cifar-100-python under data.root)"),
     DatasetDefaults("mnist", "read_mnist", 10, 1, 28, 0, False, (0.1307,), (0.3081,),
                     "MNIST from its four IDX files under data.root (published .gz files, md5-checked)"),
     DatasetDefaults("npz", "read_npz", None, None, None, 4, True, None, None,

@@ -7,9 +7,9 @@ metrics.csv, the printed tables, ablation.md, the figures, the claims, the publi
 the bootstrap over models and the planner's targets all read :data:`METRICS` (in its order, which
 is metrics.csv's column order) instead of keeping lists of their own.
 
-A new pairwise metric (e.g. a distance between the runs' final weights) is one entry with a
-``pair`` function (its formula, in :mod:`nondet_hpc.metrics.formulas`) over a per-run ``inputs``:
-the row's logits, or a file of each run folder declared in :data:`INPUTS`. Its matrix is then
+A new pairwise metric (as ``param_distance``, the distance between the runs' final weights) is
+one entry with a ``pair`` function (its formula, in :mod:`nondet_hpc.metrics.formulas`) over a
+per-run ``inputs``: the row's logits, or a file of each run folder declared in :data:`INPUTS`. Its matrix is then
 averaged over pairs by the same code as every other pairwise metric, in the whole group, the
 N-models ablation and the bootstrap, and it gets a column in metrics.csv and the tables.
 """
@@ -21,8 +21,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..metrics import PairSums, pair_mean, pairwise_cka_matrix
-from ..rundir import FEATURES
+from ..metrics import PairSums, pair_mean, pairwise_cka_matrix, pairwise_param_distance
+from ..rundir import FEATURES, WEIGHTS
 
 #: what a metric is computed from: each model's own values (a mean or SD over models), every pair
 #: of models, or the group as a whole (per-example correctness across its models)
@@ -44,10 +44,17 @@ class Input:
     shape: str  # the shape it must have, as messages print it
     ndim: int  # its number of axes
     per_example: bool  # its first axis is the test examples (as many as labels.npy)
+    #: how analysis/inputs.py opens it: NPY (a .npy array, memory-mapped, allow_pickle=False) or
+    #: WEIGHTS_FILE (a weights file of records/weights.py: its flat parameter vector, read by ranges)
+    format: str = "npy"
 
+
+#: the formats of INPUTS files that analysis/inputs.py knows how to open
+NPY, WEIGHTS_FILE = "npy", "weights"
 
 INPUTS: dict[str, Input] = {i.name: i for i in (
     Input("features", FEATURES, "[n_test, d]", 2, True),
+    Input("weights", WEIGHTS, "float32 parameters (safetensors, records/weights.py)", 1, False, WEIGHTS_FILE),
 )}
 
 
@@ -99,6 +106,9 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
            legend="Ens. Δ = 2-model ensemble gain (pp)", ablation=True, published=2),
     Metric("cka", "CKA", "CKA", "pairwise CKA", "", 4, PAIRWISE, similarity=True, optional=True,
            inputs="features", pair=pairwise_cka_matrix),
+    Metric("param_distance", "Param dist. %", "final parameter distance", "final parameter distance", "%", 2,
+           PAIRWISE, legend="Param dist. = mean pairwise L2 distance of the final weights, % of the pair's mean norm",
+           optional=True, claims=(2,), inputs="weights", pair=pairwise_param_distance),
 )}
 
 

@@ -30,4 +30,10 @@ def register_configs() -> None:
     for source in SOURCES.values():
         cs.store(group="source", name=source.name, node=source_node(source), provider="nondet_hpc")
     for model in MODELS.values():
-        cs.store(group="model", name=model.name, node=config_node(model), provider="nondet_hpc")
+        node = config_node(model)
+        if model.family == "custom":  # model.kwargs takes any keyword argument: model.kwargs.width=64
+            from omegaconf import OmegaConf
+
+            node = OmegaConf.structured(node)
+            OmegaConf.set_struct(node.kwargs, False)
+        cs.store(group="model", name=model.name, node=node, provider="nondet_hpc")

@@ -30,7 +30,7 @@ MAX_SEED = 1_000_000
 #: The random streams of a run, in the order run.json lists their seeds. Offsets keep streams
 #: apart even when two sources get the same integer seed.
 STREAMS: dict[str, Stream] = {s.name: s for s in (
-    Stream("init", 0, "run/models.py: init_weights (every parameter and buffer)"),
+    Stream("init", 0, "run/zoo: every model's init rule (every parameter and buffer; a custom factory in its fork)"),
     Stream("shuffle", 1_000_003, "run/data.py: epoch_order (each epoch's permutation)"),
     Stream("augment", 2_000_003, "run/data.py: epoch_augment (each epoch's crops and flips)"),
     Stream("bitflip", 3_000_017, "run/sources.py: apply_bitflip (which weight, which direction)", one_shot=True),

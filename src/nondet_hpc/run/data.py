@@ -13,6 +13,12 @@ says which image gets the k-th of those N draws (``epoch_augment``):
 
 Either way the draws come from the augment stream alone and their number (N per epoch) does not
 depend on the order, so no source consumes another's stream.
+
+Datasets (registry/datasets.py): digits (scikit-learn), cifar10/cifar100 (their batch files, read
+without unpickling code), and through nondet_hpc/readers mnist (IDX files), npz (an archive of
+arrays) and folder (class subfolders of small images). The last two take their shape, class
+count and normalisation from the data where the config leaves them null; ``settings`` gives the
+config with those values filled in, which training and evaluation use (run.json records them).
 """
 
 from __future__ import annotations
@@ -27,10 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from omegaconf import DictConfig, OmegaConf
+
 from ..config import ConfigError
 
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
-DATASETS = ("digits", "cifar10", "cifar100")
+READERS = ("mnist", "npz", "folder")  # nondet_hpc/readers
+DATASETS = ("digits", "cifar10", "cifar100", *READERS)
 
 
 @dataclass
@@ -147,34 +156,85 @@ def _cifar(name: str, root: str, download: bool, verify_md5: bool) -> tuple:
                                 "folder": str(folder.resolve())}
 
 
+def _read_files(cfg) -> tuple:
+    """mnist / npz / folder through nondet_hpc/readers; the content checked against the fingerprint
+    the run id was made with (registry/inputs.py), so a run never trains on data its id does not name."""
+    from .. import readers
+
+    if cfg.name == "mnist":
+        arrays = readers.read_mnist(cfg.root, cfg.verify_md5)
+    elif cfg.name == "npz":
+        arrays = readers.read_npz(cfg.root, cfg.num_classes, cfg.layout, cfg.max_bytes)
+    else:
+        arrays = readers.read_folder(cfg.root, cfg.max_side, cfg.max_bytes)
+    info = dict(arrays.info)
+    found = info.get("manifest_sha256") or next(iter(info.get("files", {}).values()), {}).get("sha256")
+    want = cfg.get("fingerprint")
+    if want is not None and cfg.name != "mnist" and found != want:
+        raise ConfigError(f"data.root={cfg.root}: the data changed after this run's id was made (fingerprint "
+                          f"{want[:12]}... planned, {str(found)[:12]}... now). Run the command again: the changed "
+                          f"data get runs of their own.")
+    stats = {k: info.pop(k) for k in ("mean", "std") if k in info}
+    extra = {"reader": info, "class_names": list(arrays.class_names), "data_stats": stats}
+    if cfg.name != "mnist":
+        extra["fingerprint"] = found
+    return arrays.train_x, arrays.train_y, arrays.test_x, arrays.test_y, extra
+
+
 def load_dataset(cfg) -> Dataset:
-    """Load ``cfg.data`` (a DataConfig) as CPU tensors, subset as configured."""
+    """Load ``cfg.data`` (a DataConfig) as CPU tensors, subset as configured. A bad file is refused
+    with one ConfigError (what is wrong, where, what to do); nothing is written."""
     name = cfg.name
     if name == "digits":
         xtr, ytr, xte, yte, extra = _digits(cfg.test_size)
     elif name in CIFAR_FOLDERS:
         xtr, ytr, xte, yte, extra = _cifar(name, cfg.root, cfg.download, cfg.verify_md5)
+    elif name in READERS:
+        xtr, ytr, xte, yte, extra = _read_files(cfg)
     else:
         raise ConfigError(f"data.name={name!r} is unknown; valid: {list(DATASETS)} (choose with data=NAME).")
     if cfg.train_subset:
         xtr, ytr = xtr[: cfg.train_subset], ytr[: cfg.train_subset]
     if cfg.test_subset:
         xte, yte = xte[: cfg.test_subset], yte[: cfg.test_subset]
+    shape = tuple(int(v) for v in xtr.shape[1:])
     expect = (cfg.channels, cfg.image_size, cfg.image_size)
-    if tuple(xtr.shape[1:]) != expect:
-        raise ConfigError(f"data.{name}: images are {tuple(xtr.shape[1:])} but data.channels/image_size say "
-                          f"{expect}; fix conf/data/{name}.yaml.")
+    if any(e is not None and e != v for e, v in zip(expect, shape)):
+        raise ConfigError(f"data.{name}: images are [C, H, W] = {list(shape)} but data.channels/image_size say "
+                          f"{[e if e is not None else 'any' for e in expect]}; fix them (or set them to null to take "
+                          f"them from the data).")
+    num_classes = cfg.num_classes if cfg.num_classes is not None else len(extra.get("class_names") or [])
     n_classes = int(max(ytr.max(), yte.max())) + 1
-    if n_classes > cfg.num_classes:
-        raise ConfigError(f"data.{name}: labels go up to {n_classes - 1} but data.num_classes={cfg.num_classes}.")
+    if n_classes > num_classes:
+        raise ConfigError(f"data.{name}: labels go up to {n_classes - 1} but data.num_classes={num_classes}.")
     digest = hashlib.sha256()
     for a in (xtr, ytr, xte, yte):
         digest.update(np.ascontiguousarray(a).tobytes())
-    info = {"name": name, "n_train": len(xtr), "n_test": len(xte), "num_classes": cfg.num_classes,
-            "image_shape": list(expect), "sha256": digest.hexdigest(), **extra}
+    info = {"name": name, "n_train": len(xtr), "n_test": len(xte), "num_classes": num_classes,
+            "image_shape": list(shape), "sha256": digest.hexdigest(), **extra}
     return Dataset(torch.from_numpy(np.ascontiguousarray(xtr)), torch.from_numpy(ytr.astype(np.int64)),
                    torch.from_numpy(np.ascontiguousarray(xte)), torch.from_numpy(yte.astype(np.int64)),
-                   cfg.num_classes, info)
+                   num_classes, info)
+
+
+def settings(dcfg, data: Dataset) -> DictConfig:
+    """``cfg.data`` with what the data decide filled in: num_classes, channels, image_size (None
+    for non-square images) and, where null, mean and std (the training split's, per channel).
+    Training and evaluation read this; config.yaml keeps what was asked, run.json what was used."""
+    out = OmegaConf.create(OmegaConf.to_container(dcfg, resolve=True) if OmegaConf.is_config(dcfg) else dict(dcfg))
+    c, h, w = (int(v) for v in data.train_x.shape[1:])
+    stats = data.info.get("data_stats", {})
+    out.num_classes, out.channels, out.image_size = int(data.num_classes), c, h if h == w else None
+    for key in ("mean", "std"):
+        if out.get(key) is None:
+            if key not in stats:
+                raise ConfigError(f"data.{key} is null but the {data.info.get('name')} data give no {key}; set "
+                                  f"data.{key}=[...] (one value per channel on the 0..1 scale).")
+            out[key] = list(stats[key])
+        if len(out[key]) != c:
+            raise ConfigError(f"data.{key}={list(out[key])} has {len(out[key])} value(s) but the images have {c} "
+                              f"channel(s): one value per channel (or null for the training split's).")
+    return out
 
 
 def epoch_order(n: int, g_shuffle: torch.Generator) -> torch.Tensor:

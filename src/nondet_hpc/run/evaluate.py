@@ -12,6 +12,12 @@ thread count and torch build; it recomputes logits/plain.npy first and says so w
 
 Snapshot views (snapshot-k, snapshot-k_<view>: the models at the end of each accelerated-ensembling
 cycle) cannot be made here: only the final model is kept.
+
+A run of model=custom names its factory in config.yaml; rebuilding it imports that module, which
+runs its code. A run folder may come from anyone, so such a run is evaluated only when the
+command line names the same factory (``--allow-factory package.module:function``): the user's
+explicit consent, never the folder's word. Its source file must still hash to the run's
+``model.source_sha256`` (the code the run was trained with).
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .. import safeio
 from ..config import ConfigError
 from ..rundir import (CHECKPOINT, CONFIG, DONE, FEATURES, LABELS, RUN_JSON, RUNS, RunRecord, is_done, list_runs,
-                      logits_path, read_json, run_lock, write_npy)
+                      logits_path, read_run_json, run_lock, write_npy)
 from ..viewspec import VIEWS
 
 __all__ = ["EvaluateError", "find_runs", "evaluate_run", "main"]
@@ -68,10 +75,13 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tupl
             if not found:
                 raise EvaluateError(f"{p} is a sweep folder without runs (nothing under {p / RUNS}).")
             for d in found:
-                if is_done(d):
-                    runs.append(d)
-                else:
+                if not is_done(d):
                     skipped.append((d, f"not DONE (state: {_state(d)})"))
+                elif not safeio.is_regular(d / CONFIG):
+                    skipped.append((d, f"DONE but no {CONFIG} (a stray marker, or a folder this package did not "
+                                       f"write): left alone"))
+                else:
+                    runs.append(d)
         elif (p / CONFIG).exists() or (p / RUN_JSON).exists():
             if not is_done(p):
                 raise EvaluateError(
@@ -88,10 +98,45 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tupl
 
 
 def _state(run: Path) -> str:
-    try:
-        return str(read_json(run / RUN_JSON).get("state", "unknown"))
-    except (OSError, ValueError):
-        return f"unknown (no readable {RUN_JSON})"
+    info, _ = read_run_json(run)
+    return str(info.get("state", "unknown")) if info is not None else f"unknown (no readable {RUN_JSON})"
+
+
+def load_run_config(rd: Path):
+    """A run's config.yaml as an OmegaConf config, read as data only: a regular file of bounded size,
+    no YAML tags, few aliases (safeio.load_yaml), no interpolation (a run's config.yaml is written
+    resolved; ``${oc.env:...}`` would read this machine's environment), and a mapping of sections."""
+    from omegaconf import OmegaConf
+
+    path = rd / CONFIG
+    data = safeio.load_yaml(path)
+    if not isinstance(data, dict):
+        what = "list" if isinstance(data, list) else type(data).__name__
+        raise EvaluateError(f"{path} holds a YAML {what}, not the mapping of config keys a run's {CONFIG} is (the job "
+                            f"writes it); it was edited or replaced. Restore it, or retrain the run (force=true).")
+    bad = _unresolved(data, "")
+    if bad:
+        raise EvaluateError(f"{path}: {bad[0]} holds {bad[1]!r}; a run's {CONFIG} is written with every value "
+                            f"resolved, so this one was edited. Values are not resolved here (an interpolation "
+                            f"would read this machine's environment): write the value itself.")
+    missing = [k for k in ("data", "model", "source", "train", "eval") if not isinstance(data.get(k), dict)]
+    if missing:
+        raise EvaluateError(f"{path} lacks the section(s) {', '.join(missing)} every run's {CONFIG} has; it was "
+                            f"edited or replaced. Restore it, or retrain the run (force=true).")
+    return OmegaConf.create(data)
+
+
+def _unresolved(node, where: str) -> tuple[str, str] | None:
+    """(key, value) of the first interpolation or missing value ('???') in plain YAML data."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        key = f"{where}.{k}" if where else str(k)
+        if isinstance(v, str) and ("${" in v or v == "???"):
+            return key, v
+        found = _unresolved(v, key)
+        if found:
+            return found
+    return None
 
 
 def _locked(run: Path):
@@ -102,14 +147,16 @@ def _locked(run: Path):
 
 def evaluate_run(run: str | os.PathLike, views: Sequence[str], *, features: bool = False, force: bool = False,
                  batch_size: int | None = None, device: str = "auto", threads: int | None = None,
-                 data_root: str | None = None, echo: Callable[[str], None] = print) -> dict:
+                 data_root: str | None = None, echo: Callable[[str], None] = print,
+                 allow_factory: Sequence[str] = ()) -> dict:
     """Evaluate ``views`` (and features) of one DONE run from its checkpoint; see the module doc.
 
     Existing logits/<view>.npy and features.npy are kept (and reported as skipped) unless ``force``.
+    ``allow_factory``: the model factories (package.module:function) the caller consents to import
+    for model=custom runs; any other factory a run names is refused before anything is imported.
     Returns {"run_id", "written": [...], "skipped": [...], "plain_max_abs_diff": float | None}.
     """
     import torch
-    from omegaconf import OmegaConf
 
     from .device import resolve_device
     from .sources import configure_precision, fp32_flag_of
@@ -123,7 +170,9 @@ def evaluate_run(run: str | os.PathLike, views: Sequence[str], *, features: bool
     work.plan(views, features)
     if work.nothing_to_do():
         return work.result([], None)
-    cfg = OmegaConf.load(rd / CONFIG)
+    safeio.check_tree(rd)  # nothing is read or written through a link planted in the run folder
+    cfg = load_run_config(rd)
+    _check_factory_consent(cfg, allow_factory)
     info = RunRecord(rd / RUN_JSON).data
     if data_root is not None:
         cfg.data.root = data_root
@@ -148,6 +197,20 @@ def evaluate_run(run: str | os.PathLike, views: Sequence[str], *, features: bool
             return _evaluate_locked(work, cfg, dev, channels_last, bs)
     finally:
         torch.set_num_threads(old_threads)
+
+
+def _check_factory_consent(cfg, allowed: Sequence[str]) -> None:
+    """A custom model's factory is imported only when the command line names it (module doc)."""
+    from ..registry.models import CUSTOM
+
+    if str(cfg.model.get("name")) != CUSTOM:
+        return
+    spec = str(cfg.model.get("factory"))
+    if spec not in {str(a).strip() for a in allowed}:
+        raise EvaluateError(f"the run's model is model.factory={spec}, the researcher's own code: rebuilding it "
+                            f"imports that module, which runs it. Evaluate it only if you trust that code: add "
+                            f"--allow-factory {spec} (and run from the folder that holds the module, or put it on "
+                            f"PYTHONPATH).")
 
 
 class _Work:
@@ -198,6 +261,7 @@ def _rel(path: Path) -> str:
 def _evaluate_locked(work: _Work, cfg, dev, channels_last: bool, bs: int) -> dict:
     import torch
 
+    from .data import settings
     from .views import evaluate_test_set
 
     rd, rid = work.rd, work.rid
@@ -209,7 +273,7 @@ def _evaluate_locked(work: _Work, cfg, dev, channels_last: bool, bs: int) -> dic
     # The same function task.py calls at the end of training: plain first, then the views in order.
     order = ["plain"] + [v for v in work.todo if v != "plain"]
     t0 = time.time()
-    logits, feats = evaluate_test_set(model, data, cfg.data, order, batch_size=bs, device=dev,
+    logits, feats = evaluate_test_set(model, data, settings(cfg.data, data), order, batch_size=bs, device=dev,
                                       channels_last=channels_last, with_features=work.features)
     diff = _compare_with_training(rd, rid, data, logits["plain"], work.echo)
     written = []
@@ -240,11 +304,11 @@ def _rebuild(rd: Path, rid: str, cfg, info: dict, dev, channels_last: bool):
     import torch
 
     from .data import load_dataset
-    from .models import model_from_config
+    from .models import model_for_run
     from .train import load_checkpoint_file
 
     ckpt_path = rd / CHECKPOINT
-    if not ckpt_path.exists():
+    if not os.path.lexists(ckpt_path):
         raise EvaluateError(f"{rd} has no {CHECKPOINT} (deleted to save space?): the model cannot be rebuilt.")
     state = load_checkpoint_file(ckpt_path, rid)
     epoch = (state.get("progress") or {}).get("epoch")
@@ -257,8 +321,18 @@ def _rebuild(rd: Path, rid: str, cfg, info: dict, dev, channels_last: bool):
         raise EvaluateError(f"the data loaded now (data.root={cfg.data.root!r}) differ from the data this run was "
                             f"trained on (sha256 {data.info.get('sha256', '?')[:12]} != {want_sha[:12]}); point "
                             f"--data-root at the same data set.")
-    model = model_from_config(cfg)
-    model.load_state_dict(state["model"])
+    try:
+        # the initial weights do not matter (the checkpoint replaces them); the generator only feeds the builder
+        model = model_for_run(cfg, tuple(int(v) for v in data.train_x.shape[1:]), data.num_classes,  # type: ignore
+                              torch.Generator().manual_seed(0))
+        model.load_state_dict(state["model"])
+    except ConfigError as e:
+        raise EvaluateError(f"{rd / CONFIG}: {e}") from None
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise EvaluateError(f"{ckpt_path} does not fit the model {rd / CONFIG} describes (model.name="
+                            f"{cfg.model.get('name', '?')}): {first}. One of the two was edited or copied from another "
+                            f"run: restore them, or retrain the run (force=true).") from None
     model.to(device=dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     model.eval()
     return model, data
@@ -268,13 +342,13 @@ def _compare_with_training(rd: Path, rid: str, data, plain: np.ndarray, echo: Ca
     """Check the labels, and how far the recomputed plain logits are from training's (None: no file)."""
     labels_path = rd / LABELS
     if labels_path.exists():
-        labels = np.load(labels_path, allow_pickle=False)
+        labels = safeio.load_npy(labels_path)
         if not np.array_equal(labels, data.test_y.cpu().numpy()):
             raise EvaluateError(f"{labels_path} differs from the test labels loaded now: wrong data set.")
     plain_path = logits_path(rd, "plain")
     if not plain_path.exists():
         return None
-    old = np.load(plain_path, allow_pickle=False)
+    old = safeio.load_npy(plain_path)
     diff = float(np.max(np.abs(old.astype(np.float64) - plain))) if old.shape == plain.shape else float("inf")
     if diff != 0.0:
         echo(f"[evaluate] {rid}: warning: recomputed plain logits differ from {_rel(plain_path)} (max abs diff "
@@ -325,7 +399,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: the count the run was trained with, from run.json)")
     p.add_argument("--data-root", default=None, metavar="DIR",
-                   help="folder holding the CIFAR data, if not the run's data.root (relative paths are from here)")
+                   help="where the run's data are (CIFAR/MNIST folder, .npz file, image folder), if not the run's "
+                        "data.root (relative paths are from here)")
+    p.add_argument("--allow-factory", action="append", default=[], metavar="PACKAGE.MODULE:FUNCTION",
+                   help="import this model factory for model=custom runs that name it (it runs that code: only "
+                        "for code you trust; a run folder alone never makes evaluate import anything)")
     return p
 
 
@@ -348,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for rd in runs:
         try:
             evaluate_run(rd, a.views, features=a.features, force=a.force, batch_size=a.batch_size,
-                         device=a.device, threads=a.threads, data_root=a.data_root)
+                         device=a.device, threads=a.threads, data_root=a.data_root, allow_factory=a.allow_factory)
         except ConfigError as e:
             failed += 1
             print(f"nondet_hpc.evaluate: error: {rd.name}: {e}", file=sys.stderr)

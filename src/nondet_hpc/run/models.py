@@ -1,169 +1,74 @@
-"""The networks of the registered models (registry/models.py): one builder per family, one
-function per init rule.
+"""The networks of the registered models (registry/models.py): the run layer's one door to run/zoo.
 
-"resnet" family (docs/study.md, "Training"). ResNet-14: 3x3 stem conv -> 16 + BN + ReLU, three
-stages of 2 basic blocks (16/32/64 channels, strides 1/2/2), option-A shortcuts, global average
-pool, linear 64 -> classes. ResNet-18/34: the same shape with four stages of 64/128/256/512
-channels (2-2-2-2 / 3-4-6-3 blocks) and option-B (1x1 conv + BN) shortcuts, as in the usual CIFAR
-ResNets.
+``model_for_run(cfg, in_shape, num_classes, g)`` builds and initialises the network a run's
+config names (any family, model=custom included) and ``bitflip_target(model, cfg)`` finds the
+parameter its bit change moves; task.py and evaluate.py use nothing else. The builders live in
+run/zoo/ (one module per family; run/zoo/resnet.py holds this package's ResNet class).
 
-Digits (1 x 8 x 8): the stem takes ``in_channels`` = 1 (1*16*9 = 144 stem weights instead of
-432); strides 1/2/2 give 8 -> 4 -> 2 pixel feature maps before the global pool, so the network
-is otherwise unchanged.
-
-Init rule "kaiming_zero_residual" (``init_kaiming_zero_residual``) draws only from the init
-stream's generator: kaiming normal (fan_out, relu) for convs, BN weight 1 / bias 0 except each
-block's second BN weight 0, and PyTorch's default init for the linear layer re-drawn from the same
-generator.
-
-A family's builder takes the family's keys of ``cfg.model`` (its schema in config.py) and
-``num_classes``, ``in_channels``; it returns a module with ``forward_features`` (penultimate
-features, for CKA) and ``fc`` (the classifier on them), which evaluation uses.
+The two-step API of version 0.1.0 stays for the "resnet" family (resnet14, resnet18b, resnet34),
+which tests and benchmarks use: ``build_model(name, num_classes, in_channels, **options)`` gives
+the network with every tensor unset, ``init_weights(model, g)`` fills it from the init stream.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from ..config import ConfigError
 from ..registry.models import model_entry
+from .zoo import bitflip_param, from_config
+from .zoo import bitflip_target as _target
+from .zoo.resnet import BasicBlock, ResNet, ShortcutA, build_resnet, init_kaiming_zero_residual
+
+__all__ = ["BasicBlock", "ResNet", "ShortcutA", "bitflip_target", "build_model", "init_weights", "model_for_run",
+           "model_from_config"]
 
 
-class ShortcutA(nn.Module):
-    """Option A: stride-2 subsample of the input, BN, then zero channels up to ``out_ch``."""
-
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
-        super().__init__()
-        self.stride, self.extra = stride, out_ch - in_ch
-        self.bn = nn.BatchNorm2d(in_ch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn(x[:, :, :: self.stride, :: self.stride])
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra))  # zeros appended on the channel axis
+def _plain(node: Any) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, stride: int, shortcut: str):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
-        if stride == 1 and in_ch == out_ch:
-            self.shortcut: nn.Module = nn.Identity()
-        elif shortcut == "A":
-            self.shortcut = ShortcutA(in_ch, out_ch, stride)
-        else:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
-                                          nn.BatchNorm2d(out_ch))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+def model_for_run(cfg, in_shape: tuple[int, int, int], num_classes: int, g: torch.Generator) -> nn.Module:
+    """The network ``cfg.model`` names, for the dataset's image shape and class count, initialised
+    from the init stream ``g`` by its registered rule (or built by the researcher's factory)."""
+    return from_config(_plain(cfg.model), in_shape, num_classes, g)
 
 
-class ResNet(nn.Module):
-    def __init__(self, widths: list[int], blocks: list[int], num_classes: int,
-                 in_channels: int = 3, shortcut: str = "A"):
-        super().__init__()
-        if shortcut not in ("A", "B"):
-            raise ValueError(f"model.shortcut={shortcut!r}: valid values are 'A' and 'B'")
-        if len(widths) != len(blocks):
-            raise ValueError(f"model.widths {widths} and model.blocks {blocks} need the same length")
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)  # the bit-change target (registry)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        layers, in_ch = [], widths[0]
-        for i, (w, n) in enumerate(zip(widths, blocks)):
-            for j in range(n):
-                layers.append(BasicBlock(in_ch, w, 2 if (i > 0 and j == 0) else 1, shortcut))
-                in_ch = w
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(in_ch, num_classes)
-        self.feature_dim = in_ch
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features (after the global average pool), for CKA."""
-        x = self.layers(F.relu(self.bn1(self.conv1(x))))
-        # A mean, not adaptive_avg_pool2d: the latter's CUDA backward has no deterministic kernel
-        # and would abort every run under torch.use_deterministic_algorithms(True).
-        return x.mean(dim=(2, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x))
-
-
-#: family (registry/models.py FAMILIES) -> the builder of its network
-BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "resnet": ResNet,
-}
+def bitflip_target(model: nn.Module, cfg=None) -> torch.Tensor:
+    """The parameter the one-ulp bit change moves: ``cfg.source.bitflip_param``, else the one the
+    model's registry entry names (model=custom: its first weight in registration order). A name
+    the model lacks is refused with the list of its float32 parameters. Without ``cfg``: the
+    entry of ``model.name`` (a ``build_model`` network)."""
+    if cfg is None:
+        return _target(model, model_entry(model.name).bitflip)
+    chosen = OmegaConf.select(cfg, "source.bitflip_param") if OmegaConf.is_config(cfg) else None
+    return _target(model, bitflip_param(str(cfg.model.name), chosen))
 
 
 def build_model(name: str, num_classes: int, in_channels: int, **options: Any) -> nn.Module:
-    """The network of registered model ``name``, every parameter still unset: call init_weights.
-
-    ``options``: the family's keys (``cfg.model`` without ``name``); the entry's options where
-    not given.
-    """
+    """The "resnet"-family network of registered model ``name``, every tensor still unset (call
+    init_weights). ``options``: the family's keys (widths, blocks, shortcut); the entry's where not given."""
     entry = model_entry(name)
-    spec = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in {**entry.options, **options}.items()}
-    # Build on the meta device so construction consumes no random numbers from torch's global RNG;
-    # init_weights then fills every tensor from the init stream.
-    with torch.device("meta"):
-        model = BUILDERS[entry.family](num_classes=num_classes, in_channels=in_channels, **spec)
-    model = model.to_empty(device="cpu")
+    if entry.family != "resnet":
+        raise ConfigError(f"build_model builds the 'resnet' family only; {name} is {entry.family!r}: use "
+                          f"nondet_hpc.run.zoo.build (it initialises too).")
+    spec = {**entry.options, **options}
+    model = build_resnet(list(spec["widths"]), list(spec["blocks"]), str(spec.get("shortcut", "A")), num_classes,
+                         in_channels, None)
     model.name = name  # type: ignore[attr-defined]
     return model
 
 
 def model_from_config(cfg) -> nn.Module:
-    """The network that ``cfg.model`` and ``cfg.data`` describe (uninitialised: see init_weights)."""
-    spec = OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.is_config(cfg.model) else dict(cfg.model)
-    name = spec.pop("name")
-    return build_model(name, cfg.data.num_classes, cfg.data.channels, **spec)
-
-
-@torch.no_grad()
-def init_kaiming_zero_residual(model: nn.Module, g: torch.Generator) -> None:
-    """Initialise every parameter and buffer from generator ``g`` (the init stream) alone."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
-            std = math.sqrt(2.0 / fan_out)  # kaiming normal, mode fan_out, relu gain
-            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * std)
-        elif isinstance(m, nn.BatchNorm2d):
-            m.weight.fill_(1.0)
-            m.bias.zero_()
-            m.running_mean.zero_()
-            m.running_var.fill_(1.0)
-            m.num_batches_tracked.zero_()
-        elif isinstance(m, nn.Linear):
-            # PyTorch's default Linear init: kaiming_uniform(a=sqrt(5)) on the weight, which is
-            # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the same bound for the bias.
-            bound = 1.0 / math.sqrt(m.in_features)
-            m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 2 * bound - bound)
-            m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 2 * bound - bound)
-    for m in model.modules():
-        if isinstance(m, BasicBlock):
-            m.bn2.weight.zero_()  # each block starts as the identity (zero-init residual)
-
-
-#: init rule (registry/models.py Model.init) -> the function that applies it
-INIT_RULES: dict[str, Callable[[nn.Module, torch.Generator], None]] = {
-    "kaiming_zero_residual": init_kaiming_zero_residual,
-}
+    """``build_model`` of ``cfg.model`` with ``cfg.data``'s classes and channels (uninitialised)."""
+    spec = _plain(cfg.model)
+    return build_model(spec.pop("name"), cfg.data.num_classes, cfg.data.channels, **spec)
 
 
 def init_weights(model: nn.Module, g: torch.Generator) -> None:
-    """Initialise a ``build_model`` network from the init stream ``g`` by its model's init rule."""
-    INIT_RULES[model_entry(model.name).init](model, g)
-
-
-def bitflip_target(model: nn.Module) -> torch.Tensor:
-    """The parameter the one-ulp bit change moves: the one its registry entry names."""
-    return model.get_parameter(model_entry(model.name).bitflip)
+    """Initialise a ``build_model`` network from the init stream ``g`` (kaiming_zero_residual)."""
+    init_kaiming_zero_residual(model, g)

@@ -5,7 +5,7 @@ the training code) touches torch's global RNG, so changing one source's seed can
 random numbers of another. Studying a source = that source's seed is the replicate index, every
 other seed is 1.
 
-- init:    model weights (models.init_weights) draw from ``Streams.init``.
+- init:    model weights (run/zoo: the init rule of each model, a custom factory) draw from ``Streams.init``.
 - shuffle: each epoch's permutation (data.epoch_order) draws from ``Streams.shuffle``.
 - augment: each epoch's crops and flips (data.epoch_augment) draw from ``Streams.augment``.
 - bitflip: one float32 ulp of one weight (apply_bitflip; which parameter: the model's registry
@@ -136,8 +136,9 @@ def configure_kernels(deterministic: bool, device: torch.device) -> dict:
     everywhere, and cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS
     initialises, which is why the package sets it on import).
     GPU, nondeterministic: benchmark on, deterministic off (the study's cuDNN source).
-    CPU: the flags are set the same way, but CPU kernels are deterministic for a fixed thread count
-    either way, so the switch has no kernel-level effect there; the record says so.
+    CPU: the flags are set the same way, but CPU kernels are deterministic for a fixed thread count,
+    CPU and instruction set either way, so the switch has no kernel-level effect there; the record
+    says so, and names what CPU results do depend on (run.json ``threads`` and ``cpu``).
     """
     # CUBLAS_WORKSPACE_CONFIG is set when the package is imported (nondet_hpc/__init__.py), before
     # cuBLAS can initialise; here it is only recorded.
@@ -148,8 +149,9 @@ def configure_kernels(deterministic: bool, device: torch.device) -> dict:
               "cudnn.benchmark": not deterministic, "use_deterministic_algorithms": deterministic,
               "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
     if device.type == "cpu":
-        record["effect"] = ("none at kernel level: on CPU, results depend on the thread count "
-                            "(recorded as 'threads'), not on these switches")
+        record["effect"] = ("none at kernel level: on CPU these switches change nothing; results depend on the "
+                            "thread count ('threads'), the CPU and the vector instruction set its kernels use "
+                            "('cpu': model, torch capability, oneDNN ISA)")
     else:
         record["effect"] = "cuDNN/cuBLAS kernel selection"
     return record

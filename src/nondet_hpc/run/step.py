@@ -38,6 +38,9 @@ PRECISIONS = ("fp32", "tf32", "amp_fp16", "amp_bf16")
 FP32_FLAG = {"fp32": "ieee", "tf32": "tf32", "amp_fp16": "ieee", "amp_bf16": "ieee"}
 AUTOCAST_DTYPE = {"amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
 TRISTATE = ("auto", "true", "false")
+#: what train.cuda_graph=auto resolves to: off until gpu_check.sh measured graph replay bit-identical to
+#: the eager step and faster on a GPU (docs/performance.md, "auto"); run.json ``step`` records it
+AUTO_CUDA_GRAPH = False
 
 
 def tristate(key: str, value) -> str:
@@ -79,8 +82,9 @@ def plan_step(tcfg, device: torch.device) -> StepPlan:
     channels_last auto: NCHW for fp32/tf32 everywhere and on CPU; channels_last for amp on CUDA
     (tensor-core convolutions want NHWC). Not yet measured on a GPU by this project: gpu_check.sh
     times both formats per precision, and the rule should follow its figures.
-    cuda_graph auto: on for CUDA except amp_fp16 (GradScaler's step is not captured here); every
-    full batch has the same shape, the short last batch runs eagerly.
+    cuda_graph auto: off everywhere until a GPU measurement (benchmarks/gpu_check.sh) shows graph
+    replay bit-identical to the eager step and faster (docs/performance.md says what turns it on);
+    true captures the full-size step (not with amp_fp16: GradScaler's step is not captured here).
     """
     precision = check_precision(str(tcfg.precision))
     cuda = device.type == "cuda"
@@ -95,7 +99,7 @@ def plan_step(tcfg, device: torch.device) -> StepPlan:
         raise ConfigError("train.cuda_graph=true with train.precision=amp_fp16 is not supported (the loss scaler's "
                           "step is not captured). Use train.cuda_graph=false (or auto), or train.precision=amp_bf16, "
                           "which needs no loss scaling.")
-    use_graph = graph == "true" or (graph == "auto" and cuda and precision != "amp_fp16")
+    use_graph = graph == "true" or (graph == "auto" and AUTO_CUDA_GRAPH and cuda and precision != "amp_fp16")
     return StepPlan(precision=precision, autocast_dtype=AUTOCAST_DTYPE.get(precision),
                     grad_scaler=precision == "amp_fp16", channels_last=channels_last, cuda_graph=use_graph,
                     static=use_graph or precision == "amp_fp16")

@@ -7,8 +7,10 @@ DONE last. It needs no Hydra runtime, so launchers can call it with a composed c
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -20,16 +22,20 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .. import __version__
+from .. import __version__, safeio
 from ..config import RETIRED_KEYS, ConfigError, conf_dir, identity_items, threads_for
-from ..registry.models import MODELS, model_entry
+from ..registry.inputs import resolve_inputs
+from ..registry.models import CUSTOM, MODELS, model_entry
 from ..registry.sources import SOURCES
-from ..rundir import (CHECKPOINT, CONFIG, DONE, FEATURES, LABELS, REPLACED, RUN_JSON, RUNS, RunRecord, group_key,
-                      is_done, logits_path, run_dir, run_id, run_lock, snapshot_view, write_json, write_npy, write_text)
+from ..rundir import (CHECKPOINT, CONFIG, DONE, FEATURES, LABELS, REPLACED, RUN_JSON, RUNS, TRAJECTORY, RunRecord,
+                      group_key, is_done, logits_path, run_dir, run_id, run_lock, snapshot_view, write_json, write_npy,
+                      write_text)
 from ..viewspec import VIEWS
-from .data import AUGMENT_DRAWS, load_dataset
+from .data import AUGMENT_DRAWS, DATASETS, Dataset, load_dataset, settings
+from .cpuinfo import cpu_record
 from .device import resolve_device
-from .models import bitflip_target, init_weights, model_from_config
+from .models import bitflip_target, model_for_run
+from .recording import check_record, make_recorder, record_settings, write_records
 from .sources import Streams, apply_bitflip, configure_kernels, precision_record, resolve_seeds
 from .step import PRECISIONS, plan_step, tristate
 from .train import PARAM_GROUP_RULES, Preempted, Trainer, clear_stop
@@ -70,6 +76,8 @@ def validate(cfg, *, check_device: bool = True) -> None:
     """
     check_groups_chosen(cfg)
     model_entry(cfg.model.name)
+    if cfg.data.name not in DATASETS:
+        raise ConfigError(f"data.name={cfg.data.name!r} is unknown; valid: {list(DATASETS)} (choose with data=NAME).")
     resolve_seeds(list(cfg.source.vary), cfg.seed, cfg.source.deterministic_kernels)
     for key, new_key in RETIRED_KEYS.items():
         value = OmegaConf.select(cfg, key)
@@ -80,6 +88,7 @@ def validate(cfg, *, check_device: bool = True) -> None:
         plan_step(cfg.train, resolve_device(cfg.train.device))  # refuses e.g. train.cuda_graph=true on a CPU
     _check_sizes(cfg)
     _check_choices(cfg)
+    check_record(cfg)
     _probe_out_dir(cfg.out_dir)
 
 
@@ -124,19 +133,22 @@ def _check_choices(cfg) -> None:
 
 
 def _probe_out_dir(out_dir: str) -> None:
-    """Write and sync real bytes under out_dir/runs/: an empty file can be created on a full disk."""
+    """Write and sync real bytes under out_dir/runs/: an empty file can be created on a full disk.
+    runs/ must be a real folder (safeio: a link there would send every run's files elsewhere)."""
     runs = Path(out_dir) / RUNS
     try:
-        runs.mkdir(parents=True, exist_ok=True)
-        probe = runs / f".write-test-{os.getpid()}"
+        probe = safeio.make_dirs(runs, root=out_dir) / f".write-test-{os.getpid()}"
         try:
-            with open(probe, "wb") as f:
+            with safeio.open_stream(probe, root=out_dir) as f:
                 f.write(b"\0" * PROBE_BYTES)
                 f.flush()
                 os.fsync(f.fileno())
         finally:
             probe.unlink(missing_ok=True)
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise ConfigError(f"out_dir={out_dir!r} is too long for the file system ({e.strerror}: a folder or "
+                              f"file name below it would exceed the limit). Choose a shorter out_dir=PATH.") from None
         raise ConfigError(f"out_dir={out_dir!r} is not writable ({e.strerror}: {e.filename}). "
                           f"Choose a folder you can write with out_dir=PATH.") from e
 
@@ -156,6 +168,7 @@ def provenance(device: torch.device) -> dict:
 
     info = {"host": socket.gethostname(), "pid": os.getpid(), "platform": platform.platform(),
             "threads": torch.get_num_threads(), "git_commit": _git_commit(),
+            "cpu": cpu_record(),  # model and vector ISA: they decide CPU results with the thread count
             "versions": {"nondet_hpc": __version__, "python": sys.version.split()[0],
                          "torch": torch.__version__, "torchvision": torchvision.__version__,
                          "numpy": np.__version__, "cuda": torch.version.cuda,
@@ -175,7 +188,7 @@ def provenance(device: torch.device) -> dict:
 def _move_aside(path: Path) -> Path:
     """force=true: keep the finished run under runs/.replaced/ instead of deleting it."""
     dest = path.parent / REPLACED / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    safeio.make_dirs(dest.parent)
     os.replace(path, dest)
     return dest
 
@@ -188,7 +201,7 @@ def _save_views(dest: Path, logits: dict[str, np.ndarray], snapshot: int | None 
 
 def _skipped(cfg: DictConfig, rd: Path, rid: str) -> dict:
     """A DONE run is never retrained; say which configured views it lacks and how to add them."""
-    missing = [v for v in cfg.eval.views if not logits_path(rd, v).is_file()]
+    missing = [v for v in cfg.eval.views if not safeio.is_regular(logits_path(rd, v))]
     out = {"run_id": rid, "run_dir": str(rd), "state": "skipped (DONE)"}
     if missing:
         out["missing_views"] = missing
@@ -213,27 +226,54 @@ def run(cfg: DictConfig) -> dict:
     clear_stop()  # a stop request from an earlier run of this process must not stop this one
     validate(cfg)
     resolve_threads(cfg)  # before the run id: the effective count is part of it
+    resolve_inputs(cfg)  # so are a custom model's source and an npz/folder dataset's content
     rd = run_dir(cfg)
     rid = run_id(cfg)
+    if is_done(rd) and not cfg.force:
+        return _skipped(cfg, rd, rid)
+    data = load_dataset(cfg.data)  # a bad data file is refused here, before anything is written
     if is_done(rd):
-        if not cfg.force:
-            return _skipped(cfg, rd, rid)
         moved = _move_aside(rd)
         print(f"[nondet_hpc] force=true: previous result of {rid} kept at {moved}", flush=True)
-    rd.mkdir(parents=True, exist_ok=True)
+    safeio.make_dirs(rd)  # every folder below out_dir a real one, never a link (safeio)
     busy = lambda: ConfigError(f"{rd} is being trained by another process right now; wait for it "  # noqa: E731
                                f"(python -m nondet_hpc.status {rd.parent.parent}).")
     with run_lock(rd, busy):
         if is_done(rd):  # finished by another process while we waited for the lock
             return _skipped(cfg, rd, rid)
-        return _train(cfg, rd, rid)
+        # a link anywhere in the run folder (logits/ pointing at another run's) is refused before
+        # training, not after minutes of it: nothing is written through it
+        safeio.check_tree(rd)
+        return _train(cfg, rd, rid, data)
 
 
-def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
+#: PyTorch's message when an op has no deterministic implementation and determinism was asked for
+_NONDET_OP = re.compile(r"^\s*(\S+) does not have a deterministic implementation")
+
+
+def nondeterministic_op(e: BaseException) -> ConfigError | None:
+    """PyTorch's error for an op without a deterministic implementation, as one message naming
+    the op (None for any other error)."""
+    m = _NONDET_OP.match(str(e)) if isinstance(e, RuntimeError) else None
+    if m is None:
+        return None
+    return ConfigError(f"the model uses {m.group(1)}, which has no deterministic implementation on this device, so "
+                       f"it cannot run with deterministic kernels (every source but cudnn, the control included). "
+                       f"Replace that op in the model (docs/own_model.md names common ones and what to use instead), "
+                       f"or study it with source=cudnn only.")
+
+
+def _train(cfg: DictConfig, rd: Path, rid: str, data: Dataset) -> dict:
     """The run's record around the work: running, then done, preempted or failed (run.json)."""
     record = RunRecord(rd / RUN_JSON)
     try:
-        return _train_recorded(cfg, rd, rid, record)
+        try:
+            return _train_recorded(cfg, rd, rid, record, data)
+        except RuntimeError as e:
+            clear = nondeterministic_op(e)
+            if clear is None:
+                raise
+            raise clear from None
     except Preempted as e:
         record.update(state="preempted", preempted={"time": time.time(), "message": str(e)})
         raise
@@ -243,18 +283,20 @@ def _train(cfg: DictConfig, rd: Path, rid: str) -> dict:
         raise
 
 
-def _train_recorded(cfg: DictConfig, rd: Path, rid: str, record: RunRecord) -> dict:
+def _train_recorded(cfg: DictConfig, rd: Path, rid: str, record: RunRecord, data: Dataset) -> dict:
     """Set up, build, train (or resume), evaluate and write the run; ``record`` follows along."""
     t0 = time.time()
     device, seeds, plan = _start(cfg, rd, rid, record, t0)
-    data = load_dataset(cfg.data)
-    record.update(data=data.info)
+    dcfg = settings(cfg.data, data)  # the data's shape, classes and normalisation where cfg.data leaves them
+    used = OmegaConf.to_container(dcfg, resolve=True)
+    record.update(data={**data.info, "used": {k: used[k] for k in ("num_classes", "channels", "image_size", "mean",
+                                                                    "std", "pad", "flip")}})
     data = data.to(device)
-    streams, model = _initial_model(cfg, seeds, record)
+    streams, model = _initial_model(cfg, seeds, record, data)
     views = ["plain"] + [v for v in cfg.eval.views if v != "plain"]
 
     def evaluate(with_features: bool):
-        return evaluate_test_set(model, data, cfg.data, views, batch_size=cfg.eval.batch_size, device=device,
+        return evaluate_test_set(model, data, dcfg, views, batch_size=cfg.eval.batch_size, device=device,
                                  channels_last=plan.channels_last, with_features=with_features)
 
     last_snapshot: dict = {}
@@ -266,9 +308,11 @@ def _train_recorded(cfg: DictConfig, rd: Path, rid: str, record: RunRecord) -> d
             if k == cfg.train.snapshots:  # the last cycle ends with the final model: reuse it
                 last_snapshot.update(logits)
 
-    trainer = Trainer(model, data, streams, cfg.train, cfg.data, device, rd / CHECKPOINT,
+    recorder = make_recorder(cfg, model, data, data_cfg=dcfg, channels_last=plan.channels_last, run_id=rid)
+    trainer = Trainer(model, data, streams, cfg.train, dcfg, device, rd / CHECKPOINT,
                       plan=plan, on_epoch=lambda hb: record.update(heartbeat=hb), on_snapshot=on_snapshot,
-                      run_id=rid)
+                      run_id=rid, recorder=recorder, trajectory_path=rd / TRAJECTORY,
+                      keep_epochs=record_settings(cfg).keep_checkpoints)
     record.update(param_groups=trainer.groups_record)
     if trainer.load_checkpoint():
         record.update(resumed_from={"epoch": trainer.progress.epoch, "batch": trainer.progress.batch,
@@ -277,6 +321,7 @@ def _train_recorded(cfg: DictConfig, rd: Path, rid: str, record: RunRecord) -> d
     t_eval = time.time()
     logits, features = (last_snapshot, None) if last_snapshot and not cfg.eval.features \
         else evaluate(cfg.eval.features)
+    record.update(record=write_records(cfg, rd, rid, model, recorder, trainer.progress.step))
     return _finish(cfg, rd, rid, record, views, logits, features, data.test_y,
                    times=(t0, t_eval, trainer.elapsed))
 
@@ -303,13 +348,22 @@ def _start(cfg: DictConfig, rd: Path, rid: str, record: RunRecord, t0: float):
     return device, seeds, plan
 
 
-def _initial_model(cfg: DictConfig, seeds, record: RunRecord):
+def _initial_model(cfg: DictConfig, seeds, record: RunRecord, data: Dataset):
     """The run's streams and its model as training starts: initialised, bit change applied."""
     streams = Streams.from_seeds(seeds)
-    model = model_from_config(cfg)
-    init_weights(model, streams.init)
-    bitflip = apply_bitflip(bitflip_target(model), seeds.bitflip) if seeds.bitflip is not None else None
-    record.update(bitflip=bitflip, n_parameters=sum(p.numel() for p in model.parameters()))
+    shape = tuple(int(v) for v in data.train_x.shape[1:])
+    model = model_for_run(cfg, shape, data.num_classes, streams.init)  # type: ignore[arg-type]
+    target = bitflip_target(model, cfg)  # checked even without a bit change: a wrong name fails every run
+    name = next(n for n, p in model.named_parameters() if p is target)
+    bitflip = apply_bitflip(target, seeds.bitflip) if seeds.bitflip is not None else None
+    if bitflip is not None:
+        bitflip["param"] = name
+    info = {"name": cfg.model.name, "family": model_entry(cfg.model.name).family, "bitflip_param": name}
+    if cfg.model.name == CUSTOM:
+        from ..model_factory import factory_record  # torch-free; the identity resolve_inputs put in cfg
+
+        info["factory"] = factory_record(cfg.model.factory, OmegaConf.to_container(cfg.model.kwargs))
+    record.update(bitflip=bitflip, n_parameters=sum(p.numel() for p in model.parameters()), model=info)
     return streams, model
 
 

@@ -16,22 +16,27 @@ stopped at an epoch boundary or mid-epoch (``request_stop``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .data import Dataset, EpochImages, Normalize, epoch_augment, epoch_order, training_batches
 from ..config import ConfigError
-from .models import BasicBlock
-from ..rundir import atomic_write
+from .models import BasicBlock, ResNet
+from .zoo import authors_small_lr_names
+from .. import safeio
+from .recorder import Recorder
+from ..rundir import atomic_write, kept_checkpoint
 from .sources import Streams
 from .step import EagerStep, StepPlan, make_optimizer, make_scaler, make_step, plan_step
 
@@ -67,19 +72,55 @@ def lr_factor(epoch: float, epochs: int, snapshots: int, warmup: float) -> float
 
 PARAM_GROUP_RULES = ("authors", "by_type")
 
+#: torch's global generator while a model trains. Random layers in a model's forward (dropout,
+#: stochastic depth: a researcher's model) draw from it; ``fit`` forks it, seeded with this value at
+#: the start of training (no source varies it, so the draws are the same in every run of a sweep),
+#: keeps its state in every checkpoint (an exact resume) and leaves the caller's generator as it was.
+FORWARD_SEED = 0
+
+
+def forward_rng_state(device: torch.device) -> dict:
+    """torch's global generator states (CPU, and the training device's on CUDA), for a checkpoint."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+@contextlib.contextmanager
+def forward_rng(device: torch.device, state: Optional[dict]) -> Iterator[None]:
+    """A fork of torch's global generators (CPU and ``device``), set to ``state`` (a checkpoint's)
+    or seeded with FORWARD_SEED; the caller's generators are restored on exit."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        if state is None:
+            torch.random.default_generator.manual_seed(FORWARD_SEED)
+            if cuda:
+                torch.cuda.manual_seed(FORWARD_SEED)
+        else:
+            torch.set_rng_state(state["cpu"].cpu())
+            if cuda and "cuda" in state:
+                torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+        yield
+
 
 def small_lr_names(model: nn.Module, rule: str) -> set[str]:
     """Names of the parameters that train at peak * lr_scale_bias_bn under ``rule``.
 
-    authors: the authors' code picks by NAME: "bias" in the name, or "bn" and "weight" in it. Every
-    BN of theirs is called bn1/bn2 except the shortcut's, ``downsample.1``, so its scale misses the
-    rule and trains at the full peak while its bias does not. We reproduce that by what the modules
-    are, not by our names (ours call the shortcut BN ``shortcut.bn`` / ``shortcut.1``, and a
-    rename must not silently move a tensor): every bias, and every BN scale outside a shortcut.
+    authors: the authors' code picks by NAME: "bias" in the name, or "bn" and "weight" in it
+    (run/zoo ``authors_small_lr_names``), which is what every model but this package's own ResNet
+    class gets: the authors' models carry their names, so the outcome is theirs, and a researcher's
+    model gets what their code would give it. This package's ResNets (the "resnet" family: resnet14,
+    resnet18b, resnet34) name the shortcut BN ``shortcut.bn`` / ``shortcut.1`` where the authors
+    write ``downsample.1``, so for them the same outcome comes by module: every bias, and every BN
+    scale outside a shortcut (the shortcut BN's scale trains at the full peak, its bias does not;
+    tests/test_zoo_models.py compares the two on ResNet-14 tensor by tensor).
     by_type: every parameter that is not a conv or linear weight (all BN scales and biases).
     """
     if rule not in PARAM_GROUP_RULES:
         raise ConfigError(f"train.param_groups={rule!r}: valid values are {list(PARAM_GROUP_RULES)}.")
+    if rule == "authors" and not isinstance(model, ResNet):
+        return authors_small_lr_names(model)
     shortcut_bn = {id(m) for b in model.modules() if isinstance(b, BasicBlock)
                    for m in b.shortcut.modules() if isinstance(m, nn.BatchNorm2d)}
     small = set()
@@ -112,8 +153,12 @@ def load_checkpoint_file(path: Path, run_id: str, map_location: Any = "cpu") -> 
     run's model. Either refusal leaves every file as it is and says what to do.
     """
     path = Path(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+    try:  # a regular file of bounded size, read from the checked descriptor (a FIFO would block)
+        with safeio.RegularFile(path, safeio.MAX_CHECKPOINT) as rf, rf.fileobj() as f:
+            state = torch.load(f, map_location=map_location, weights_only=True)
+    except safeio.RefusedFile as e:
+        raise ConfigError(f"{e}. Nothing was loaded or overwritten: move it away (the run then trains from "
+                          f"scratch) or restore the run's own checkpoint.") from None
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise ConfigError(f"{path} was refused: it is not a checkpoint this package wrote ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200]}). Nothing was loaded or overwritten. If the run should "
@@ -123,6 +168,14 @@ def load_checkpoint_file(path: Path, run_id: str, map_location: Any = "cpu") -> 
         raise ConfigError(f"{path} belongs to run {stored or '(no run id recorded)'}, not to {run_id}: it was copied "
                           f"or written by another version. Nothing was loaded or overwritten; move it away to "
                           f"train {run_id} from scratch.")
+    progress = state.get("progress")
+    if not isinstance(progress, dict) or set(progress) != set(PROGRESS_KEYS) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in progress.values()):
+        shown = sorted(progress) if isinstance(progress, dict) else type(progress).__name__
+        raise ConfigError(f"{path}: its progress record has {shown}, not the integer counts {list(PROGRESS_KEYS)} this "
+                          f"version writes (written by another version, or edited). Nothing was loaded or "
+                          f"overwritten: move it away to train {run_id} from scratch, or resume it with the version "
+                          f"that wrote it.")
     return state
 
 
@@ -133,6 +186,9 @@ class Progress:
     step: int = 0  # optimizer steps done in total
 
 
+PROGRESS_KEYS = tuple(f.name for f in dataclasses.fields(Progress))
+
+
 class Trainer:
     """One model, one data set, one set of streams; ``fit`` runs (or resumes) to the end."""
 
@@ -140,9 +196,13 @@ class Trainer:
                  device: torch.device, checkpoint_path: Path, channels_last: Optional[bool] = None,
                  on_epoch: Optional[Callable[[dict], None]] = None,
                  on_snapshot: Optional[Callable[[int], None]] = None, run_id: str = "",
-                 plan: Optional[StepPlan] = None):
+                 plan: Optional[StepPlan] = None, recorder: Optional[Recorder] = None,
+                 trajectory_path: Optional[Path] = None, keep_epochs: Sequence[int] = ()):
         """``plan``: how the step runs (step.plan_step of tcfg, by default); ``channels_last``, when
-        given, overrides the plan's memory format (callers that resolved it themselves)."""
+        given, overrides the plan's memory format (callers that resolved it themselves).
+        ``recorder``: records the trajectory (run/recorder.py) at its grid's steps, its state kept in
+        every checkpoint and its file written to ``trajectory_path`` with each checkpoint.
+        ``keep_epochs``: epochs at whose end the checkpoint is also kept as rundir.kept_checkpoint."""
         self.model, self.data, self.streams, self.t, self.d = model, data, streams, tcfg, dcfg
         self.device, self.checkpoint_path = device, Path(checkpoint_path)
         self.run_id = run_id  # stored in every checkpoint: a checkpoint of another run is refused
@@ -152,6 +212,8 @@ class Trainer:
         self.plan = plan
         self.memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
         self.on_epoch, self.on_snapshot = on_epoch, on_snapshot
+        self.recorder, self.trajectory_path = recorder, trajectory_path
+        self.keep_epochs = frozenset(int(e) for e in keep_epochs)
         self.model.to(device=device, memory_format=self.memory_format)
         groups = param_groups(model, tcfg.lr, tcfg.lr_scale_bias_bn, tcfg.weight_decay, tcfg.param_groups)
         # What each group holds, for run.json: the rule, and tensors/values per peak LR.
@@ -172,24 +234,33 @@ class Trainer:
         self.elapsed = 0.0  # training seconds over all attempts
         self.lrs: list[float] = []  # each group's LR for the next step (set_lr)
         self.step: Optional[EagerStep] = None  # built by fit, after a checkpoint may have been loaded
+        self.forward_rng: Optional[dict] = None  # the forward generators' state (FORWARD_SEED), from a checkpoint
+        self.in_fit = False
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"run_id": self.run_id, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "progress": vars(self.progress).copy(), "epoch_streams": self.epoch_streams,
                 "snapshots_done": self.snapshots_done, "elapsed": self.elapsed,
-                **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
+                "forward_rng": forward_rng_state(self.device) if self.in_fit else self.forward_rng,
+                **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+                **({"recorder": self.recorder.state_dict()} if self.recorder is not None else {})}
 
-    def save_checkpoint(self) -> None:
-        state = self.state_dict()
-
-        def write(f: io.BufferedWriter) -> None:
-            torch.save(state, f)
-
-        atomic_write(self.checkpoint_path, write)
+    def save_checkpoint(self, keep: bool = False) -> None:
+        """The checkpoint, then the trajectory so far (the checkpoint's recorder state is what a
+        resume continues from; the file is rewritten from it at the next checkpoint). ``keep``:
+        the same bytes also under rundir.kept_checkpoint for this epoch."""
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        data = buf.getvalue()
+        atomic_write(self.checkpoint_path, lambda f: f.write(data))
+        if keep:
+            atomic_write(kept_checkpoint(self.checkpoint_path.parent, self.progress.epoch), lambda f: f.write(data))
+        if self.recorder is not None and self.trajectory_path is not None:
+            self.recorder.write(self.trajectory_path)
 
     def load_checkpoint(self) -> bool:
-        if not self.checkpoint_path.exists():
+        if not os.path.lexists(self.checkpoint_path):
             return False
         state = load_checkpoint_file(self.checkpoint_path, self.run_id, map_location=self.device)
         self.model.load_state_dict(state["model"])
@@ -198,8 +269,13 @@ class Trainer:
         self.epoch_streams = state["epoch_streams"]
         self.snapshots_done = state["snapshots_done"]
         self.elapsed = state["elapsed"]
+        # absent in checkpoints of version 0.1.0, whose models drew nothing from it
+        self.forward_rng = state.get("forward_rng")
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
+        if self.recorder is not None:  # None in an older checkpoint: recording restarts, marked incomplete
+            self.recorder.load_state_dict(state.get("recorder"))
+            self.recorder.check_resumed(self.progress.step)
         return True
 
     # --- the loop ----------------------------------------------------------------------------
@@ -213,7 +289,8 @@ class Trainer:
         """The rest of this epoch's batches; returns the summed loss (on the device) and the last LR.
 
         Nothing here reads a device value on the host or makes a tensor from Python data: an epoch
-        synchronises once, when on_epoch reads the loss (tests/test_train_step.py, gpu_check.sh).
+        synchronises once, when on_epoch reads the loss (tests/test_train_step.py, gpu_check.sh),
+        and once more at each step the recorder's grid holds (one device-to-host copy per point).
         """
         p = self.progress
         loss_sum = torch.zeros((), device=self.device)
@@ -224,6 +301,8 @@ class Trainer:
             loss = self.step(x_epoch[lo:hi], y_epoch[lo:hi], self.lrs)
             loss_sum += loss * (hi - lo)
             p.batch, p.step = b + 1, p.step + 1
+            if self.recorder is not None:  # the model after this step, before a stop checkpoints it
+                self.recorder.maybe_record(p.step)
             if _STOP.is_set():
                 self.elapsed += time.perf_counter() - start
                 self.save_checkpoint()
@@ -231,12 +310,24 @@ class Trainer:
         return loss_sum, lr
 
     def fit(self) -> None:
+        """Train (or go on training) to the end; random layers draw from ``forward_rng``'s fork."""
+        with forward_rng(self.device, self.forward_rng):
+            self.in_fit = True
+            try:
+                self._fit()
+            finally:
+                self.in_fit = False
+                self.forward_rng = forward_rng_state(self.device)
+
+    def _fit(self) -> None:
         t, d, p = self.t, self.d, self.progress
         cycle = t.epochs // t.snapshots
         if self.step is None:  # after load_checkpoint: a captured graph holds the optimizer's tensors
             shape = (min(t.batch_size, self.n), *self.data.train_x.shape[1:])
             self.step = make_step(self.model, self.opt, self.normalize, self.plan, self.device, shape, self.scaler)
         self.model.train()
+        if self.recorder is not None:
+            self.recorder.maybe_record(p.step)  # step 0: the initial weights, after the bit change
         while p.epoch < t.epochs:
             start = time.perf_counter()
             # Replaying from the epoch's saved stream states makes a mid-epoch resume exact.
@@ -255,8 +346,9 @@ class Trainer:
                 self.on_snapshot(p.epoch // cycle)
                 self.model.train()
                 self.snapshots_done = p.epoch // cycle
-            if p.epoch % t.checkpoint_every == 0 or p.epoch == t.epochs or p.epoch % cycle == 0:
-                self.save_checkpoint()
+            keep = p.epoch in self.keep_epochs
+            if p.epoch % t.checkpoint_every == 0 or p.epoch == t.epochs or p.epoch % cycle == 0 or keep:
+                self.save_checkpoint(keep)
             if self.on_epoch:
                 self.on_epoch({"epoch": p.epoch, "epochs": t.epochs, "step": p.step, "steps": self.steps,
                                "train_loss": float(loss_sum) / self.n, "lr": lr, "time": time.time(),

@@ -157,7 +157,9 @@ def evaluate_views(model: nn.Module, images_u8: torch.Tensor, labels: torch.Tens
 
     Returns ``({view: float32 [N, classes]}, features)`` where ``features`` is the un-augmented
     image's ``model.forward_features`` output, float32 [N, d], if ``with_features`` else None
-    (then logits come from ``model.fc(features)``, which must equal ``model(x)``).
+    (then logits come from ``model.fc(features)``, which must equal ``model(x)``; a model without
+    ``forward_features`` and ``fc``, e.g. a researcher's, gives the input of its last linear layer:
+    ``features_and_logits``).
 
     Every distinct transform of the union of the requested views is run once; its logits are
     added, in float64, with its multiplicity into each view using it, and each view is divided by
@@ -195,8 +197,7 @@ def evaluate_views(model: nn.Module, images_u8: torch.Tensor, labels: torch.Tens
                 if channels_last:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 if with_features:
-                    f = model.forward_features(batch)
-                    logits = model.fc(f)
+                    f, logits = features_and_logits(model, batch)
                     if j0 == 0:  # union[0] is the original: its rows come first
                         sums.add_features(f, i0, i1)
                 else:
@@ -205,6 +206,31 @@ def evaluate_views(model: nn.Module, images_u8: torch.Tensor, labels: torch.Tens
     finally:
         model.train(was_training)
     return sums.result(views, weight)
+
+
+def classifier(model: nn.Module) -> nn.Linear:
+    """The layer whose input is the penultimate features: ``model.fc`` where the model has
+    ``forward_features`` and ``fc`` (this package's ResNets), else its last ``nn.Linear`` in
+    registration order (every zoo model's classifier; the usual last layer of a researcher's)."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ValueError("eval.features=true needs a final nn.Linear layer (its input is the features for CKA); "
+                         "this model has none: set eval.features=false")
+    return last[-1]
+
+
+def features_and_logits(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate features, logits) of one forward pass."""
+    if hasattr(model, "forward_features") and isinstance(getattr(model, "fc", None), nn.Linear):
+        f = model.forward_features(batch)
+        return f, model.fc(f)
+    seen: list[torch.Tensor] = []
+    handle = classifier(model).register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    try:
+        logits = model(batch)
+    finally:
+        handle.remove()
+    return seen[-1].flatten(1), logits
 
 
 def evaluate_test_set(model: nn.Module, data, data_cfg, views: Sequence[str], *, batch_size: int,

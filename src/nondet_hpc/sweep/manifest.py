@@ -5,7 +5,7 @@ Written atomically (rundir.write_text: temp file + fsync + rename) under the swe
 leaves the old or the new manifest, never half of one. Earlier submissions are never dropped;
 every launch that submits appends one submission record::
 
-    {"format": 1, "sweep_dir": ..., "created": ...,
+    {"version": 2, "format": 1, "sweep_dir": ..., "created": ...,
      "runs": {RUN_ID: {"run_dir", "overrides", "config_hash",
                        "jobs": [{"submission", "job_id": "A_i", "array_job_id": "A", "index": i}]}},
      "submissions": [{"n", "time", "user", "host", "cwd", "argv", "status", "launcher", "folder",
@@ -23,6 +23,12 @@ Array task ``i`` of an array with ``offset o`` (counted in runs) and ``runs_per_
 of one task share its job id and their job records carry their ``slot`` in the task. Manifests
 written before runs_per_task existed have neither key: one run per task.
 
+Every read checks the file against its schema (:mod:`.schema`, with the version rules: 0.1.0's
+files have no ``version`` and load as version 1; an unknown version is refused): a damaged file
+raises :class:`ManifestError` naming each bad entry, and :func:`read_salvaged` gives the entries
+that can still be used to the commands that act on part of a sweep (status, cancel). The file is
+read only as a regular file of bounded size and written without following links (safeio).
+
 The file is SLURM-free on purpose: the local launcher records a study grown in waves here too,
 and the reducer reads the planned runs; what SLURM adds (job ids, scripts) is only data in it.
 """
@@ -36,15 +42,25 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from .. import rundir
+from .. import safeio
+from . import schema
 
 MANIFEST = "sweep.json"
 LOCK = ".sweep.lock"
-FORMAT = 1
+FORMAT = 1  # the layout's name in 0.1.0; the schema's version is schema.VERSION
 
 
 class SweepError(RuntimeError):
     """A sweep folder cannot be used now (its lock is held by another launch)."""
+
+
+class ManifestError(SweepError, ValueError):
+    """sweep.json cannot be used as it is: the message names the file and every damaged entry."""
+
+    def __init__(self, path: Path, problems: list[str]):
+        self.path, self.problems = Path(path), list(problems)
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        super().__init__(f"{path} is damaged: {shown}")
 
 
 def now_iso() -> str:
@@ -60,26 +76,58 @@ def manifest_path(sweep_dir: str | os.PathLike) -> Path:
     return Path(sweep_dir) / MANIFEST
 
 
+def _read(path: Path) -> Any:
+    try:
+        return safeio.load_json(path)
+    except safeio.RefusedFile as e:
+        raise ManifestError(path, [e.why]) from None
+
+
 def load_manifest(sweep_dir: str | os.PathLike) -> dict | None:
+    """sweep.json of a sweep folder, checked against its schema; None when there is none.
+
+    Raises :class:`ManifestError` (a ValueError) naming every entry that does not match.
+    """
     path = manifest_path(sweep_dir)
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
-    with path.open() as f:
-        data = json.load(f)
-    if not isinstance(data, dict) or "runs" not in data or "submissions" not in data:
-        raise ValueError(f"{path} is not a nondet_hpc sweep manifest")
+    data = _read(path)
+    bad = schema.problems(data)
+    if bad:
+        raise ManifestError(path, bad)
     return data
 
 
+def read_salvaged(sweep_dir: str | os.PathLike) -> tuple[dict | None, list[str]]:
+    """(sweep.json with its damaged entries left out, what was left out): for status and cancel,
+    which act on what can be read and say what could not. (None, []) without a sweep.json;
+    (None, [why]) when nothing of it can be used."""
+    path = manifest_path(sweep_dir)
+    if not os.path.lexists(path):
+        return None, []
+    try:
+        data = _read(path)
+    except ManifestError as e:
+        return None, e.problems
+    return schema.salvage(data)
+
+
 def new_manifest(sweep_dir: str | os.PathLike) -> dict:
-    return {"format": FORMAT, "sweep_dir": str(Path(sweep_dir).resolve()), "created": now_iso(),
+    return {"version": schema.VERSION, "format": FORMAT, "sweep_dir": str(Path(sweep_dir).resolve()), "created": now_iso(),
             "runs": {}, "submissions": [], "cancellations": []}
 
 
 def write_manifest(sweep_dir: str | os.PathLike, data: Mapping) -> Path:
-    """Atomic write (rundir's temp file + rename); indent 1 keeps 1000s of runs compact."""
+    """Atomic write (safeio: temp file + rename, no link followed); indent 1 keeps 1000s of runs
+    compact. Written as this version's schema (a 0.1.0 file rewritten gains ``"version": 2``); a
+    manifest that does not match it is never written."""
     path = manifest_path(sweep_dir)
-    rundir.write_text(path, json.dumps(data, indent=1, sort_keys=False, default=str) + "\n")
+    out = {"version": schema.VERSION, **{k: v for k, v in data.items() if k != "version"}}
+    bad = schema.problems(json.loads(json.dumps(out, default=str)))
+    if bad:
+        raise ManifestError(path, ["refusing to write entries that do not match the schema", *bad])
+    safeio.write_bytes(path, (json.dumps(out, indent=1, sort_keys=False, default=str) + "\n").encode(),
+                       root=Path(sweep_dir))
     return path
 
 
@@ -87,9 +135,9 @@ def write_manifest(sweep_dir: str | os.PathLike, data: Mapping) -> Path:
 def sweep_lock(sweep_dir: str | os.PathLike, timeout: float = 120.0) -> Iterator[None]:
     """Exclusive lock of a sweep folder (two launches of one sweep never interleave)."""
     path = Path(sweep_dir) / LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with rundir.file_lock(path, lambda: SweepError(f"{path} is locked by another submission for {timeout:g} s"),
-                          timeout=timeout):
+    os.makedirs(path.parent, exist_ok=True)  # the sweep folder itself: the user's choice of path
+    with safeio.file_lock(path, lambda: SweepError(f"{path} is locked by another submission for {timeout:g} s"),
+                          timeout=timeout, root=Path(sweep_dir)):
         yield
 
 

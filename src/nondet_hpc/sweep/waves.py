@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from .. import metrics as M
 from ..config import ConfigError
 from ..rundir import RUNS, is_done
+from ..safeio import RefusedFile, read_regular, write_bytes
+from . import trust
 from .identity import PlannedRun, plan_run
 from .manifest import jsonable, load_manifest, new_manifest, now_iso, sweep_lock, write_manifest
 
@@ -136,13 +138,19 @@ def seeds_to_plan(rule: Mapping, groups: Mapping[str, list[tuple[int, list[str]]
 
 def record_first_waves(sweep_dir: str | Path, rule: Mapping, groups: Mapping[str, list[tuple[int, list[str]]]],
                        planned: Mapping[str, list[PlannedRun]], params: Mapping[str, Any],
-                       ignore_keys: Sequence[str]) -> dict:
+                       ignore_keys: Sequence[str], *, sign: bool = False) -> dict:
     """Write the study (rule, groups, their configs, wave 1 of new groups) to sweep.json, under the
-    sweep lock, before anything is submitted; a wave of a rerun is marked submitted again."""
+    sweep lock, before anything is submitted; a wave of a rerun is marked submitted again.
+
+    ``sign`` (the SLURM launcher, whose reducer jobs submit the next waves with these settings):
+    a signed study must still match its signature, except the launcher settings this command
+    records anew (:func:`.trust.verify_study`), and the record is signed again."""
     with sweep_lock(sweep_dir):
         manifest = load_manifest(sweep_dir) or new_manifest(sweep_dir)
         study = manifest.setdefault("study", {"rule": dict(rule), "status": "running", "stop_reason": None,
                                               "groups": {}, "waves": []})
+        if sign and "signature" in study:
+            trust.verify_study(study, sweep_dir, renewed=("params.", "ignore_keys"))
         study["params"], study["ignore_keys"] = jsonable(dict(params)), list(ignore_keys)
         new = {}
         for label, jobs in groups.items():
@@ -164,6 +172,8 @@ def record_first_waves(sweep_dir: str | Path, rule: Mapping, groups: Mapping[str
             study["waves"][-1]["status"] = "recorded"  # the rerun submits what it missed
         if study["status"] == "stopped":
             study["status"], study["stop_reason"] = "running", None
+        if sign:
+            trust.sign_study(study, sweep_dir)
         write_manifest(sweep_dir, manifest)
         return study
 
@@ -186,6 +196,7 @@ def mark_submitted(sweep_dir: str | Path, submission: int | None, error: str | N
             study["stop_reason"] = (f"submission of wave {wave['n']} failed: {error}. Rerun the same sweep command "
                                     "to continue (it submits only the seeds not yet done or queued)")
         write_manifest(sweep_dir, manifest)
+    refresh_report(sweep_dir)
 
 
 # =============================================================================== deciding a wave
@@ -271,6 +282,7 @@ def decide_wave(sweep_dir: Path, manifest: dict, by: str, echo: Callable[[str], 
                                f"{' ...' if len(missing) > 5 else ''}); see python -m nondet_hpc.status "
                                f"{sweep_dir}, then rerun the same sweep command to run them again")
         write_manifest(sweep_dir, manifest)
+        refresh_report(sweep_dir, study)
         echo(f"nondet_hpc: study stopped: {study['stop_reason']}")
         return 1, {}, []
     nxt = decide(study, measure(sweep_dir, study))
@@ -279,6 +291,7 @@ def decide_wave(sweep_dir: Path, manifest: dict, by: str, echo: Callable[[str], 
         states = sorted({g["state"] for g in study["groups"].values()})
         stop(study, "done", f"after {len(study['waves'])} wave(s): every group stopped ({'; '.join(states)})")
         write_manifest(sweep_dir, manifest)
+        refresh_report(sweep_dir, study)
         echo(f"nondet_hpc: study done: {study['stop_reason']}")
         return 0, {}, []
     by_group = plan_next(study, nxt)
@@ -289,6 +302,7 @@ def decide_wave(sweep_dir: Path, manifest: dict, by: str, echo: Callable[[str], 
     study["waves"].append({"n": len(study["waves"]) + 1, "time": now_iso(), "by": by, "groups": nxt,
                            "status": "recorded", "submission": None, "decided": False})
     write_manifest(sweep_dir, manifest)  # recorded before it runs: never run or submitted twice
+    refresh_report(sweep_dir, study)
     return 0, nxt, [r for runs in by_group.values() for r in runs]
 
 
@@ -308,6 +322,7 @@ def decide_local(sweep_dir: str | Path, reducer_error: str | None, measure: Meas
             stop(study, "stopped", f"the reducer failed after wave {len(study['waves'])} ({reducer_error}); fix "
                                    "that and rerun the same sweep command to continue")
             write_manifest(sweep_dir, manifest)
+            refresh_report(sweep_dir, study)
             echo(f"nondet_hpc: study stopped: {study['stop_reason']}")
             return {}
         return decide_wave(sweep_dir, manifest, by, echo, measure)[1]
@@ -323,6 +338,7 @@ def reducer_failed(sweep_dir: str | Path, reducer_rc: int, echo: Callable[[str],
             stop(study, "stopped", f"the reducer exited with {reducer_rc} after wave {len(study['waves'])} (its "
                                    "log says why); fix that and rerun the same sweep command to continue")
             write_manifest(sweep_dir, manifest)
+            refresh_report(sweep_dir, study)
             echo(f"nondet_hpc: study stopped: {study['stop_reason']}")
 
 
@@ -347,18 +363,38 @@ def describe(study: Mapping) -> list[str]:
     return lines
 
 
-def report_section(sweep_dir: str | Path) -> list[str]:
-    """report.md's "Study grown in waves" section: the stop rule, the waves run, and the caveat."""
-    try:
-        study = load_study(sweep_dir)
-    except (OSError, ValueError):
-        return []
+REPORT_HEADING = "## Study grown in waves"
+REPORT_MD = Path("report") / "report.md"  # where the reducer writes it (nondet_hpc.analysis.reduce)
+MAX_REPORT_BYTES = 64 << 20
+
+
+def state_line(study: Mapping) -> str:
+    """The study's state and why, as report.md says it: done or stopped (and why), or growing."""
+    if study["status"] in ("done", "stopped"):
+        return f"**State: {study['status']}**: {study.get('stop_reason') or 'no reason recorded'}"
+    last = study["waves"][-1] if study["waves"] else None
+    if last is None:
+        return "**State: growing**: no wave recorded yet"
+    seeds = "; ".join(f"{k} {v[0]}-{v[-1]}" for k, v in last["groups"].items())
+    what = "decided" if last.get("decided") else last["status"]
+    return (f"**State: growing**: wave {last['n']} ({seeds}) {what}; this report counts the runs done when it was "
+            f"written (python -m nondet_hpc.status shows the newest state)")
+
+
+def report_section(sweep_dir: str | Path, study: Mapping | None = None) -> list[str]:
+    """report.md's "Study grown in waves" section: the state and why it stopped, the stop rule, the
+    waves run, and the caveat."""
+    if study is None:
+        try:
+            study = load_study(sweep_dir)
+        except (OSError, ValueError):
+            return []
     if not study:
         return []
     rule = study["rule"]
     tg = ", ".join(f"`{k}` <= {v:g}" for k, v in rule["targets"].items())
     mx = rule["max_models"] if rule["max_models"] is not None else "every seed swept"
-    lines = ["## Study grown in waves", "",
+    lines = [REPORT_HEADING, "", state_line(study), "",
              f"Stop rule, fixed in sweep.json before the first wave: each group grows by {rule['wave']} seeds a "
              f"wave until {tg} (the bootstrap SE of the SD over the group's models, as in metrics.csv) or "
              f"{mx} models. Waves run: {len(study['waves'])}. Per group:", ""]
@@ -372,3 +408,24 @@ def report_section(sweep_dir: str | Path) -> list[str]:
               "final N models, and no hypothesis test is used to decide when to stop; a p-value or a claim verdict "
               "computed on a sweep stopped this way is conditional on the stop and is not corrected for it.", ""]
     return lines
+
+
+def refresh_report(sweep_dir: str | Path, study: Mapping | None = None) -> None:
+    """Rewrite report.md's study section from the record as it is now. The reducer writes the report
+    before the wave is decided (the decision reads what it measured), so without this the report of
+    a finished study would still say it grows; nothing to do without a report or a section."""
+    path = Path(sweep_dir) / REPORT_MD
+    try:
+        text = read_regular(path, MAX_REPORT_BYTES).decode()
+    except (RefusedFile, UnicodeDecodeError):
+        return
+    start = text.find("\n" + REPORT_HEADING + "\n")
+    if start < 0:
+        return
+    end = text.find("\n## ", start + len(REPORT_HEADING) + 2)
+    section = "\n".join(report_section(sweep_dir, study))
+    if not section:
+        return
+    new = text[:start + 1] + section + (text[end:] if end >= 0 else "")
+    if new != text:
+        write_bytes(path, new.encode())

@@ -1,10 +1,11 @@
-"""Build any model of the zoo by name, initialised from the init stream; the bit-change and
+"""Build any registered model by name, initialised from the init stream; the bit-change and
 learning-rate-group rules that go by parameter name.
 
-``build(name, in_shape, num_classes, g)`` looks the name up in nondet_hpc/registry/zoo.py, builds
-its family for the dataset's image shape [C, H, W] and class count, and initialises it from the
-init generator ``g`` by the entry's rule (``explicit`` or ``torch_default``, see the registry).
-torch's global RNG state is the same before and after.
+``build(name, in_shape, num_classes, g)`` looks the name up in nondet_hpc/registry/models.py,
+builds its family for the dataset's image shape [C, H, W] and class count, and initialises it from
+the init generator ``g`` by the entry's rule (``kaiming_zero_residual`` or ``torch_default``, see
+the registry). ``from_config`` does the same for a run's ``cfg.model`` (its options, or the
+researcher's factory for model=custom). torch's global RNG state is the same before and after.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import torch
 import torch.nn as nn
 
 from ...config import ConfigError
-from ...registry.zoo import MODELS, ZooModel
+from ...model_factory import CUSTOM_KEYS
+from ...registry.models import MODELS, Model
 from .cifar_resnet import build_cifar_resnet
+from .custom import build_custom, check_output
+from .resnet import build_resnet
 from .rng import construct
 from .shufflenet import ShuffleNetV2
 from .small import HiddenConv, HiddenFC, LinearNet, MnistCNN
@@ -42,23 +46,27 @@ FAMILIES: dict[str, Builder] = {
     "shufflenet_v2": _forked(lambda o, s, k: ShuffleNetV2(float(o["size"]), s[0], k)),
     "torchvision_resnet": _forked(lambda o, s, k: TorchvisionResNet(int(o["depth"]), s[0], k)),
     "cifar_resnet": lambda o, s, k, g: build_cifar_resnet(list(o["widths"]), list(o["blocks"]), k, s[0], g),
+    "resnet": lambda o, s, k, g: build_resnet(list(o["widths"]), list(o["blocks"]), str(o.get("shortcut", "A")),
+                                              k, s[0], g),
 }
 
 
-#: The init rule each family implements (registry/zoo.py ``init``): cifar_resnet draws its weights
-#: itself (cifar_resnet.init_explicit); every other family keeps its constructor's defaults, drawn
-#: inside the init stream's fork.
-FAMILY_INIT = {family: "torch_default" for family in FAMILIES} | {"cifar_resnet": "explicit"}
+#: The init rule each family implements (registry/models.py ``Model.init``): the ResNets draw their
+#: weights themselves (resnet.init_kaiming_zero_residual); every other family keeps its
+#: constructor's defaults, drawn inside the init stream's fork; model=custom is the researcher's.
+FAMILY_INIT = {family: "torch_default" for family in FAMILIES} | {
+    "cifar_resnet": "kaiming_zero_residual", "resnet": "kaiming_zero_residual", "custom": "factory"}
 
 
-def entry(name: str) -> ZooModel:
+def entry(name: str) -> Model:
     """The registry entry of ``name``, checked against what its family implements."""
     if name not in MODELS:
-        raise ConfigError(f"model={name!r} is not in the zoo; valid: {sorted(MODELS)} (or model=custom).")
+        raise ConfigError(f"model={name!r} is not a registered model; valid: {', '.join(MODELS)} (choose with "
+                          f"model=NAME; models are declared in registry/models.py).")
     e = MODELS[name]
     if FAMILY_INIT.get(e.family) != e.init:
         raise ConfigError(f"registry entry {name!r}: family {e.family!r} initialises by rule "
-                          f"{FAMILY_INIT.get(e.family)!r}, the entry says {e.init!r}; fix registry/zoo.py.")
+                          f"{FAMILY_INIT.get(e.family)!r}, the entry says {e.init!r}; fix registry/models.py.")
     return e
 
 
@@ -69,11 +77,35 @@ def build(name: str, in_shape: Shape, num_classes: int, g: torch.Generator,
     ``options`` override the entry's family options (e.g. other widths for a cifar_resnet).
     """
     e = entry(name)
+    if e.family == "custom":
+        raise ConfigError("model=custom is built from its factory: use from_config (model.factory=package.module:fn).")
     opts = {**e.options, **(options or {})}
     try:
         return FAMILIES[e.family](opts, tuple(int(v) for v in in_shape), int(num_classes), g)  # type: ignore[arg-type]
     except ValueError as err:  # a shape the family cannot take (e.g. VGG on 8x8 digits)
         raise ConfigError(f"model={name} on images {list(in_shape)}: {err}.") from None
+
+
+def from_config(model_cfg: Mapping[str, Any], in_shape: Shape, num_classes: int, g: torch.Generator) -> nn.Module:
+    """The network ``cfg.model`` describes, for images ``in_shape`` and ``num_classes`` classes,
+    initialised from the init stream ``g``: a registered model with the config's options, or
+    (model=custom) the researcher's factory, checked to map a batch to [B, num_classes] logits."""
+    spec = dict(model_cfg)
+    name = str(spec.pop("name"))
+    if entry(name).family == "custom":
+        model = build_custom(spec.get("factory"), spec.get("kwargs"), g, expect_sha256=spec.get("source_sha256"))
+        check_output(model, tuple(int(v) for v in in_shape), int(num_classes))  # type: ignore[arg-type]
+        return model
+    unknown = set(spec) & set(CUSTOM_KEYS)
+    if unknown:
+        raise ConfigError(f"model.{sorted(unknown)[0]} is for model=custom only; model={name} is registered.")
+    return build(name, in_shape, num_classes, g, spec)
+
+
+def bitflip_param(model_name: str, chosen: str | None) -> str | None:
+    """The parameter name the bit change moves: ``source.bitflip_param`` if set, else the entry's
+    (None for model=custom: the first weight in registration order, ``default_bitflip_param``)."""
+    return chosen if chosen else entry(model_name).bitflip
 
 
 def float32_params(model: nn.Module) -> list[str]:
@@ -106,8 +138,10 @@ def authors_small_lr_names(model: nn.Module) -> set[str]:
     """The authors' learning-rate groups, by name, as their train.py: every parameter whose name
     contains "bias", or both "bn" and "weight", trains at lr * 0.1; all others at the full lr.
 
-    Right for zoo models (they carry the authors' names, so the outcome is theirs: e.g. VGG's BN
-    scales ``features.k.weight`` and a ResNet's shortcut BN ``downsample.1.weight`` get the full
-    rate). Today's run/models.py ResNets use other names and train.small_lr_names' module rule.
+    Right for the authors' models (they carry the authors' names, so the outcome is theirs: e.g.
+    VGG's BN scales ``features.k.weight`` and a ResNet's shortcut BN ``downsample.1.weight`` get the
+    full rate) and for a researcher's model (the rule their code would apply to it). The "resnet"
+    family (run/zoo/resnet.py) names its tensors otherwise; train.small_lr_names gives it the same
+    outcome by module.
     """
     return {n for n, _ in model.named_parameters() if "bias" in n or ("bn" in n and "weight" in n)}

@@ -13,11 +13,12 @@ stage widths may only grow. Their parameter names are kept: ``conv1``/``bn1`` (s
 ``layer{i}.{j}.conv1/bn1/conv2/bn2`` (blocks), ``layer{i}.0.downsample.1`` (the shortcut's BN: its
 name has no "bn", so their name rule trains its scale at the full learning rate) and ``fc``.
 
-Init (``init_explicit``), drawn from the init stream alone: kaiming normal (fan_out, ReLU) for
-every conv, BN scale 1 and shift 0 except each block's ``bn2`` scale, 0 (every block starts as the
-identity), and PyTorch's default uniform rule for ``fc``. It is run/models.py's ``init_weights``
-rule, and it draws in the same module order, so ``resnet14`` here starts from exactly the weights
-of run/models.py's option-A ResNet-14 and computes the same outputs (tests/test_zoo_models.py).
+Init (``init_explicit``: the registry's ``kaiming_zero_residual`` rule), drawn from the init
+stream alone: kaiming normal (fan_out, ReLU) for every conv, BN scale 1 and shift 0 except each
+block's ``bn2`` scale, 0 (every block starts as the identity), and PyTorch's default uniform rule
+for ``fc``. It draws in run/zoo/resnet.py's order, so these widths and blocks of [16, 32, 64] x
+[2, 2, 2] start from exactly the weights of ``resnet14`` (this package's class) and compute the
+same outputs (tests/test_zoo_models.py).
 
 Digits/MNIST (1 channel) take a 1-channel stem; nothing else depends on the image size.
 """
@@ -28,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models import init_weights
+from .resnet import init_kaiming_zero_residual
 
 
 class Subsample(nn.Module):
@@ -93,8 +94,8 @@ class CifarResNet(nn.Module):
 
 @torch.no_grad()
 def init_explicit(model: CifarResNet, g: torch.Generator) -> None:
-    """The explicit rule (module docstring), from generator ``g`` alone."""
-    init_weights(model, g)
+    """The kaiming_zero_residual rule (module docstring), from generator ``g`` alone."""
+    init_kaiming_zero_residual(model, g)
     for m in model.modules():
         if isinstance(m, Block):
             m.bn2.weight.zero_()

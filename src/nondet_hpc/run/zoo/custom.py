@@ -24,12 +24,21 @@ from ...model_factory import canonical_kwargs, factory_source, parse_factory
 from .rng import construct, forked_rng
 
 
+#: module name -> SHA-256 of its source file when this process imported it
+_IMPORTED: dict[str, str] = {}
+
+
 def load_factory(spec: str) -> Callable[..., Any]:
-    """The callable ``spec`` names (its module is imported: this runs the researcher's code)."""
+    """The callable ``spec`` names (its module is imported: this runs the researcher's code). A
+    module this process imported before is imported again if its file changed since (a sweep run
+    in one process must not train the old code under the new code's run id)."""
     module_name, attr = parse_factory(spec)
-    factory_source(spec)  # the clear "not found" / "no source file" messages
+    sha = hashlib.sha256(factory_source(spec).read_bytes()).hexdigest()  # also the "not found" messages
     try:
         obj: Any = importlib.import_module(module_name)
+        if _IMPORTED.setdefault(module_name, sha) != sha:
+            obj = importlib.reload(obj)
+            _IMPORTED[module_name] = sha
     except Exception as e:  # noqa: BLE001 - the researcher's module may raise anything on import
         raise ConfigError(f"model.factory={spec!r}: importing {module_name!r} failed ({type(e).__name__}: {e}). "
                           f"Fix the module; `python -c 'import {module_name}'` shows the traceback.") from None
@@ -86,6 +95,8 @@ def check_output(model: nn.Module, in_shape: tuple[int, int, int], num_classes: 
         with forked_rng(0):
             out = model(torch.zeros(2, *in_shape))
     except Exception as e:  # noqa: BLE001 - the researcher's forward
+        if "does not have a deterministic implementation" in str(e):
+            raise  # not a shape problem: run/task.py names the op
         raise ConfigError(f"the custom model fails on images of shape [B, {', '.join(map(str, in_shape))}] "
                           f"({type(e).__name__}: {e}): its first layer must take the dataset's channels and "
                           f"size.") from None
