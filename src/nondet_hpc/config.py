@@ -119,6 +119,11 @@ class SourceConfig:
     # the parameter the bit change moves (a name of model.named_parameters()); null = the model's entry in
     # registry/models.py (the first layer's weight), for model=custom the first weight in registration order
     bitflip_param: Optional[str] = None
+    # the epoch from which the source applies (docs/experiments/stability.md): 0 = from the start (every
+    # source as before); k > 0 = the first k epochs are the determinism control's (trained once, by the
+    # parent run), then the bit change at the start of epoch k, the varied shuffle/augment streams seeded
+    # with the replicate seed from epoch k on, the kernel switch from epoch k on. Refused for init.
+    from_epoch: int = 0
 
 
 @dataclass
@@ -202,6 +207,15 @@ class RecordConfig:
 
 
 @dataclass
+class BarrierConfig:
+    # Loss barriers between pairs of runs of each group (docs/experiments/stability.md), computed after
+    # the runs (locally before the report; on SLURM by a job behind the arrays). Bookkeeping.
+    pairs: int = 0  # at most this many pairs per group (all pairs when a group has that few); 0 = none
+    points: int = 11  # points on the straight line between two final models, end points included
+    bn_images: int = 5000  # training images the BatchNorm statistics are recomputed on at each point
+
+
+@dataclass
 class Config:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
@@ -214,6 +228,7 @@ class Config:
     experiment: Optional[str] = None  # name of the experiment preset, if one was used (set by the preset)
     study: StudyConfig = field(default_factory=StudyConfig)  # waves until a precision target (SLURM sweeps)
     record: RecordConfig = field(default_factory=RecordConfig)  # weights and trajectory files (bookkeeping)
+    barriers: BarrierConfig = field(default_factory=BarrierConfig)  # loss barriers after the runs (bookkeeping)
 
 
 def threads_for(threads: int, *, cpus: int | None = None, runs_per_task: int = 1,
@@ -247,14 +262,14 @@ def conf_dir() -> str:
 
 
 #: Top-level config nodes that can decide what a run computes; every other top-level key
-#: (out_dir, force, eval, experiment, study, record) is bookkeeping.
+#: (out_dir, force, eval, experiment, study, record, barriers) is bookkeeping.
 IDENTITY_ROOTS = ("data", "model", "source", "train", "seed")
 
 #: Config keys that never change the trained model, so they are never part of a run's identity:
 #: moving a sweep, adding an evaluation view or changing the checkpoint interval keeps run ids,
 #: and the SLURM launcher never compares them between submissions of one sweep folder. The ONE
 #: list: identity_items and the launcher both use it.
-BOOKKEEPING_KEYS = ("force", "out_dir", "experiment", "study", "eval", "record", "train.checkpoint_every",
+BOOKKEEPING_KEYS = ("force", "out_dir", "experiment", "study", "eval", "record", "barriers", "train.checkpoint_every",
                     "data.root", "data.download", "data.verify_md5", "data.max_side", "data.max_bytes")
 
 
@@ -276,6 +291,7 @@ NEUTRAL_DEFAULTS: dict[str, Any] = {
     "source.bitflip_param": None,  # the model's registered bit-change parameter (issue 22)
     "data.layout": "auto",  # npz only (issue 22)
     "data.fingerprint": None,  # npz/folder content; CIFAR/digits/MNIST are fixed by name and md5 (issue 22)
+    "source.from_epoch": 0,  # the source applies from the start (issue 21)
 }
 
 

@@ -150,6 +150,27 @@ class Recorder:
                                    f"at that step (fingerprints differ): the checkpoint was replaced or edited. "
                                    f"Nothing was trained; move the checkpoint away to train the run from scratch.")
 
+    def adopt(self, parent: Trajectory, before: int) -> list[str]:
+        """Start with ``parent``'s points at this grid's steps below ``before`` (a run that goes on
+        from its parent's checkpoint at step ``before``: those points are its own, bit for bit).
+        Returns what does not fit (empty: adopted); the trajectory is marked incomplete when the
+        parent lacks a grid point below ``before``."""
+        mine = self.settings()
+        theirs = {"sketch_dim": int(parent.sketch.shape[1]), "sketch_key": f"{parent.sketch_key:#x}",
+                  "steps_per_epoch": parent.steps_per_epoch, "probe_index": parent.probe_index.tolist(),
+                  "num_classes": int(parent.probe_logits.shape[2]), "tensor_name": [str(n) for n in parent.tensor_name],
+                  "tensor_size": parent.tensor_size.tolist()}
+        differ = sorted(k for k in theirs if theirs[k] != mine[k])
+        if differ:
+            return differ
+        wanted = [s for s in self.grid if s < before]
+        at = {int(s): t for t, s in enumerate(parent.step)}
+        self.points = [Point(s, parent.fingerprint[at[s]].tobytes(), parent.tensor_digest[at[s]].copy(),
+                             parent.tensor_norm[at[s]].copy(), parent.sketch[at[s]].copy(),
+                             parent.probe_logits[at[s]].copy()) for s in wanted if s in at]
+        self.complete = bool(parent.complete) and len(self.points) == len(wanted)
+        return []
+
     # --- the trajectory ----------------------------------------------------------------------
     def _stacked(self) -> dict[str, np.ndarray]:
         T, n, D = len(self.points), len(self.layout.names), self.sketch.dim

@@ -23,6 +23,7 @@ from ..config import ConfigError, RecordConfig
 from ..records.projection import MAX_SKETCH_DIM, Layout, fingerprint
 from ..records.schedule import Grid
 from ..rundir import TRAJECTORY, WEIGHTS
+from ..sweep.parents import from_epoch
 from .data import Dataset, training_batches
 from .recorder import Recorder, model_arrays, write_model_weights
 
@@ -37,8 +38,11 @@ def record_settings(cfg: Any) -> RecordConfig:
     return RecordConfig(**known)
 
 
-def grid_of(rec: RecordConfig) -> Grid:
-    return Grid(rec.step_base, rec.epoch_base, tuple(rec.extra_epochs) + tuple(rec.keep_checkpoints))
+def grid_of(rec: RecordConfig, start_epoch: int = 0) -> Grid:
+    """The recording grid of ``rec``; a run perturbed from epoch ``start_epoch`` also records the
+    start of that epoch (its weights after the bit change, or where its streams part)."""
+    extra = tuple(rec.extra_epochs) + tuple(rec.keep_checkpoints) + ((int(start_epoch),) if start_epoch else ())
+    return Grid(rec.step_base, rec.epoch_base, extra)
 
 
 def check_record(cfg: Any) -> None:
@@ -71,7 +75,7 @@ def make_recorder(cfg: Any, model: nn.Module, data: Dataset, *, data_cfg: Any, c
     if not rec.trajectory:
         return None
     steps_per_epoch = len(training_batches(len(data.train_x), int(cfg.train.batch_size)))
-    return Recorder.for_run(model, data, data_cfg, grid=grid_of(rec), steps_per_epoch=steps_per_epoch,
+    return Recorder.for_run(model, data, data_cfg, grid=grid_of(rec, from_epoch(cfg)), steps_per_epoch=steps_per_epoch,
                             epochs=int(cfg.train.epochs), probe=rec.probe, sketch_dim=rec.sketch_dim,
                             channels_last=channels_last, batch_size=int(cfg.eval.batch_size), run_id=run_id)
 

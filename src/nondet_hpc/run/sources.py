@@ -105,6 +105,13 @@ class Streams:
             self.generators[k].set_state(s)
 
 
+def fresh_stream_states(seeds: Seeds, vary: list[str]) -> dict:
+    """The states a run perturbed from epoch k gives its varied live streams at the start of epoch k:
+    fresh generators seeded with the replicate seed (before k they were the parent's, seed 1). The
+    streams it does not vary go on as the parent's (not in the result)."""
+    return {name: make_generator(name, seeds.streams[name]).get_state() for name in LIVE_STREAMS if name in vary}
+
+
 def apply_bitflip(weight: torch.Tensor, bitflip_seed: int) -> dict:
     """Move one element of ``weight`` to the adjacent float32 value (up or down, 50/50).
 

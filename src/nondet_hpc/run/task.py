@@ -30,11 +30,13 @@ from ..registry.sources import SOURCES
 from ..rundir import (CHECKPOINT, CONFIG, DONE, FEATURES, LABELS, REPLACED, RUN_JSON, RUNS, TRAJECTORY, RunRecord,
                       group_key, is_done, logits_path, run_dir, run_id, run_lock, snapshot_view, write_json, write_npy,
                       write_text)
+from ..sweep.parents import check_from_epoch, from_epoch, row_label
 from ..viewspec import VIEWS
 from .data import AUGMENT_DRAWS, DATASETS, Dataset, load_dataset, settings
 from .cpuinfo import cpu_record
 from .device import resolve_device
 from .models import bitflip_target, model_for_run
+from .parent import begin_child
 from .recording import check_record, make_recorder, record_settings, write_records
 from .sources import Streams, apply_bitflip, configure_kernels, precision_record, resolve_seeds
 from .step import PRECISIONS, plan_step, tristate
@@ -79,6 +81,7 @@ def validate(cfg, *, check_device: bool = True) -> None:
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"data.name={cfg.data.name!r} is unknown; valid: {list(DATASETS)} (choose with data=NAME).")
     resolve_seeds(list(cfg.source.vary), cfg.seed, cfg.source.deterministic_kernels)
+    check_from_epoch(cfg)
     for key, new_key in RETIRED_KEYS.items():
         value = OmegaConf.select(cfg, key)
         if value is not None:
@@ -317,6 +320,8 @@ def _train_recorded(cfg: DictConfig, rd: Path, rid: str, record: RunRecord, data
     if trainer.load_checkpoint():
         record.update(resumed_from={"epoch": trainer.progress.epoch, "batch": trainer.progress.batch,
                                     "time": time.time()})
+    elif from_epoch(cfg):  # the first k epochs are the parent's: its checkpoint, checked, then the bit change
+        record.update(**begin_child(cfg, trainer, recorder, seeds))
     trainer.fit()
     t_eval = time.time()
     logits, features = (last_snapshot, None) if last_snapshot and not cfg.eval.features \
@@ -339,7 +344,8 @@ def _start(cfg: DictConfig, rd: Path, rid: str, record: RunRecord, t0: float):
     plan = plan_step(cfg.train, device)
     write_text(rd / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     record.update(run_id=rid, state="running", attempts=attempts, seed=cfg.seed, experiment=cfg.experiment,
-                  group_key=group_key(cfg), group_label=cfg.source.label,
+                  group_key=group_key(cfg), group_label=row_label(cfg.source.label, from_epoch(cfg)),
+                  from_epoch=from_epoch(cfg), trained_epochs=int(cfg.train.epochs) - from_epoch(cfg),
                   identity={k: v for k, v in identity_items(cfg).items() if k != "seed"},
                   source=OmegaConf.to_container(cfg.source), seeds=seeds.as_dict(), kernels=kernels,
                   precision=precision, step=plan.record(), augment_draw=cfg.data.augment_draw,
@@ -355,15 +361,18 @@ def _initial_model(cfg: DictConfig, seeds, record: RunRecord, data: Dataset):
     model = model_for_run(cfg, shape, data.num_classes, streams.init)  # type: ignore[arg-type]
     target = bitflip_target(model, cfg)  # checked even without a bit change: a wrong name fails every run
     name = next(n for n, p in model.named_parameters() if p is target)
-    bitflip = apply_bitflip(target, seeds.bitflip) if seeds.bitflip is not None else None
-    if bitflip is not None:
-        bitflip["param"] = name
     info = {"name": cfg.model.name, "family": model_entry(cfg.model.name).family, "bitflip_param": name}
     if cfg.model.name == CUSTOM:
         from ..model_factory import factory_record  # torch-free; the identity resolve_inputs put in cfg
 
         info["factory"] = factory_record(cfg.model.factory, OmegaConf.to_container(cfg.model.kwargs))
-    record.update(bitflip=bitflip, n_parameters=sum(p.numel() for p in model.parameters()), model=info)
+    record.update(n_parameters=sum(p.numel() for p in model.parameters()), model=info)
+    if from_epoch(cfg):  # the bit change comes at the start of epoch k (parent.begin_child): kept as recorded
+        return streams, model
+    bitflip = apply_bitflip(target, seeds.bitflip) if seeds.bitflip is not None else None
+    if bitflip is not None:
+        bitflip["param"] = name
+    record.update(bitflip=bitflip)
     return streams, model
 
 

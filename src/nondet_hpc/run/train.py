@@ -163,6 +163,11 @@ def load_checkpoint_file(path: Path, run_id: str, map_location: Any = "cpu") -> 
         raise ConfigError(f"{path} was refused: it is not a checkpoint this package wrote ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200]}). Nothing was loaded or overwritten. If the run should "
                           f"start over, move the file away; otherwise restore the run's own checkpoint.") from None
+    return check_state(state, path, run_id)
+
+
+def check_state(state: Any, path: Path, run_id: str) -> dict:
+    """A loaded checkpoint's content, if it is run ``run_id``'s with a valid progress record."""
     stored = state.get("run_id") if isinstance(state, dict) else None
     if stored != run_id:
         raise ConfigError(f"{path} belongs to run {stored or '(no run id recorded)'}, not to {run_id}: it was copied "
@@ -277,6 +282,22 @@ class Trainer:
             self.recorder.load_state_dict(state.get("recorder"))
             self.recorder.check_resumed(self.progress.step)
         return True
+
+    def start_from(self, state: dict, streams_from_here: dict) -> None:
+        """Go on from another run's training state (a parent's kept checkpoint at the end of an
+        epoch, checked by the caller): model, optimizer, position, snapshots and forward generator
+        as they were, every stream's state as at the start of that epoch except those in
+        ``streams_from_here`` (stream name -> generator state), which start anew. Training time
+        counts from here."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.progress = Progress(**state["progress"])
+        self.epoch_streams = {**state["epoch_streams"], **streams_from_here}
+        self.snapshots_done = state["snapshots_done"]
+        self.elapsed = 0.0
+        self.forward_rng = state.get("forward_rng")
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     # --- the loop ----------------------------------------------------------------------------
     def set_lr(self, step: int) -> float:
