@@ -45,7 +45,7 @@ from nondet_hpc.config import ConfigError  # torch-free
 
 # by module: Hydra's plugin scan executes each plugin module again, so a function must be looked up
 # on the module when it is pickled for a worker (its current object), not bound at import
-from . import stopping
+from . import phases, stopping
 
 log = logging.getLogger(__name__)
 
@@ -316,15 +316,50 @@ class NondetLocalLauncher(Launcher):
                         f"{n_jobs} jobs at once compete for the cores; set train.threads=N")
         with stopping.SweepStop() as stop:
             try:
-                results = (self._serial(configs, job_overrides, stop) if n_jobs == 1 else
-                           self._parallel(configs, job_overrides, n_jobs, stop))
+                results, parents = self._run_phases(configs, job_overrides, n_jobs, stop)
             finally:
                 configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         if stop.stopped:
             names = [f"#{c.hydra.job.num} {' '.join(filter_overrides(o))}" for c, o in zip(configs, job_overrides)]
             stop.exit([n for n, r in zip(names, results) if _finished(r)],
                       [n for n, r in zip(names, results) if not _finished(r)])
-        return [r for r in results if r is not None]
+        return [r for r in results + parents if r is not None]
+
+    def _run(self, configs: list[DictConfig], job_overrides: Sequence[Sequence[str]], n_jobs: int,
+             stop: stopping.SweepStop) -> list[JobReturn | None]:
+        if not configs:
+            return []
+        n_jobs = min(n_jobs, len(configs))
+        return (self._serial(configs, job_overrides, stop) if n_jobs == 1 else
+                self._parallel(configs, job_overrides, n_jobs, stop))
+
+    def _run_phases(self, configs: list[DictConfig], job_overrides: Sequence[Sequence[str]], n_jobs: int,
+                    stop: stopping.SweepStop) -> tuple[list[JobReturn | None], list[JobReturn | None]]:
+        """Parents first, then the runs that start from them (phases.py); every job of the sweep's
+        result in its order, and the results of the parent jobs made here."""
+        ph = phases.split(configs, job_overrides, int(configs[-1].hydra.job.num) + 1)
+        if not ph.plans:
+            return self._run(configs, job_overrides, n_jobs, stop), []
+        log.info(f"{len(ph.plans)} parent run(s) first (their first epochs are shared by {len(ph.children)} "
+                 f"run(s) perturbed later), then those runs")
+        got = self._run([c for c, _, _ in ph.first], [o for _, o, _ in ph.first], n_jobs, stop)
+        results: list[JobReturn | None] = [None] * len(configs)
+        made = [r for (_, _, i), r in zip(ph.first, got) if i is None]
+        for (_, _, i), r in zip(ph.first, got):
+            if i is not None:
+                results[i] = r
+        if stop.stopped:
+            return results, made
+        failed = phases.orphans(ph, got, configs, _finished)
+        for i, error in failed.items():
+            results[i] = _lost_job(configs[i], job_overrides[i], error)
+            log.error(f"#{configs[i].hydra.job.num} {error}")
+            assert self.hydra_context is not None
+            self.hydra_context.callbacks.on_job_end(config=configs[i], job_return=results[i])
+        todo = [i for i in ph.children if i not in failed]
+        for i, r in zip(todo, self._run([configs[i] for i in todo], [job_overrides[i] for i in todo], n_jobs, stop)):
+            results[i] = r
+        return results, made
 
     def _serial(self, configs: list[DictConfig], job_overrides: Sequence[Sequence[str]],
                 stop: stopping.SweepStop) -> list[JobReturn | None]:

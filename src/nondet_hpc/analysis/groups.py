@@ -50,6 +50,11 @@ class Group:
         return str(self.identity.get("source.name", ""))
 
     @property
+    def from_epoch(self) -> int:
+        """The epoch from which the source applied (source.from_epoch; 0: from the start)."""
+        return int(self.identity.get("source.from_epoch", 0) or 0)
+
+    @property
     def row_name(self) -> str:
         disp = view_display(self.view_id)
         return self.name if not disp else f"{self.name} [{disp}]"
@@ -158,7 +163,7 @@ def build_groups(runs: list[Run]) -> list[Group]:
                        key=lambda f: [(k, _sortable(v)) for k, v in sorted(json.loads(f).items())])
 
     def order(g: Group) -> tuple:
-        return (fam_order.index(family(g.identity)), source_order(g.source_name), g.name,
+        return (fam_order.index(family(g.identity)), source_order(g.source_name), g.from_epoch, g.name,
                 _view_rank(g.view_id))
 
     return sorted(groups.values(), key=order)

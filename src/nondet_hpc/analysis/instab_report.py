@@ -275,7 +275,8 @@ def _bit_pairs(bit: Group, twins: dict[str, Run], files: _Files) -> tuple[list[P
 
 
 def _family(where: str, gds: list[GroupDivergence], twins: dict[str, Run], files: _Files) -> Optional[Family]:
-    bit = next((gd for gd in gds if gd.group.source_name == BITFLIP), None)
+    # the bit change at initialisation (a bit change from epoch k > 0 is the Stable-after section's)
+    bit = next((gd for gd in gds if gd.group.source_name == BITFLIP and not gd.group.from_epoch), None)
     if bit is None:
         return None
     pairs, mode = _bit_pairs(bit.group, twins, files)
