@@ -40,7 +40,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import metrics as M
-from . import instab_text, report_files, tables
+from . import instab_text, report_files, stable_report, tables
 from .accounting import (
     DEFAULT_SLURM_TIMEOUT_S,
     NEVER_STARTED,
@@ -89,6 +89,7 @@ class _Results:
     published: Comparison | None = None
     architectures: pd.DataFrame | None = None  # analysis/architectures.py: empty without a ladder of models
     instability: Section | None = None
+    stability: stable_report.StabilitySection | None = None  # perturbations from epoch k (source.from_epoch)
 
 
 def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot: int = 10_000, seed: int = 0,
@@ -129,10 +130,14 @@ def reduce_sweep(sweep_dir: str | os.PathLike, *, formula: str = "paper", n_boot
     _count_rows(groups, excluded, acc, mixes)
     df = pd.DataFrame([group_row(g) for g in groups], columns=columns())
     apply_baselines(df, groups, formula, baseline)
+    barrier_cols, barrier_pairs = stable_report.barrier_table(stable_report.read_barriers(sweep, groups, warnings),
+                                                              groups, n_boot=n_boot, seed=seed)
+    df = stable_report.join_barriers(df, barrier_cols)
     c1, c1_lines = claim1(groups, n_boot, seed)
     res = _Results(sweep, len(runs), df, per_model(groups), ablation(groups, seed), c1, c1_lines, excluded,
                    warnings, formula, n_boot, seed, _accounting_lines(groups, runs, excluded, acc), mixes,
                    no_variation_lines(groups))
+    res.stability = stable_report.stability_section(groups, barrier_pairs, n_boot=min(n_boot, 2000), seed=seed)
     _judge_and_compare(res, groups, sweep, warnings)
     # lazy: the preset catalogue is only needed for the summary's first line
     from ..presets import describe_sweep  # torch- and Hydra-free
@@ -227,6 +232,7 @@ def _summary(res: _Results, reproduces: str, report: Path) -> str:
     lines += [v.text for v in res.judgement.verdicts] if res.judgement else []
     lines += _claim2_direct(res)
     lines += instab_text.summary_lines(res.instability)
+    lines += stable_report.summary_lines(res.stability)
     if res.accounting_lines:
         lines += ["", *res.accounting_lines]
     lines += ["", *tables.excluded_summary(res.excluded)]
@@ -271,10 +277,14 @@ def _report_files(res: _Results, summary: str) -> dict[str, bytes]:
         outputs["instability.csv"] = csv(res.instability.table())
         outputs["instability_groups.csv"] = csv(res.instability.group_table())
         outputs["instability_pairs.csv"] = csv(res.instability.pair_table())
+    if res.stability is not None and not res.stability.table.empty:
+        outputs["stability.csv"] = csv(res.stability.table)
+        outputs["stability_summary.csv"] = csv(res.stability.summary)
     figures = {"metrics.png": plots.group_metrics_png(df), "sd_vs_n.png": plots.sd_vs_n_png(res.ablation),
                "accuracy_spread.png": plots.accuracy_spread_png(res.per_model),
                "claim1.png": plots.claim1_png(res.claim1), "reduction.png": plots.reduction_png(df),
-               instab_text.FIGURE: instab_text.divergence_png(res.instability)}
+               instab_text.FIGURE: instab_text.divergence_png(res.instability),
+               stable_report.FIGURE: stable_report.figure(res.stability)}
     drawn = {k: v for k, v in figures.items() if v is not None}
     outputs.update(drawn)
     alarms = [f"> **{a}**" for a in res.instability.alarms] + [""] if res.instability and res.instability.alarms \
@@ -308,6 +318,7 @@ def _extra_sections(res: _Results, figures: list[str]) -> str:
     """report.md's sections on the sweep as a whole: instability, the architecture ladder, planned runs and
     mixed environments."""
     parts: list[str] = instab_text.section_md(res.instability, figures, _claim2_direct(res))
+    parts += stable_report.section_md(res.stability, figures)
     if res.architectures is not None and not res.architectures.empty:
         parts += ["## Where instability begins: bit change / init per architecture", "",
                   architectures_md(res.architectures), "![architectures](architectures.png)", ""]

@@ -33,7 +33,7 @@ REPORT_FILES: tuple[str, ...] = (
     "ablation.md", "claim1.csv", "claims.csv", "published.csv", "summary.txt", "report.md", "metrics.png", "sd_vs_n.png",
     "accuracy_spread.png", "claim1.png", "reduction.png", "architectures.csv", "architectures.md",
     "architectures.png", "instability.csv", "instability_groups.csv", "instability_pairs.csv", "divergence.png",
-    REPORT_JSON)
+    "stability.csv", "stability_summary.csv", "stability.png", REPORT_JSON)
 _TEMP = ".report."  # SWEEP/.report.<id>.tmp (being built) and .report.<id>.old (being replaced)
 
 

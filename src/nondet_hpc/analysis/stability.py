@@ -29,12 +29,13 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from ..sweep.parents import row_label  # noqa: F401 - the rows' names, here for the report's readers
 from .resample import draws, percentile_ci, ratio
 
 DEFAULT_FRACTION = 0.5
 METRICS = {  # key -> (panel title, unit)
-    "disagreement": ("probe disagreement", "%"),
-    "distance": ("parameter distance / mean norm", ""),
+    "disagreement": ("disagreement", "%"),
+    "distance": ("parameter distance", "% of norm"),
     "barrier_loss": ("loss barrier", "nats"),
     "barrier_error": ("error barrier", "pp"),
 }
@@ -203,11 +204,6 @@ def barrier_columns(records: Iterable[Any], *, fingerprints: Optional[Mapping[st
             row[m], (row[f"{m}_lo"], row[f"{m}_hi"]) = pv.mean(), percentile_ci(boot, level)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def row_label(label: str, k: int) -> str:
-    """The report's row of a group perturbed at epoch k: today's label at k = 0 (today's runs)."""
-    return label if int(k) == 0 else f"{label} at epoch {int(k)}"
 
 
 def stability_table(data: Mapping[tuple[str, str], Mapping[int, PairValues]], *, fraction: float = DEFAULT_FRACTION,

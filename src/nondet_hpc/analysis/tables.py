@@ -20,6 +20,10 @@ from ..registry.metrics import METRICS
 from .claims import ABLATION_SUBSETS
 from .scan import Exclusion
 
+#: metrics.csv's loss barrier columns (analysis/stable_report.py joins them) as the table shows them:
+#: (column, header, decimals); shown only when some group has a measured barrier
+BARRIER_DISPLAY = (("barrier_loss", "Loss barrier", 3), ("barrier_error", "Err. barrier pp", 2))
+
 
 def _f(v: Any, nd: int) -> str:
     try:
@@ -110,6 +114,9 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
             out[m.header] = [_pm(v, s, m.decimals) for v, s in zip(df[m.key], df[m.se])]
         else:
             out[m.header] = [_f(v, m.decimals) for v in df[m.key]]
+    for key, header, decimals in BARRIER_DISPLAY:  # measured by python -m nondet_hpc.barriers (some groups)
+        if key in df and _finite(df[key]):
+            out[header] = [_f(v, decimals) for v in df[key]]
     if _finite(df["reduction_pct"]):
         out["Reduction %"] = [_f(v, 1) for v in df["reduction_pct"]]
     return out
