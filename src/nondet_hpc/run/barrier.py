@@ -3,8 +3,9 @@ between their final weights, each evaluated on the test set (definition: sweep/b
 
 The weights come from the runs' ``weights.safetensors`` files (records/weights.py: safetensors,
 checked header, fingerprint verified), never from ``checkpoint.pt``: nothing is unpickled. The
-network is built through the model registry (:func:`.models.model_from_config` on the run's
-config.yaml), so every registered model works the same way.
+network is built through the model registry (:func:`.models.model_for_run` on the run's
+config.yaml), so every registered model works the same way; ``model=custom`` is refused (its
+config.yaml names a factory to import and call: code named by a file of the sweep folder).
 
 At each point ``theta(alpha) = theta_a + alpha (theta_b - theta_a)``, computed in float64 and
 rounded once to float32 (so alpha = 0 and 1 give the end points exactly, and a model with itself
@@ -32,12 +33,14 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..records.weights import Weights
-from .data import Dataset, Normalize
-from .models import model_from_config
+from .data import Dataset, Normalize, settings
+from ..registry.models import CUSTOM
+from ..rundir import WEIGHTS
+from .models import model_for_run
 from .views import evaluate_test_set
 
-#: the run folder's weights file (issue 20); becomes rundir.WEIGHTS when that constant lands there
-WEIGHTS_FILE = "weights.safetensors"
+#: the run folder's weights file (rundir.WEIGHTS)
+WEIGHTS_FILE = WEIGHTS
 #: BatchNorm layers whose running statistics are recomputed at every point (public classes only)
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 DEFAULT_BN_IMAGES = 5000
@@ -137,11 +140,22 @@ class PairEvaluator:
         self.cfg, self.data, self.device = cfg, data, device
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.channels_last = channels_last
-        self.model = model_from_config(cfg).to(device=device, memory_format=self.fmt)
+        if str(cfg.model.name) == CUSTOM:
+            raise BarrierInputError(f"model=custom ({cfg.model.get('factory')}): the barrier command builds models "
+                                    f"from the registry only, never a factory a run's config.yaml names (that "
+                                    f"would import and call code a file of the sweep folder chose). Compute the "
+                                    f"barriers of a custom model from Python: run.barrier.PairEvaluator with the "
+                                    f"model built by your own code.")
+        shape = tuple(int(v) for v in data.train_x.shape[1:])
+        # every tensor is replaced by the weights files' at each point: the init generator is irrelevant
+        model = model_for_run(cfg, shape, data.num_classes, torch.Generator().manual_seed(0))  # type: ignore[arg-type]
+        self.model = model.to(device=device, memory_format=self.fmt)
         self.model.eval()
         self.subset = bn_subset(len(data.train_x), bn_images, int(cfg.train.batch_size))
         self.bn_x = data.train_x[torch.from_numpy(self.subset.indices)].to(device)
-        self.normalize = Normalize(list(cfg.data.mean), list(cfg.data.std), device)
+        # the data's shape, classes and normalisation where the config leaves them to the data (npz, folder)
+        self.data_cfg = settings(cfg.data, data)
+        self.normalize = Normalize(list(self.data_cfg.mean), list(self.data_cfg.std), device)
         self.eval_batch_size = int(eval_batch_size or cfg.eval.batch_size)
         self.test_y = data.test_y.cpu()
         self.bn_layers = sum(isinstance(m, BN_TYPES) for m in self.model.modules())
@@ -154,7 +168,7 @@ class PairEvaluator:
         """(test loss, test error %) of the model with ``state``, BN statistics recomputed."""
         self.model.load_state_dict(dict(state), strict=True)
         recompute_bn(self.model, self.bn_x, self.normalize, self.subset.batch_size, self.fmt)
-        logits, _ = evaluate_test_set(self.model, self.data, self.cfg.data, ["plain"],
+        logits, _ = evaluate_test_set(self.model, self.data, self.data_cfg, ["plain"],
                                       batch_size=self.eval_batch_size, device=self.device,
                                       channels_last=self.channels_last, with_features=False)
         z = torch.from_numpy(logits["plain"]).double()
