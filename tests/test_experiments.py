@@ -107,12 +107,35 @@ def test_header_numbers_match_the_entry_and_the_sweep(name):
     # GPU-hours: the cost model summed over every job; runs shared with the preset it reuses are free
     jobs = planned(name)
     assert len(jobs) == models * groups
-    alone = sum(j["gpu_hours"] for j in jobs)
+    extra = _parents_and_barriers(name, cfg, entry, jobs, models, groups)
+    alone = sum(j["gpu_hours"] for j in jobs) + extra
     shared = {j["run_id"] for j in planned(entry["reuses"])} if entry["reuses"] else set()
-    new = sum(j["gpu_hours"] for j in jobs if j["run_id"] not in shared)
+    new = sum(j["gpu_hours"] for j in jobs if j["run_id"] not in shared) + extra
     assert round(alone) == entry["gpu_hours_alone"]
     assert round(new) == entry["gpu_hours"] == leading_ints(head["GPU-hours"])[0]
     assert all(j["experiment"] == name for j in jobs)
+
+
+def _parents_and_barriers(name, cfg, entry, jobs, models, groups) -> float:
+    """GPU-hours beside the sweep's own jobs: the parents of runs perturbed from epoch k > 0 (one
+    full run each, sweep/parents.py) and the loss barriers the preset asks for (barriers.pairs);
+    plan() charges a perturbed run only its epochs from k on."""
+    from nondet_hpc.sweep.parents import plan_parents
+
+    per = presets.gpu_hours_per_model(cfg.model.name, int(cfg.train.epochs), views=list(cfg.eval.views))
+    values = sweep_values(cfg)
+    children = [compose_preset(name, f"source={s}", f"source.from_epoch={k}", hydra=False)
+                for s in values["source"] for k in values.get("source.from_epoch", [0]) if k]
+    parents = len(plan_parents(children))
+    assert parents == entry.get("parents", 0)
+    pairs = groups * min(int(cfg.barriers.pairs), models * (models - 1) // 2)
+    assert pairs == entry.get("barrier_pairs", 0)
+    barriers = presets.barrier_gpu_hours(pairs, cfg.model.name, points=int(cfg.barriers.points),
+                                         bn_images=int(cfg.barriers.bn_images)) if pairs else 0.0
+    assert round(barriers, 1) == entry.get("barrier_gpu_hours", 0)
+    if "gpu_hours_unshared" in entry:  # every run training its own first k epochs, no parent
+        assert round(len(jobs) * per + barriers) == entry["gpu_hours_unshared"]
+    return parents * per + barriers
 
 
 def test_cost_model_constants_are_the_models_macs():

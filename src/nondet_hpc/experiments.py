@@ -129,7 +129,9 @@ def _job_record(cfg: Any, job: dict[str, Any], packing: int) -> dict[str, Any]:
 
     rd = run_dir(cfg)
     precision = str(OmegaConf.select(cfg, "train.precision", default="fp32"))
-    hours = gpu_hours_per_model(cfg.model.name, int(cfg.train.epochs), num_classes=int(cfg.data.num_classes or 10),
+    # a run perturbed from epoch k trains epochs k..E only: its first k are its parent's (sweep/parents.py)
+    trained = int(cfg.train.epochs) - int(OmegaConf.select(cfg, "source.from_epoch", default=0) or 0)
+    hours = gpu_hours_per_model(cfg.model.name, trained, num_classes=int(cfg.data.num_classes or 10),
                                 snapshots=int(cfg.train.snapshots), views=list(cfg.eval.views),
                                 precision=precision, runs_per_task=packing)
     return {"run_id": run_id(cfg), "run_dir": str(rd), "done": is_done(rd), "gpu_hours": hours,

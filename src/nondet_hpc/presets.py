@@ -44,7 +44,7 @@ from .registry.models import MODELS
 from .viewspec import view_transforms
 
 __all__ = ["PRESETS", "BASE_HOURS", "MACS", "MEASURED", "PARAMETERS", "cost_basis", "describe", "describe_sweep",
-           "gpu_hours_per_model", "n_parameters", "record_points", "run_files_bytes", "transforms_per_image",
+           "gpu_hours_per_model", "barrier_gpu_hours", "n_parameters", "record_points", "run_files_bytes", "transforms_per_image",
            "model_macs"]
 
 #: V100 GPU-hours of one ResNet-14 / CIFAR-10 / 500-epoch model (report: 490 h for 700 models).
@@ -145,6 +145,19 @@ def gpu_hours_per_model(model: str = "resnet14", epochs: int = BASE_EPOCHS, *, n
     probe = record_points(epochs, -(-n_train // 512)) * min(RecordConfig.probe, n_test)
     eval_share = (evaluations * transforms_per_image(views) * n_test + probe) / (3 * epochs * n_train)
     return train * (1 + eval_share)
+
+
+def barrier_gpu_hours(pairs: int, model: str = "resnet14", *, points: int = 11, bn_images: int = 5000,
+                      n_train: int = CIFAR_TRAIN, n_test: int = CIFAR_TEST, num_classes: int = 10) -> float:
+    """GPU-hours of ``pairs`` loss-barrier pairs (run/barrier.py): at each of ``points`` models on the
+    line, one forward pass of ``min(bn_images, n_train)`` training images (BatchNorm statistics)
+    and of the ``n_test`` test images, charged like training's image passes (forward + backward ~
+    3 forwards) in the V100 estimate of ``gpu_hours_per_model``."""
+    if model not in MACS:
+        return math.nan
+    passes = pairs * points * (min(bn_images, n_train) + n_test)
+    scale = model_macs(model, num_classes) / model_macs("resnet14", 10)
+    return BASE_HOURS * passes / (3 * n_train * BASE_EPOCHS) * scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +263,32 @@ PRESETS["architectures"] = {
     "report": "report/architectures.md and report/architectures.png (each architecture's bit-change accuracy SD "
               "and disagreement over its init's), beside report/metrics.md",
     "doc": "docs/experiments/architectures.md",
+}
+
+#: experiment=stability: the bit change and a new data order applied from epoch k (source.from_epoch).
+#: How its numbers were made (tests/test_experiments.py recomputes them from the composed sweep):
+#: models 77 = the planner's rule N = 25 x (SE / 0.02)^2 (analysis/planning.py, target acc_sd_se=0.02)
+#: from the report's 25-model pilots (bit change SE 0.027 -> 46, shuffle 0.035 -> 77; one N for every
+#: group, the largest); gpu_hours = the 1,386 runs charged gpu_hours_per_model(500 - k) (their first k
+#: epochs are the parent's: experiments.plan charges a run only the epochs it trains) = 886.8, + the
+#: one parent (the determinism control, 500 epochs) 0.70, + barrier_gpu_hours(810 pairs: 45 per group)
+#: 1.25 = 888.7; gpu_hours_unshared: every run training its own first k epochs (1,386 x 0.70) + the
+#: barriers = 971.7.
+STABILITY_KS = (0, 1, 2, 5, 10, 20, 50, 100, 200)
+PRESETS["stability"] = {
+    "table": "When does training become stable? The bit change and a new data order applied from epoch k "
+             "(0 to 200), ResNet-14 on CIFAR-10 (Frankle et al. 2020's instability analysis, Altintas et al. 2025)",
+    "claims": [2],
+    "what": "bitflip and shuffle, each applied from epoch k = " + ", ".join(map(str, STABILITY_KS)) + "; every run "
+            "perturbed at k > 0 starts from the end of epoch k of one parent run (the determinism control, trained "
+            "once); loss barriers of 45 pairs per group",
+    "models": 77, "epochs": 500, "groups": 18,
+    "gpu_hours": 889, "gpu_hours_alone": 889, "reuses": None,
+    "gpu_hours_unshared": 972, "parents": 1, "barrier_pairs": 810, "barrier_gpu_hours": 1.2,
+    "data": "cifar10", "model": "resnet14", "out_dir": "outputs/stability",
+    "report": "report/report.md section 'When does training become stable?', report/stability.csv, "
+              "report/stability_summary.csv, report/stability.png, barrier columns in report/metrics.csv",
+    "doc": "docs/experiments/stability.md",
 }
 
 QUICK_SUFFIX = "_quick"
