@@ -88,11 +88,35 @@ def parent_failure(plan: Any, ret: Any, finished: bool) -> str:
     return ""
 
 
-def parent_name(ret: Any) -> str:
-    """The parent's run id where its job says it, else what it is."""
+def parent_name(ret: Any, plan: Any = None) -> str:
+    """The parent's run id: where its job says it, else the id its config gives (a job refused
+    before it trained returns none), else what it is."""
     value = _value(ret)
     rid = value.get("run_id") if isinstance(value, dict) else None
+    if not rid and plan is not None:
+        rid = _planned_id(plan.config)
     return str(rid) if rid else "(the determinism control of the same config: source=none, seed=1)"
+
+
+def _planned_id(cfg: Any) -> str:
+    """The run id the job of ``cfg`` computes (threads and inputs resolved as the run resolves them);
+    "" when it cannot be known here (an input that does not resolve)."""
+    import copy
+
+    from nondet_hpc.config import ConfigError, threads_for
+    from nondet_hpc.registry.inputs import resolve_inputs
+    from nondet_hpc.rundir import run_id
+
+    job = copy.deepcopy(cfg)
+    try:
+        if int(job.train.threads) <= 0:
+            import torch  # the worker resolves train.threads=0 to torch's pool size, as here
+
+            job.train.threads = threads_for(int(job.train.threads), local_default=torch.get_num_threads())
+        resolve_inputs(job)
+        return run_id(job)
+    except (ConfigError, ValueError, OSError):
+        return ""
 
 
 def orphans(ph: Phases, got: Sequence[Any], configs: Sequence[DictConfig], finished: Any) -> dict[int, str]:
@@ -103,6 +127,7 @@ def orphans(ph: Phases, got: Sequence[Any], configs: Sequence[DictConfig], finis
         ret = got[ph.parent_at[n]]
         why = parent_failure(plan, ret, finished(ret))
         for i in plan.children if why else ():
-            out[i] = (f"not run: its parent run {parent_name(ret)} (its first {configs[i].source.from_epoch} epochs) "
-                      f"{why}. Fix the parent, then rerun the same command: finished runs are skipped.")
+            out[i] = (f"not run: its parent run {parent_name(ret, plan)}, whose first {configs[i].source.from_epoch} "
+                      f"epoch(s) this run starts from, cannot serve it: {why}. Fix the parent, then rerun the same "
+                      f"command: finished runs are skipped.")
     return out
