@@ -46,3 +46,20 @@ def test_job_pickles_plain_data_runs_the_command_and_fails_loudly(tmp_path, monk
     with pytest.raises(RuntimeError, match="exited with 1.*computed are kept"):
         job()
     assert barrier_job.barrier_value({}, "timeout_min") == 120
+
+
+def test_barrier_fields_are_launcher_fields_checked_like_the_others():
+    from nondet_hpc.cluster import fields, params
+    from nondet_hpc.config import ConfigError
+
+    p = launcher_params("slurm", "hydra.launcher.barriers.timeout_min=30", "hydra.launcher.barriers.mem_gb=0.5")
+    assert p["barriers"] == {"timeout_min": 30, "mem_gb": 0.5, "additional_parameters": {}}
+    assert sbatch_flags(barrier_script(p, "/sweep/slurm"))["mem"] == "512MB"
+    assert fields.is_field("barriers.timeout_min") and not fields.is_field("barriers.partition")
+    with pytest.raises(ConfigError, match="did you mean hydra.launcher.barriers.timeout_min"):
+        params.normalize({**p, "barriers": {"timout_min": 3}}, "/sweep")
+    with pytest.raises(ConfigError, match="hydra.launcher.barriers.timeout_min=0 is invalid"):
+        params.normalize({**p, "barriers": {"timeout_min": 0}}, "/sweep")
+    # the one declaration: no copy of it in barrier_job
+    assert not hasattr(barrier_job, "BARRIER_FIELDS")
+    assert barrier_job.barrier_value({}, "mem_gb") is fields.default("mem_gb", node="barriers") is None

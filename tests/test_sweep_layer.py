@@ -182,9 +182,11 @@ def test_legacy_waves_sweep_loads_and_decides_its_next_wave(tmp_path):
 def test_the_schema_is_the_field_registry():
     cfg = compose_job("out_dir=/sweep")
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
-    assert list(launcher) == ["_target_", *(f.name for f in fields.FIELDS), "reducer"]
+    assert list(launcher) == ["_target_", *(f.name for f in fields.FIELDS), "reducer", "barriers"]
     assert launcher["_target_"] == fields.SLURM_LAUNCHER
     assert list(launcher["reducer"]) == [f.name for f in fields.REDUCER_FIELDS]
+    assert list(launcher["barriers"]) == [f.name for f in fields.BARRIER_FIELDS]
+    assert all(launcher["barriers"][f.name] == f.default for f in fields.BARRIER_FIELDS)
     # the generic preset changes only the setup lines; everything else is the declared default
     changed = {f.name for f in fields.FIELDS if launcher[f.name] != f.default}
     assert changed == {"setup"}
@@ -201,6 +203,7 @@ def test_docs_document_every_launcher_field():
             documented |= set(re.findall(r"`([\w.]+)`", first))
     missing = [f.name for f in fields.FIELDS if f.name not in documented]
     missing += [f"reducer.{f.name}" for f in fields.REDUCER_FIELDS if f"reducer.{f.name}" not in documented]
+    missing += [f"barriers.{f.name}" for f in fields.BARRIER_FIELDS if f"barriers.{f.name}" not in documented]
     assert missing == [], f"docs/slurm.md's field table does not name {missing}"
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 from hydra.core.config_store import ConfigStore
 
-from nondet_hpc.cluster.fields import FIELDS, REDUCER_FIELDS, SLURM_LAUNCHER, Field
+from nondet_hpc.cluster.fields import BARRIER_FIELDS, FIELDS, REDUCER_FIELDS, SLURM_LAUNCHER, Field
 
 
 def _spec(f: Field) -> tuple[str, Any, Any]:
@@ -34,10 +34,13 @@ def _dataclass(name: str, fields: Iterable[Field], before: Iterable[tuple[str, A
 
 #: ``hydra.launcher.reducer``: the job that runs ``python -m nondet_hpc.reduce SWEEP_DIR`` after the arrays
 ReducerConf = _dataclass("ReducerConf", REDUCER_FIELDS)
+#: ``hydra.launcher.barriers``: the job that runs ``python -m nondet_hpc.barriers SWEEP_DIR`` after the arrays
+BarriersConf = _dataclass("BarriersConf", BARRIER_FIELDS)
 NondetSlurmLauncherConf = _dataclass(
     "NondetSlurmLauncherConf", FIELDS,
     before=[("_target_", str, dataclasses.field(default=SLURM_LAUNCHER))],
-    after=[("reducer", ReducerConf, dataclasses.field(default_factory=ReducerConf))])
+    after=[("reducer", ReducerConf, dataclasses.field(default_factory=ReducerConf)),
+           ("barriers", BarriersConf, dataclasses.field(default_factory=BarriersConf))])
 
 
 def register() -> None:

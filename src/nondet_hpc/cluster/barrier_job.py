@@ -9,14 +9,11 @@ its pickle holds only strings and numbers; each pair is written as soon as it is
 job stopped by its time limit keeps what it finished and the next run of the command (or of the
 sweep command, which queues a new barrier job) computes only what is missing.
 
-Not queued by :mod:`.submit` yet. The hooks it needs, in that module: ``want_barriers`` from the
-sweep's ``barriers.pairs`` > 0; after ``_submit_arrays``, ``_submit_barriers`` writes
-:func:`barrier_script` with the arrays' dependency (``_reducer_dependency``'s first value),
-pickles :class:`BarrierJob`, sbatches it and records ``{"job_id", "dependency", "script",
-"command"}`` as the submission's ``barriers`` entry (sweep.json; ``SubmissionResult.job_ids``,
-status and cancel list it); ``_submit_reducer`` appends ``:<barrier job id>`` to its dependency.
-The fields below become ``hydra.launcher.barriers.*`` in :mod:`.fields` (one declaration, the
-launcher's schema and docs/slurm.md read it there).
+Queued by :mod:`.arrays` (``submit_barriers``) when the sweep's ``barriers.pairs`` > 0, after the
+training arrays, with their dependency; recorded as the submission's ``barriers`` entry of
+sweep.json (``{"job_id", "token", "dependency", "script", "command", "pairs"}``), which
+``SubmissionResult.job_ids``, status and cancel list. Its settings are ``hydra.launcher.barriers.*``
+(:data:`.fields.BARRIER_FIELDS`, documented in docs/slurm.md).
 """
 
 from __future__ import annotations
@@ -25,21 +22,17 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Sequence
 
+from .. import safeio
 from . import fields
+from .arrays import Launch, arrays_dependency, earlier_barrier_jobs, record_unanswered
+from .client import SlurmError
 from .joblog import log
+from .pickles import adopt_pickles, discard_pickles, pickle_job
 from .script import python_command, render_script
+from .tokens import LateAnswer, new_token, sbatch_identifiable
 
-#: ``hydra.launcher.barriers.*``: the barrier job's own settings (the place and the GPU are the training job's)
-BARRIER_FIELDS: tuple[fields.Field, ...] = (
-    fields.Field("timeout_min", int, 120, "sbatch --time in minutes (a pair of ResNet-14/CIFAR-10 models: about "
-                                          "10 s on a V100)", sbatch="time", render=int),
-    fields.Field("mem_gb", Optional[float], None, "sbatch --mem in GB; null: the training job's", sbatch="mem",
-                 render=fields.mem),
-    fields.Field("additional_parameters", dict, {}, "any other sbatch option for the barrier job only"),
-)
-_BARRIER = {f.name: f for f in BARRIER_FIELDS}
 #: training options the barrier job does not take: it has no checkpoint to write at a warning signal,
 #: is not requeued, and is no array
 _NOT_TAKEN = ("signal", "requeue", "array")
@@ -47,7 +40,7 @@ _NOT_TAKEN = ("signal", "requeue", "array")
 
 def barrier_value(b: Mapping[str, Any], name: str) -> Any:
     """A barrier field's value in ``hydra.launcher.barriers`` (``b``), its default when unset."""
-    return b[name] if name in b else _BARRIER[name].default
+    return fields.value(b, name, node="barriers")
 
 
 def barrier_options(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,11 +61,15 @@ def barrier_options(params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def barrier_script(params: Mapping[str, Any], folder: Path, dependency: str | None = None) -> str:
-    """The sbatch script of the barrier job (submitit's job side runs its pickle, as for every job)."""
+def barrier_script(params: Mapping[str, Any], folder: Path, dependency: str | None = None,
+                   token: str | None = None) -> str:
+    """The sbatch script of the barrier job (submitit's job side runs its pickle, as for every job);
+    ``token``: its submission token, added to its comment (:mod:`.tokens`)."""
     options = barrier_options(params)
     if dependency:
         options.setdefault("dependency", dependency)  # additional_parameters win, as for any option
+    if token:
+        options["comment"] = f"{options['comment']} {token}" if options.get("comment") else token
     return render_script(options, folder=folder, command=python_command(params, folder),
                          setup=list(params.get("setup") or []), use_srun=fields.value(params, "use_srun"),
                          srun_args=list(params.get("srun_args") or []),
@@ -100,3 +97,55 @@ class BarrierJob:
             raise RuntimeError(f"{shlex.join(cmd)} exited with {rc} (pairs that failed are named above; the ones "
                                f"computed are kept, and a rerun computes only what is missing)")
         return rc
+
+
+def sweep_barriers(runs: Sequence[Any]) -> dict[str, int] | None:
+    """The sweep's ``barriers`` settings (bookkeeping: the same for every run; the largest ``pairs``
+    where they differ); None when no run asks for barriers (``barriers.pairs`` = 0)."""
+    best: dict[str, int] | None = None
+    for run in runs:
+        cfg = run.container if run.container is not None else run.cfg
+        node = cfg.get("barriers") if hasattr(cfg, "get") else None
+        pairs = int((node or {}).get("pairs") or 0)
+        if pairs > 0 and (best is None or pairs > best["pairs"]):
+            best = {"pairs": pairs, "points": int(node.get("points") or 11),
+                    "bn_images": int(node.get("bn_images") or 5000)}
+    return best
+
+
+def submit_barriers(launch: Launch, settings: Mapping[str, int]) -> dict:
+    """Queue the barrier job behind the arrays (``afterany`` on this submission's arrays, the
+    still-queued arrays of earlier ones and their barrier jobs); record it as the submission's
+    ``barriers`` entry. The reducer queued next waits for it (:func:`.arrays.reducer_dependency`)."""
+    deps = [d for d in (arrays_dependency(launch).removeprefix("afterany:"), *earlier_barrier_jobs(launch)) if d]
+    dependency = "afterany:" + ":".join(deps) if deps else None
+    script_path = launch.folder / f"sub{launch.record['n']:03d}_barriers.sh"
+    token = new_token()
+    timeout_min = int(barrier_value(dict(launch.params.get("barriers") or {}), "timeout_min"))
+    safeio.write_bytes(script_path, barrier_script(launch.params, launch.folder, dependency, token).encode(),
+                       root=launch.folder)
+    job = BarrierJob(str(launch.sweep_dir), settings["pairs"], settings["points"], settings["bn_images"])
+    pickle_job(launch.folder, job, timeout_min, 0, name=token)
+    entry = {"job_id": None, "token": token, "dependency": dependency or "", "script": str(script_path),
+             "command": "python -m nondet_hpc.barriers " + shlex.join(job.command()[3:]), **dict(settings)}
+    what = f"the barrier job of submission {launch.record['n']}"
+    try:
+        job_id, late = sbatch_identifiable(script_path, token, launch.timeout, launch.user, what)
+    except LateAnswer as e:
+        if e.unknown:
+            record_unanswered(launch, "barriers", e, entry)
+        else:
+            discard_pickles(launch.folder, token)
+        raise
+    except SlurmError:
+        discard_pickles(launch.folder, token)
+        raise
+    adopt_pickles(launch.folder, token, job_id, None)
+    entry["job_id"] = job_id
+    if late:
+        entry["late_answer"] = late
+        launch.notes.append(f"sbatch answered late ({late['after']}): barrier job {job_id} was found by its "
+                            f"submission token {token} and recorded")
+    launch.record["barriers"] = entry
+    launch.save()
+    return entry

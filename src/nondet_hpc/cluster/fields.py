@@ -135,20 +135,34 @@ REDUCER_FIELDS: tuple[Field, ...] = (
     Field("additional_parameters", Dict[str, Any], {}, "any other sbatch option for the reducer only"),
 )
 
+#: ``hydra.launcher.barriers.*``: the job that runs ``python -m nondet_hpc.barriers SWEEP_DIR`` after the arrays
+#: (queued when the sweep's ``barriers.pairs`` > 0); its place and GPU are the training job's (cluster/barrier_job.py)
+BARRIER_FIELDS: tuple[Field, ...] = (
+    Field("timeout_min", int, 120, "sbatch --time in minutes (a pair of ResNet-14/CIFAR-10 models: about 10 s on a "
+                                   "V100)", sbatch="time", render=int, minimum=1),
+    Field("mem_gb", _F, None, "sbatch --mem in GB; null: the training job's", sbatch="mem", render=mem, minimum=0),
+    Field("additional_parameters", Dict[str, Any], {}, "any other sbatch option for the barrier job only"),
+)
+
 _FIELDS = {f.name: f for f in FIELDS}
 _REDUCER = {f.name: f for f in REDUCER_FIELDS}
+_BARRIERS = {f.name: f for f in BARRIER_FIELDS}
+#: the launcher's nodes of fields (``hydra.launcher.<node>.<field>``) and their declarations
+NODES = {"reducer": _REDUCER, "barriers": _BARRIERS}
 #: hydra-submitit-launcher name -> ours
 ALIASES = {f.name: f.alias_of for f in FIELDS if f.alias_of}
 
 
-def default(name: str, *, reducer: bool = False) -> Any:
-    """The declared default of a field (a fresh copy of a list or dict)."""
-    return copy.deepcopy((_REDUCER if reducer else _FIELDS)[name].default)
+def default(name: str, *, reducer: bool = False, node: str | None = None) -> Any:
+    """The declared default of a field (a fresh copy of a list or dict); ``node``: a field of
+    ``hydra.launcher.<node>`` (``reducer=True`` is ``node="reducer"``)."""
+    declared = NODES[node] if node else _REDUCER if reducer else _FIELDS
+    return copy.deepcopy(declared[name].default)
 
 
-def value(params: Mapping[str, Any], name: str, *, reducer: bool = False) -> Any:
-    """A field's value in a launcher config (``params``, or its ``reducer`` node), its default when unset."""
-    return params[name] if name in params else default(name, reducer=reducer)
+def value(params: Mapping[str, Any], name: str, *, reducer: bool = False, node: str | None = None) -> Any:
+    """A field's value in a launcher config (``params``, or its ``reducer`` / ``node`` node), its default when unset."""
+    return params[name] if name in params else default(name, reducer=reducer, node=node)
 
 
 #: fields whose value is a mapping of the user's: any key below them is valid
@@ -158,18 +172,18 @@ MAPPINGS = ("additional_parameters",)
 def is_field(path: str) -> bool:
     """Whether ``hydra.launcher.<path>`` names a field (``reducer.partition``, ``additional_parameters.x``)."""
     parts = path.split(".")
-    if parts[0] == "reducer" and len(parts) > 1:
-        return parts[1] in _REDUCER and (len(parts) == 2 or parts[1] in MAPPINGS)
-    return parts[0] in _FIELDS or parts[0] in ("reducer", "_target_")
+    if parts[0] in NODES and len(parts) > 1:
+        return parts[1] in NODES[parts[0]] and (len(parts) == 2 or parts[1] in MAPPINGS)
+    return parts[0] in _FIELDS or parts[0] in (*NODES, "_target_")
 
 
 def unknown_field(path: str) -> str:
     """The refusal of ``hydra.launcher.<path>`` that names no field: the closest valid name, or all."""
     parts = path.split(".")
-    reducer = parts[0] == "reducer" and len(parts) > 1
-    name = parts[1] if reducer else parts[0]
-    names = list(_REDUCER) if reducer else [*_FIELDS, "reducer"]
-    prefix = "hydra.launcher." + ("reducer." if reducer else "")
+    node = parts[0] if parts[0] in NODES and len(parts) > 1 else None
+    name = parts[1] if node else parts[0]
+    names = list(NODES[node]) if node else [*_FIELDS, *NODES]
+    prefix = "hydra.launcher." + (f"{node}." if node else "")
     guess = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
     hint = (f"did you mean {prefix}{guess[0]}?" if guess else
             f"the fields of {prefix.rstrip('.')} are: {', '.join(names)}.")

@@ -79,15 +79,17 @@ def _check_names(p: Mapping[str, Any]) -> None:
     for key in p:
         if not fields.is_field(key):
             raise ConfigError(fields.unknown_field(key))
-    for key in dict(p.get("reducer") or {}):
-        if not fields.is_field(f"reducer.{key}"):
-            raise ConfigError(fields.unknown_field(f"reducer.{key}"))
+    for node in fields.NODES:
+        for key in dict(p.get(node) or {}):
+            if not fields.is_field(f"{node}.{key}"):
+                raise ConfigError(fields.unknown_field(f"{node}.{key}"))
 
 
 def _check_values(p: Mapping[str, Any]) -> None:
     """Numbers within their field's bounds, and a time-limit warning that comes before the limit."""
     for node, declared, prefix in ((p, fields.FIELDS, "hydra.launcher."),
-                                   (dict(p.get("reducer") or {}), fields.REDUCER_FIELDS, "hydra.launcher.reducer.")):
+                                   (dict(p.get("reducer") or {}), fields.REDUCER_FIELDS, "hydra.launcher.reducer."),
+                                   (dict(p.get("barriers") or {}), fields.BARRIER_FIELDS, "hydra.launcher.barriers.")):
         for f in declared:
             value = node.get(f.name)
             if f.minimum is None or value is None:
