@@ -19,6 +19,7 @@ from ..sweep.manifest import write_manifest
 from . import fields
 from .client import ACTIVE_STATES, JobInfo, SlurmError, SubmissionError, max_array_size, run_command, sbatch
 from .jobs import ReduceJob
+from .lineage import CHILDREN
 from .pickles import adopt_pickles, discard_pickles, pickle_job, task_job
 from .script import sbatch_script
 from .tokens import LateAnswer, new_token, record_array_jobs, sbatch_identifiable
@@ -68,23 +69,24 @@ def check_reducer_place(launch: Launch) -> None:
         raise SubmissionError(f"reducer job (hydra.launcher.reducer.*): {e}") from None
 
 
-def _unanswered(launch: Launch, kind: str, e: LateAnswer, job: dict) -> None:
+def record_unanswered(launch: Launch, kind: str, e: LateAnswer, job: dict) -> None:
     """An sbatch call whose outcome is unknown: recorded with its token, looked up next time."""
     launch.record.setdefault("unanswered", []).append({"kind": kind, **e.record, "job": job})
 
 
 def submit_array(launch: Launch, c: int, runs: list[PlannedRun], offset: int, parallelism: int | None,
-                 dependency: str | None) -> dict:
+                 dependency: str | None, role: str | None = None) -> dict:
     """Write one array's script and pickles, sbatch it, record its tasks in the manifest.
 
-    Task i holds ``runs[i*K:(i+1)*K]`` (K = runs_per_task; the last task may hold fewer)."""
+    Task i holds ``runs[i*K:(i+1)*K]`` (K = runs_per_task; the last task may hold fewer). ``role``:
+    ``parents`` or ``children`` (:mod:`.lineage`); children are killed when their parent fails."""
     p, folder, sub_n = launch.params, launch.folder, launch.record["n"]
     k = int(p.get("runs_per_task") or 1)
     tasks = [runs[i:i + k] for i in range(0, len(runs), k)]
     token = new_token()
     script_path = folder / f"sub{sub_n:03d}_array{c:02d}.sh"
     script = sbatch_script(p, folder, array_size=len(tasks), parallelism=parallelism, dependency=dependency,
-                           token=token)
+                           token=token, kill_on_invalid_dep=role == CHILDREN)
     safeio.write_bytes(script_path, script.encode(), root=folder)
     max_requeue, timeout_min = int(fields.value(p, "max_requeue")), int(fields.value(p, "timeout_min"))
     for i, task in enumerate(tasks):
@@ -93,12 +95,14 @@ def submit_array(launch: Launch, c: int, runs: list[PlannedRun], offset: int, pa
            "parallelism": parallelism or len(tasks), "dependency": dependency, "script": str(script_path),
            "command": f"sbatch --parsable {script_path}", "runs_per_task": k, "n_runs": len(runs),
            "tasks": [[r.run_id for r in task] for task in tasks]}
+    if role:
+        arr["role"] = role
     try:
         array_id, late = sbatch_identifiable(script_path, token, launch.timeout, launch.user,
                                              f"array {c} of submission {sub_n} ({len(runs)} runs)")
     except LateAnswer as e:
         if e.unknown:
-            _unanswered(launch, "array", e, arr)  # its pickles wait for the lookup
+            record_unanswered(launch, "array", e, arr)  # its pickles wait for the lookup
         else:
             discard_pickles(folder, token)
         raise
@@ -118,9 +122,12 @@ def submit_array(launch: Launch, c: int, runs: list[PlannedRun], offset: int, pa
 
 
 def submit_arrays(launch: Launch, todo: list[PlannedRun], submitted: list[str], arrays: list[dict],
-                  echo: Callable[[str], None]) -> None:
+                  echo: Callable[[str], None], *, dependency: str | None = None, role: str | None = None,
+                  base: int = 0) -> None:
     """Chunk to MaxArraySize; with array_parallelism the chunks run one after another (afterany),
-    so the cap holds for the whole sweep. ``submitted`` and ``arrays`` grow with each array."""
+    so the cap holds for the runs of this call. ``submitted`` and ``arrays`` grow with each array.
+    ``dependency``: every chunk's (the children's ``afterok`` on their parents, :mod:`.lineage`);
+    ``role``: what the arrays hold; ``base``: the offset of ``todo[0]`` in the submission's runs."""
     size = int(launch.params.get("max_array_size") or max_array_size(launch.timeout))
     k = int(launch.params.get("runs_per_task") or 1)
     # MaxArraySize counts tasks; each task holds k runs
@@ -129,10 +136,12 @@ def submit_arrays(launch: Launch, todo: list[PlannedRun], submitted: list[str], 
     par = int(par) if par else None
     chain = par is not None and len(parts) > 1 and par < -(-len(todo) // k)
     prev_array = None
+    first = len(launch.record["arrays"])  # script names stay unique across the calls of one submission
     try:
         for c, (offset, n) in enumerate(parts):
-            dependency = f"afterany:{prev_array}" if chain and prev_array else None
-            arr = submit_array(launch, c, todo[offset:offset + n], offset, par, dependency)
+            deps = [d for d in (dependency, f"afterany:{prev_array}" if chain and prev_array else None) if d]
+            arr = submit_array(launch, first + c, todo[offset:offset + n], base + offset, par, ",".join(deps) or None,
+                               role)
             arrays.append(arr)
             submitted += [r.run_id for r in todo[offset:offset + n]]
             prev_array = arr["job_id"]
@@ -145,9 +154,12 @@ def submit_arrays(launch: Launch, todo: list[PlannedRun], submitted: list[str], 
 
 
 def reducer_dependency(launch: Launch) -> tuple[str, list[str]]:
-    """afterany on this submission's arrays and on the still-queued arrays of earlier ones; and the
-    pending reducers of earlier submissions, which the new one supersedes."""
+    """afterany on this submission's arrays and barrier job, on the still-queued arrays and barrier
+    jobs of earlier ones; and the pending reducers of earlier submissions, which the new one supersedes."""
     deps = [a["job_id"] for a in launch.record["arrays"]]
+    if launch.record.get("barriers"):
+        deps.append(launch.record["barriers"]["job_id"])
+    deps += earlier_barrier_jobs(launch)
     earlier_reducers = []
     for s in launch.manifest["submissions"]:
         if s is launch.record:
@@ -162,6 +174,29 @@ def reducer_dependency(launch: Launch) -> tuple[str, list[str]]:
             earlier_reducers.append(red["job_id"])
     # no array left to wait for (a reducer-only submission after them all): no dependency
     return ("afterany:" + ":".join(dict.fromkeys(deps))) if deps else "", earlier_reducers
+
+
+def arrays_dependency(launch: Launch) -> str:
+    """afterany on this submission's arrays and on the still-queued arrays of earlier ones (what a
+    barrier job waits for)."""
+    deps = [a["job_id"] for a in launch.record["arrays"]]
+    for s in launch.manifest["submissions"]:
+        if s is not launch.record:
+            deps += [a["job_id"] for a in s.get("arrays", []) if _alive(launch, a["job_id"], s, arrays=True)]
+    return ("afterany:" + ":".join(dict.fromkeys(deps))) if deps else ""
+
+
+def _alive(launch: Launch, job_id: str, sub: dict, *, arrays: bool = False) -> bool:
+    """Whether SLURM still lists ``job_id`` (an array: any of its tasks) of submission ``sub`` as queued or running."""
+    return any((k.split("_")[0] if arrays else k) == job_id and j.state in ACTIVE_STATES
+               and j.belongs_to(sub.get("folder")) for k, j in launch.queue.items())
+
+
+def earlier_barrier_jobs(launch: Launch) -> list[str]:
+    """The barrier jobs of earlier submissions still queued or running: a new barrier job (and the
+    reducer) wait for them, so two never compute the same pairs at once."""
+    return [s["barriers"]["job_id"] for s in launch.manifest["submissions"] if s is not launch.record
+            and s.get("barriers") and _alive(launch, s["barriers"]["job_id"], s)]
 
 
 def _sbatch_reducer(launch: Launch, dependency: str, script_path: Path) -> tuple[str, str, dict | None]:
@@ -181,7 +216,7 @@ def _sbatch_reducer(launch: Launch, dependency: str, script_path: Path) -> tuple
             return red_id, token, late
         except LateAnswer as e:
             if e.unknown:
-                _unanswered(launch, "reducer", e, job)
+                record_unanswered(launch, "reducer", e, job)
             else:
                 discard_pickles(launch.folder, token)
                 launch.record.setdefault("not_queued", []).append(e.record)

@@ -1,13 +1,13 @@
 """`python -m nondet_hpc.cancel SWEEP_DIR`: scancel this sweep's SLURM jobs, nothing else.
 
-Only the job ids recorded in SWEEP_DIR/sweep.json (array jobs and reducer jobs, and those found
+Only the job ids recorded in SWEEP_DIR/sweep.json (array jobs, reducer and barrier jobs, and those found
 by the submission token of an sbatch call that never answered) that SLURM still lists as queued
 or running are cancelled. Runs that finished keep their results; cancelled runs
 keep their last checkpoint, so rerunning the sweep command later resumes them.
 
     python -m nondet_hpc.cancel outputs/digits_resnet14
     python -m nondet_hpc.cancel outputs/digits_resnet14 --dry-run       # list, do not cancel
-    python -m nondet_hpc.cancel outputs/digits_resnet14 --keep-reducer  # the report still comes
+    python -m nondet_hpc.cancel outputs/digits_resnet14 --keep-reducer  # the report (and barriers) still come
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def _cancel(sweep_dir: Path, manifest: dict, dry_run: bool, keep_reducer: bool, 
     for s in manifest["submissions"]:
         for a in s.get("arrays", []):
             ours[a["job_id"]] = s.get("folder")
-        if s.get("reducer") and not keep_reducer:
-            ours[s["reducer"]["job_id"]] = s.get("folder")
+        for job in ("reducer", "barriers"):  # the report's jobs (--keep-reducer keeps both)
+            if s.get(job) and not keep_reducer:
+                ours[s[job]["job_id"]] = s.get("folder")
     # sbatch calls that never answered: their jobs, if SLURM queued them, carry the call's token
     pending = [(s, u) for s, u in unanswered(manifest) if u["kind"] == "array" or not keep_reducer]
     found = find_tokens([u["token"] for _, u in pending], current_user(), timeout) if pending else {}
@@ -105,7 +106,8 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("sweep_dir", help="the sweep folder (holds sweep.json)")
     ap.add_argument("--dry-run", action="store_true", help="print the job ids, cancel nothing")
     ap.add_argument("--keep-reducer", action="store_true",
-                    help="leave the reducer job queued (it reduces what completed, after the cancel)")
+                    help="leave the reducer job (and the barrier job) queued: they reduce what completed, after the "
+                         "cancel")
     ap.add_argument("--timeout", type=float, default=None, help="seconds before a SLURM command is given up")
     args = ap.parse_args(argv)
     try:

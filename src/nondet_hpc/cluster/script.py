@@ -111,8 +111,12 @@ def render_script(options: Mapping[str, Any], *, folder: Path, command: str, set
 
 def sbatch_script(params: Mapping[str, Any], folder: Path, *, array_size: int | None = None,
                   parallelism: int | None = None, reducer: bool = False,
-                  dependency: str | None = None, token: str | None = None) -> str:
+                  dependency: str | None = None, token: str | None = None, kill_on_invalid_dep: bool = False) -> str:
     """The sbatch script of a training array (``array_size`` tasks) or of the reducer job.
+
+    ``kill_on_invalid_dep``: SLURM cancels the job when its dependency can never be satisfied (the
+    arrays of runs that start from a parent run, ``afterok`` on the parent's job), instead of
+    leaving it pending with reason DependencyNeverSatisfied.
 
     ``token``: the submission token (:mod:`.tokens`), added to the job's comment (after the user's
     own, from ``comment`` or ``additional_parameters``), so the job can be found by it when sbatch
@@ -120,6 +124,8 @@ def sbatch_script(params: Mapping[str, Any], folder: Path, *, array_size: int | 
     options = reducer_options(params) if reducer else array_options(params)
     if dependency:
         options.setdefault("dependency", dependency)  # additional_parameters win, as for any option
+    if kill_on_invalid_dep:
+        options.setdefault("kill_on_invalid_dep", "yes")
     if token:
         options["comment"] = f"{options['comment']} {token}" if options.get("comment") else token
     array = (int(array_size), int(parallelism or array_size)) if array_size is not None else None

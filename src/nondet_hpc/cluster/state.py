@@ -233,22 +233,42 @@ def _heartbeat_of_this_attempt(info: Mapping[str, Any], hb: Mapping[str, Any]) -
     return not (resumed and beat and beat < resumed)
 
 
-def _reducer_status(manifest: Mapping, sweep_dir: Path, seen: _Slurm) -> dict | None:
-    """The newest reducer job: its SLURM state, logs and whether the report exists."""
-    subs = [s for s in manifest["submissions"] if s.get("reducer")]
+def _job_status(manifest: Mapping, sweep_dir: Path, seen: _Slurm, key: str = "reducer") -> dict | None:
+    """The newest reducer job (``key="barriers"``: barrier job): its SLURM state, its logs and, for
+    the reducer, whether the report exists."""
+    subs = [s for s in manifest["submissions"] if s.get(key)]
     if not subs:
         return None
     sub = subs[-1]
-    rid = sub["reducer"]["job_id"]
+    rid = sub[key]["job_id"]
     q = (seen.queue or {}).get(rid)
     if q and not q.belongs_to(sub.get("folder")):
         q = None
     a = (seen.acct or {}).get(rid)
     out, err = task_logs(sub.get("folder", sweep_dir / "slurm"), rid)
     state = q.state if q else a.state if a else "GONE" if seen.queue is not None else "UNKNOWN"
-    return {"job_id": rid, "state": state, "exit_code": a.exit_code if a else "", "log_out": str(out),
-            "log_err": str(err), "report": str(sweep_dir / "report"),
-            "report_exists": (sweep_dir / "report").is_dir()}
+    job = {"job_id": rid, "state": state, "exit_code": a.exit_code if a else "", "log_out": str(out),
+           "log_err": str(err)}
+    if key == "barriers":
+        return {**job, "command": str(sub[key].get("command", "")), "reason": q.reason if q else ""}
+    return {**job, "report": str(sweep_dir / "report"), "report_exists": (sweep_dir / "report").is_dir()}
+
+
+def parent_notes(runs: list[RunStatus], manifest: Mapping) -> None:
+    """A run that starts from a parent's checkpoint (sweep.json ``runs[id].parent``) and has not run:
+    "waiting for parent run X" while the parent is to finish, "not run: parent X failed" once it
+    failed (its job then ends with DependencyNeverSatisfied, or is killed by SLURM for it)."""
+    by_id = {r.run_id: r for r in runs}
+    for r in runs:
+        parent = by_id.get(str((manifest["runs"].get(r.run_id) or {}).get("parent") or ""))
+        if parent is None or r.state not in ("pending", "failed") or r.epoch is not None or r.run_state:
+            continue  # a child that started (run.json written) failed on its own
+        if parent.state == "failed":
+            r.state = "failed"
+            r.note = (f"not run: its parent run {parent.run_id} failed (job {parent.job_id or '-'}); fix the parent, "
+                      f"then rerun the sweep command")
+        elif parent.state in ("pending", "running", "requeued") and r.state == "pending":
+            r.note = f"waiting for its parent run {parent.run_id} ({parent.state})"
 
 
 def sweep_status(sweep_dir: str | os.PathLike, *, timeout: float | None = None, tail: int = 8,
@@ -274,18 +294,20 @@ def sweep_status(sweep_dir: str | os.PathLike, *, timeout: float | None = None, 
                                 "nor runs/: not a sweep folder")
     folders = {s["n"]: s.get("folder", str(sweep_dir / "slurm")) for s in manifest["submissions"]}
     job_ids = [j["job_id"] for r in manifest["runs"].values() for j in r.get("jobs", [])]
-    job_ids += [s["reducer"]["job_id"] for s in manifest["submissions"] if s.get("reducer")]
+    job_ids += [s[key]["job_id"] for s in manifest["submissions"] for key in ("reducer", "barriers") if s.get(key)]
     seen = _ask_slurm(job_ids, timeout)
     now = time.time()
     runs = [_run_status(run_id, rec, folders, sweep_dir / "slurm", seen, now, tail, stale_s)
             for run_id, rec in manifest["runs"].items()]
+    parent_notes(runs, manifest)
     if damage and (sweep_dir / RUNS).is_dir():  # runs whose entries were left out: from their folders
         named = set(manifest["runs"])
         runs += [_folder_status(d, now, stale_s) for d in list_runs(sweep_dir) if d.name not in named]
     accounting = ("sacct" if seen.acct is not None else
                   "squeue+run folder" if seen.queue is not None else "run folder")
     return {"sweep_dir": str(sweep_dir), "time": now_iso(), "counts": _counts(runs),
-            "runs": [dataclasses.asdict(r) for r in runs], "reducer": _reducer_status(manifest, sweep_dir, seen),
+            "runs": [dataclasses.asdict(r) for r in runs], "reducer": _job_status(manifest, sweep_dir, seen),
+            "barriers": _job_status(manifest, sweep_dir, seen, "barriers"),
             "submissions": len(manifest["submissions"]), "errors": {**damage, **seen.errors}, "accounting": accounting,
             "study": _study_summary(manifest.get("study")),
             # sbatch calls that never answered (cluster/tokens.py): looked up by the next submission

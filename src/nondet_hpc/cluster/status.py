@@ -2,7 +2,9 @@
 
 Counts and a per-run table: pending, running (epoch k of N and an ETA from the run's heartbeat),
 requeued, done (the run's DONE file), failed (SLURM state, exit code, log path and its last
-lines), plus the reducer job. State comes from sacct, or from squeue and the run folders when
+lines), plus the barrier job and the reducer job. A run that starts from a parent run's
+checkpoint (``source.from_epoch``) and has not started says that it waits for its parent, or that
+it was not run because its parent failed. State comes from sacct, or from squeue and the run folders when
 accounting is unavailable; every SLURM command has a timeout, so this never hangs.
 
     python -m nondet_hpc.status outputs/digits_resnet14            # table
@@ -88,6 +90,12 @@ def format_status(st: dict, *, show_done: bool = True, tail: bool = True) -> str
         lines.append(f"  sbatch of the {u['kind']} of submission {u['submission']} never answered: whether it was "
                      f"queued is unknown (its job's comment holds {u['token']}); the next run of the sweep command "
                      "looks it up before it submits anything")
+    bar = st.get("barriers")
+    if bar:
+        code = bar.get("exit_code") if bar["state"] not in ACTIVE_STATES else ""
+        lines.append("")
+        lines.append(f"  barrier job: {bar['job_id']} {bar['state']}{' exit ' + code if code else ''}; "
+                     f"{bar.get('command', '')}; log {bar['log_out']}")
     red = st.get("reducer")
     if red:
         report = "written" if red["report_exists"] else "not written yet"
@@ -102,9 +110,8 @@ def format_status(st: dict, *, show_done: bool = True, tail: bool = True) -> str
 def finished(st: dict) -> bool:
     c = st["counts"]
     busy = c.get("pending", 0) + c.get("running", 0) + c.get("requeued", 0) + c.get("unknown", 0)
-    red = st.get("reducer")
-    red_busy = bool(red) and red["state"] in ACTIVE_STATES
-    return busy == 0 and not red_busy
+    jobs_busy = any(job and job["state"] in ACTIVE_STATES for job in (st.get("reducer"), st.get("barriers")))
+    return busy == 0 and not jobs_busy
 
 
 def main(argv: list[str] | None = None) -> int:

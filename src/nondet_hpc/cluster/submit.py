@@ -27,9 +27,11 @@ from ..sweep.manifest import (jsonable, latest_job, load_manifest, manifest_path
                               submission_folders, sweep_lock)
 from ..sweep.trust import check_sweep_folder, owner_only_umask
 from . import fields
+from . import lineage
 from .arrays import Launch, check_reducer_place, submit_arrays, submit_reducer
-from .client import ACTIVE_STATES, DEFAULT_TIMEOUT_S, SubmissionError, current_user, query_squeue, require_sbatch, \
-    submit_limit
+from .barrier_job import submit_barriers, sweep_barriers
+from .client import ACTIVE_STATES, DEFAULT_TIMEOUT_S, SlurmError, SubmissionError, current_user, query_squeue, \
+    require_sbatch, submit_limit
 from .pack import check_packing
 from .params import cpu_sharing
 from .pickles import private_folder
@@ -49,9 +51,13 @@ class SubmissionResult:
     duplicates: list[str] = dataclasses.field(default_factory=list)
     superseded: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)  # late answers found, CPU sharing, ...
+    barriers: dict | None = None  # the barrier job (cluster/barrier_job.py), when the sweep asks for barriers
+    parents: dict[str, str] = dataclasses.field(default_factory=dict)  # child run id -> parent run id
 
     def job_ids(self) -> list[str]:
         ids = [a["job_id"] for a in self.arrays]
+        if self.barriers:
+            ids.append(self.barriers["job_id"])
         if self.reducer:
             ids.append(self.reducer["job_id"])
         return ids
@@ -235,6 +241,8 @@ def submit_sweep(sweep_dir: str | os.PathLike, planned: Sequence[PlannedRun], pa
 def _submit(sweep_dir: Path, planned: Sequence[PlannedRun], params: dict[str, Any], argv: Sequence[str] | None,
             echo: Callable[[str], None]) -> SubmissionResult:
     runs, duplicates = _unique(planned)
+    family = lineage.plan_lineage(runs, list(params.get("ignore_keys") or []))
+    runs = family.runs  # with the parents the runs perturbed later start from
     want_reducer = bool(fields.value(dict(params.get("reducer") or {}), "enabled", reducer=True))
     run_keys, ignore_keys = list(params.get("run_keys") or []), list(params.get("ignore_keys") or [])
     recorded = load_manifest(sweep_dir)
@@ -246,13 +254,16 @@ def _submit(sweep_dir: Path, planned: Sequence[PlannedRun], params: dict[str, An
     launch = _open(sweep_dir, params, recorded or new_manifest(sweep_dir))
     check_compatible(launch.manifest, runs, run_keys, ignore_keys)
     done, active, todo = _triage(launch, runs)
-    todo, over_limit = _within_submit_limit(launch, todo, want_reducer)
+    lineage.missing_checkpoints(family, done, active, todo, launch.manifest)
+    todo, over_limit = _within_submit_limit(launch, lineage.order(family, todo), want_reducer)
+    todo, over_limit = lineage.hold_orphans(family, todo, over_limit, {r.run_id for r in done + active})
     skipped = {"done": [r.run_id for r in done], "active": [r.run_id for r in active],
                "over_limit": [r.run_id for r in over_limit], "duplicates": duplicates}
     launch.record = _new_record(launch, runs, todo, skipped, argv)
     _record_runs(launch.manifest, runs)
+    lineage.record(family, launch.manifest, todo)
     result = SubmissionResult(sweep_dir, None, [], skipped["done"], skipped["active"], skipped["over_limit"],
-                              [], None, duplicates, notes=launch.notes)
+                              [], None, duplicates, notes=launch.notes, parents=dict(family.parent_of))
     if not todo:
         if _reducer_missing(launch, want_reducer):
             _reducer_alone(launch, result)
@@ -268,13 +279,52 @@ def _submit(sweep_dir: Path, planned: Sequence[PlannedRun], params: dict[str, An
     result.submission = launch.record["n"]
     if want_reducer:
         check_reducer_place(launch)
-    submit_arrays(launch, todo, result.submitted, result.arrays, echo)
+    _queue_runs(launch, family, todo, active, result, echo)
+    result.barriers = _queue_barriers(launch, todo)
     if want_reducer:
         result.reducer = submit_reducer(launch)
         result.superseded = launch.record.get("superseded_reducers", [])
     launch.record["status"] = "submitted"
     launch.save()
     return result
+
+
+def _queue_runs(launch: Launch, family: lineage.Lineage, todo: list[PlannedRun], active: list[PlannedRun],
+                result: SubmissionResult, echo: Callable[[str], None]) -> None:
+    """The arrays: the parents first (role parents), the runs that need no parent, then the children
+    (role children), which wait for their parents (afterok, killed when a parent fails)."""
+    groups = {lineage.PARENTS: [], None: [], lineage.CHILDREN: []}  # type: dict[str | None, list[PlannedRun]]
+    for r in todo:
+        groups[family.role(r.run_id)].append(r)
+    parent_arrays: dict[str, str] = {}
+    base = 0
+    for role, group in groups.items():
+        if not group:
+            continue
+        dependency = (lineage.parent_dependency(family, group, parent_arrays, active, launch.manifest)
+                      if role == lineage.CHILDREN else None)
+        start = len(result.arrays)
+        submit_arrays(launch, group, result.submitted, result.arrays, echo, dependency=dependency, role=role, base=base)
+        base += len(group)
+        if role == lineage.PARENTS:
+            parent_arrays = {rid: a["job_id"] for a in result.arrays[start:] for task in a["tasks"] for rid in task}
+
+
+def _queue_barriers(launch: Launch, todo: list[PlannedRun]) -> dict | None:
+    """The barrier job behind the arrays when the sweep asks for barriers (``barriers.pairs`` > 0);
+    a refusal is noted (the reducer is still queued: its report then lacks the barriers)."""
+    settings = sweep_barriers(todo)
+    if settings is None:
+        return None
+    try:
+        return submit_barriers(launch, settings)
+    except SlurmError as e:
+        launch.record["barriers_error"] = str(e)
+        launch.notes.append(f"the barrier job was not queued ({e}); compute the barriers after the runs with "
+                            f"python -m nondet_hpc.barriers {shlex.quote(str(launch.sweep_dir))} --pairs "
+                            f"{settings['pairs']}, then python -m nondet_hpc.reduce again")
+        launch.save()
+        return None
 
 
 def _reducer_alone(launch: Launch, result: SubmissionResult) -> None:
@@ -334,8 +384,13 @@ def describe_submission(res: SubmissionResult, params: Mapping[str, Any]) -> str
         packed = f" of {k} runs each" if k > 1 else ""
         last = a["offset"] + a.get("n_runs", a["size"]) - 1
         runs = f"run {a['offset']}" if last == a["offset"] else f"runs {a['offset']}-{last}"
+        role = {lineage.PARENTS: ": the parent runs, first", lineage.CHILDREN: ": runs that start from their "
+                "parent's checkpoint (cancelled by SLURM if a parent fails)"}.get(a.get("role"), "")
         lines.append(f"  array job {a['job_id']}: {a['size']} task{'s' if a['size'] != 1 else ''}{packed} ({runs} of "
-                     f"submission {res.submission}{cap}), partition {part}{dep}")
+                     f"submission {res.submission}{cap}), partition {part}{dep}{role}")
+    if res.barriers:
+        bdep = f" ({res.barriers['dependency']})" if res.barriers.get("dependency") else ""
+        lines.append(f"  barrier job {res.barriers['job_id']}{bdep}, partition {part}: {res.barriers['command']}")
     if res.reducer:
         rpart = (params.get("reducer") or {}).get("partition") or part
         lines.append(f"  reducer job {res.reducer['job_id']} ({res.reducer['dependency']}), partition {rpart}: "

@@ -106,7 +106,8 @@ def unanswered(manifest: Mapping) -> list[tuple[dict, dict]]:
 def resolve(manifest: dict, user: str, timeout: float) -> list[str]:
     """Look up the tokens of the sbatch calls whose outcome is unknown and record what is found:
     a queued array joins its submission's arrays (its runs get their jobs, its pickles their
-    names), a queued reducer becomes the submission's reducer; one not found was not queued.
+    names), a queued reducer or barrier job becomes the submission's reducer / barriers entry; one
+    not found was not queued.
     Lines saying what was found; SlurmError while squeue does not answer (submit nothing then)."""
     pending = unanswered(manifest)
     if not pending:
@@ -129,9 +130,9 @@ def resolve(manifest: dict, user: str, timeout: float) -> list[str]:
             discard_pickles(folder, call["token"])
             lines.append(f"sbatch call {call['token']} of submission {sub['n']} was not queued")
             continue
-        if call["kind"] == "reducer":
+        if call["kind"] in ("reducer", "barriers"):  # one job each: the submission's reducer / barriers entry
             adopt_pickles(folder, call["token"], job_id, None)
-            sub["reducer"] = {**call["job"], "job_id": job_id, "late_answer": late}
+            sub[call["kind"]] = {**call["job"], "job_id": job_id, "late_answer": late}
         else:
             adopt_pickles(folder, call["token"], job_id, len(call["job"]["tasks"]))
             arr = {**call["job"], "job_id": job_id, "late_answer": late}

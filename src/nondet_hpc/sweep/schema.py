@@ -30,12 +30,17 @@ def _obj(**fields: tuple[bool, Spec]) -> tuple[str, dict]:
 
 JOB = _obj(job_id=(True, _STR), submission=(False, _INT), array_job_id=(False, _STR), index=(False, _INT),
            slot=(False, _INT))
+# parent: the run id of the run it starts from (source.from_epoch > 0); keep_checkpoints: a parent's
+# epochs its children start from
 RUN = _obj(run_dir=(False, _STR), overrides=(False, ("list", _STR)), config_hash=(False, _STR),
-           jobs=(False, ("list", JOB)), plan_key=(False, _STR))
+           jobs=(False, ("list", JOB)), plan_key=(False, _STR), parent=(False, _STR),
+           keep_checkpoints=(False, ("list", _INT)))
+# role: "parents" or "children" (runs that start from a parent's checkpoint); absent: neither
 ARRAY = _obj(job_id=(True, _STR), offset=(False, _INT), size=(False, _INT), runs_per_task=(False, _INT),
-             tasks=(False, ("list", ("list", _STR))))
+             tasks=(False, ("list", ("list", _STR))), role=(False, _STR))
+ONE_JOB = (_NONE, _obj(job_id=(True, _STR)))  # the reducer job, the barrier job
 SUBMISSION = _obj(n=(True, _INT), folder=(False, (_STR, _NONE)), arrays=(False, ("list", ARRAY)),
-                  reducer=(False, (_NONE, _obj(job_id=(True, _STR)))), runs=(False, ("list", _STR)),
+                  reducer=(False, ONE_JOB), barriers=(False, ONE_JOB), runs=(False, ("list", _STR)),
                   run_values=(False, ("map", dict)), base_config=(False, dict), varying_keys=(False, ("list", _STR)),
                   status=(False, _STR))
 CANCELLATION = _obj(job_ids=(True, ("list", _STR)))
@@ -169,15 +174,16 @@ def salvage(data: Any) -> tuple[dict | None, list[str]]:
 
 
 def _prune(entry: Any, key: str | None, spec: Spec, where: str, lost: list[str]) -> Any:
-    """``entry`` with the damaged items of its list ``key`` left out (key None: a damaged reducer
-    record of a submission set to null), so one bad job record does not hide its whole entry."""
+    """``entry`` with the damaged items of its list ``key`` left out (key None: a damaged reducer or
+    barrier job record of a submission set to null), so one bad job record does not hide its whole entry."""
     if not isinstance(entry, dict):
         return entry
     if key is None:
-        bad = check(entry.get("reducer"), SUBMISSION[1]["reducer"][1], f"{where}.reducer") if "reducer" in entry else []
-        if bad:
-            lost += bad
-            return {**entry, "reducer": None}
+        for job in ("reducer", "barriers"):
+            bad = check(entry.get(job), ONE_JOB, f"{where}.{job}") if job in entry else []
+            if bad:
+                lost += bad
+                entry = {**entry, job: None}
         return entry
     if isinstance(entry.get(key), list):
         return {**entry, key: _keep(entry[key], spec, f"{where}.{key}", lost)}
