@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import threads_for
-from .presets import CIFAR_TEST, CIFAR_TRAIN, MEASURED, PRESETS, cost_basis, describe, gpu_hours_per_model, \
-    run_files_bytes
+from .presets import CIFAR_TEST, CIFAR_TRAIN, MEASURED, PRESETS, barrier_gpu_hours, cost_basis, describe, \
+    gpu_hours_per_model, run_files_bytes
 
 __all__ = ["plan", "main"]
 
@@ -264,6 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     disk = math.fsum(j["disk_bytes"] for j in todo) / 1e9
     print(f"{len(jobs)} runs in {', '.join(folders)}: {len(done)} DONE, {len(todo)} to train; {cost}; about "
           f"{disk:,.2f} GB of run folders to write (logits, checkpoints, final weights and trajectories).")
+    entry = PRESETS.get(a.name, {})
+    if entry.get("parents") and jobs and jobs[0]["data"] != "digits":  # not among the sweep's own jobs
+        extra = entry["parents"] * gpu_hours_per_model(entry["model"], entry["epochs"]) + \
+            barrier_gpu_hours(entry["barrier_pairs"], entry["model"])
+        print(f"Besides: {entry['parents']} parent run(s) whose first epochs the runs perturbed later share, and "
+              f"{entry['barrier_pairs']} loss-barrier pairs: about {extra:,.1f} V100 GPU-hours more, unless done.")
     if jobs and jobs[0]["data"] != "digits":
         print(f"Cost basis: {jobs[0]['cost_basis']}.")
     return 0
