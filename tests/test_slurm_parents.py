@@ -163,6 +163,12 @@ def test_children_of_a_parent_over_the_submit_limit_wait_too(fake, tmp_path):
     # room = 3 - 0 queued - 1 reducer = 2: the parent and one child would fit; the child waits with it
     assert len(res.submitted) == 2 and len(res.over_limit) == 1
     assert fake.state["jobs"][1]["dependency"] == f"afterok:{fake.state['jobs'][0]['id']}"
+    # the barrier job takes its place under the limit too: room = 3 - 1 - 1 = 1, the parent alone
+    sweep2 = tmp_path / "sw2"
+    fake.update(queue={})  # the first sweep's jobs ended
+    res = submit.submit_sweep(sweep2, stability_plan(sweep2, "barriers.pairs=1"), params_for(sweep2, max_submit=3),
+                              argv=["x"])
+    assert len(res.submitted) == 1 and len(res.over_limit) == 2 and res.barriers is not None
 
 
 def test_barrier_job_after_the_arrays_and_the_reducer_after_it(fake, tmp_path):
@@ -221,6 +227,11 @@ def test_status_names_the_parent_children_wait_for_or_lost(fake, tmp_path):
     parent_id = pickled(sweep / "slurm", f"{parents['id']}_0").run_id
     assert all(r["state"] == "pending" and r["note"] == f"waiting for its parent run {parent_id} (running)"
                for r in kids)
+    # SLURM says the dependency can never be met (a parent's job that ended badly): not run
+    fake.set_task(f"{children['id']}_0", "PENDING", reason="DependencyNeverSatisfied")
+    st = state.sweep_status(sweep)
+    kid = next(r for r in st["runs"] if r["job_id"] == f"{children['id']}_0")
+    assert kid["state"] == "failed" and kid["note"].startswith(f"not run: its parent run {parent_id} did not succeed")
     # the parent fails: SLURM kills its children (kill-on-invalid-dep); status says why they did not run
     fake.set_task(f"{parents['id']}_0", "FAILED", queue=False, exit="1:0")
     for i in range(2):

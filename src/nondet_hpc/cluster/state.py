@@ -263,9 +263,10 @@ def parent_notes(runs: list[RunStatus], manifest: Mapping) -> None:
         parent = by_id.get(str((manifest["runs"].get(r.run_id) or {}).get("parent") or ""))
         if parent is None or r.state not in ("pending", "failed") or r.epoch is not None or r.run_state:
             continue  # a child that started (run.json written) failed on its own
-        if parent.state == "failed":
+        if parent.state == "failed" or r.reason == "DependencyNeverSatisfied":
+            why = "failed" if parent.state == "failed" else "did not succeed (SLURM: DependencyNeverSatisfied)"
             r.state = "failed"
-            r.note = (f"not run: its parent run {parent.run_id} failed (job {parent.job_id or '-'}); fix the parent, "
+            r.note = (f"not run: its parent run {parent.run_id} {why} (job {parent.job_id or '-'}); fix the parent, "
                       f"then rerun the sweep command")
         elif parent.state in ("pending", "running", "requeued") and r.state == "pending":
             r.note = f"waiting for its parent run {parent.run_id} ({parent.state})"

@@ -144,7 +144,8 @@ def _within_submit_limit(launch: Launch, todo: list[PlannedRun],
     if not limit or limit <= 0:
         return todo, []
     in_queue = len({j.job_id for j in query_squeue(launch.user, launch.timeout).values()})
-    room = limit - in_queue - (1 if want_reducer else 0)
+    # the reducer and the barrier job (cluster/barrier_job.py) count one job each
+    room = limit - in_queue - (1 if want_reducer else 0) - (1 if sweep_barriers(todo) else 0)
     if room <= 0:
         raise SubmissionError(
             f"your submit limit is {limit} jobs (MaxSubmitJobs; array tasks count one each) and "
