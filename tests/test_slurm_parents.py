@@ -253,3 +253,21 @@ def test_schema_reads_the_new_entries_and_salvages_a_damaged_barrier_record():
     assert "submissions[0].barriers: an object, not null or an object" in " ".join(schema.problems(bad))
     out, lost = schema.salvage(bad)
     assert out["submissions"][0]["barriers"] is None and "a" not in out["runs"] and len(lost) == 2
+
+
+def test_each_family_has_its_own_parent(fake, tmp_path):
+    """Two learning rates: two parents in the parents' array, each child the one its node looks for."""
+    sweep = tmp_path / "sw"
+    runs = stability_plan(sweep, "train.lr=0.05", ks=(1, 2)) + stability_plan(sweep, "train.lr=0.1")
+    submit.submit_sweep(sweep, runs, params_for(sweep), argv=["x"])
+    m = json.loads((sweep / "sweep.json").read_text())
+    parents_arr, children_arr = m["submissions"][0]["arrays"]
+    assert parents_arr["role"] == "parents" and len(parents_arr["tasks"]) == 2
+    by_lr = {}
+    for i, (pid,) in enumerate(parents_arr["tasks"]):
+        cfg = pickled(sweep / "slurm", f"{parents_arr['job_id']}_{i}").cfg
+        by_lr[cfg["train"]["lr"]] = (pid, cfg["record"]["keep_checkpoints"])
+    assert by_lr == {0.05: (by_lr[0.05][0], [1, 2]), 0.1: (by_lr[0.1][0], [1])}
+    for r in runs:
+        expected = rundir.run_id(parent_config(r.cfg))
+        assert m["runs"][r.run_id]["parent"] == expected == by_lr[r.cfg.train.lr][0]

@@ -16,6 +16,7 @@ overwritten behind the user's back.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Mapping, Sequence
 
 from .. import safeio
@@ -52,25 +53,44 @@ def _config(run: PlannedRun) -> Any:
     return run.container if run.container is not None else run.cfg
 
 
+def _family(run: PlannedRun) -> str:
+    """Equal for runs that differ only in their source and seed: what a parent's config does not
+    keep of its child's (:func:`nondet_hpc.sweep.parents.parent_config` sets both), so the runs of one
+    family share one parent. Only a shortcut: which parent it is, plan_parents says."""
+    return json.dumps({k: v for k, v in run.flat.items() if k != "seed" and k.split(".")[0] != "source"},
+                      sort_keys=True, default=str)
+
+
 def plan_lineage(runs: Sequence[PlannedRun], ignore_keys: Sequence[str] = ()) -> Lineage:
-    """The sweep's runs and the parents they need (:func:`nondet_hpc.sweep.parents.plan_parents`)."""
+    """The sweep's runs and the parents they need (:func:`nondet_hpc.sweep.parents.plan_parents`,
+    asked once per family and epoch: thousands of runs share a few parents)."""
     runs = list(runs)
-    if not any(from_epoch(_config(r)) > 0 for r in runs):
+    ks = [from_epoch(_config(r)) for r in runs]
+    if not any(k > 0 for k in ks):
         return Lineage(runs)
     out = Lineage(runs)
-    for plan in plan_parents([r.cfg for r in runs]):
+    members: dict[tuple[str, int], list[int]] = {}  # (family, k) -> indices of its children
+    for i, (r, k) in enumerate(zip(runs, ks)):
+        if k > 0:
+            members.setdefault((_family(r), k), []).append(i)
+    families = {f for f, _ in members}
+    asked = [ix[0] for ix in members.values()]  # one child per family and epoch
+    asked += [i for i, (r, k) in enumerate(zip(runs, ks)) if k == 0 and _family(r) in families]
+    for plan in plan_parents([runs[i].cfg for i in asked]):
         if plan.own is not None:
-            own = runs[plan.own]
+            own = runs[asked[plan.own]]
             parent = plan_run(plan.config, own.overrides, ignore_keys, plan_key=own.plan_key)
-            runs[plan.own] = parent
+            runs[asked[plan.own]] = parent
         else:
             parent = plan_run(plan.config, parent_overrides(plan)[:3], ignore_keys)
             if parent.run_id not in {r.run_id for r in runs}:
                 runs.append(parent)
             out.made.add(parent.run_id)
         out.keep[parent.run_id] = sorted({*out.keep.get(parent.run_id, []), *plan.keep})
-        for i in plan.children:
-            out.parent_of[runs[i].run_id] = parent.run_id
+        for j in plan.children:
+            rep = asked[j]
+            for i in members[(_family(runs[rep]), ks[rep])]:
+                out.parent_of[runs[i].run_id] = parent.run_id
     return out
 
 
