@@ -6,7 +6,9 @@ Everything else reads these declarations: the Hydra plugin builds its structured
 ``#SBATCH`` lines of the fields that have one, and :mod:`.submit`, :mod:`.jobs` and :mod:`.pack`
 take their defaults from :func:`value`. The presets in conf/hydra/launcher/ set only what they
 change, and docs/slurm.md documents every field (a test checks). Adding a plain ``#SBATCH``
-option is one entry here and its line in docs/slurm.md. Torch- and Hydra-free.
+option is one entry here and its line in docs/slurm.md. The reducer job's fields
+(``hydra.launcher.reducer.*``) and the barrier job's (``hydra.launcher.barriers.*``) are declared
+here too (:data:`NODES`). Torch- and Hydra-free.
 """
 
 from __future__ import annotations
