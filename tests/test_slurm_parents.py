@@ -18,6 +18,7 @@ from nondet_hpc.cluster.barrier_job import BarrierJob
 from nondet_hpc.cluster.client import SubmissionError
 from nondet_hpc.sweep import identity, schema
 from nondet_hpc.sweep.parents import parent_config
+from helpers import run_cli
 from slurm_fixtures import job_cfgs, params_for, sbatch_flags
 
 
@@ -271,3 +272,20 @@ def test_each_family_has_its_own_parent(fake, tmp_path):
     for r in runs:
         expected = rundir.run_id(parent_config(r.cfg))
         assert m["runs"][r.run_id]["parent"] == expected == by_lr[r.cfg.train.lr][0]
+
+
+def test_cli_refuses_a_done_parent_without_the_checkpoint_cleanly(fake, tmp_path):
+    sweep = tmp_path / "sw"
+    args = ["-m", "nondet_hpc", "-m", "source=bitflip", "seed=1,2", "source.from_epoch=1", f"out_dir={sweep}",
+            "train.epochs=3", "hydra/launcher=slurm"]
+    p = run_cli(args)
+    assert "the parent runs, first" in p.stdout and "after afterok:100" in p.stdout
+    m = json.loads((sweep / "sweep.json").read_text())
+    parent = next(rid for rid, rec in m["runs"].items() if rec.get("keep_checkpoints") == [1])
+    fake.update(queue={})  # every job ended; the parent DONE without its epoch-1 checkpoint (say, retrained)
+    (Path(m["runs"][parent]["run_dir"]) / rundir.DONE).parent.mkdir(parents=True)
+    (Path(m["runs"][parent]["run_dir"]) / rundir.DONE).write_text("{}")
+    p = run_cli(args, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"parent run {parent}" in p.stderr and "epoch(s) [1]" in p.stderr and "force=true" in p.stderr
+    assert "Nothing was submitted." in p.stderr and len(fake.state["jobs"]) == 3
