@@ -289,3 +289,14 @@ def test_cli_refuses_a_done_parent_without_the_checkpoint_cleanly(fake, tmp_path
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert f"parent run {parent}" in p.stderr and "epoch(s) [1]" in p.stderr and "force=true" in p.stderr
     assert "Nothing was submitted." in p.stderr and len(fake.state["jobs"]) == 3
+
+
+def test_chained_children_chunks_wait_for_the_parent_and_the_chunk_before(fake, tmp_path):
+    sweep = tmp_path / "sw"
+    runs = stability_plan(sweep, seeds=(1, 2, 3, 4))
+    submit.submit_sweep(sweep, runs, params_for(sweep, max_array_size=2, array_parallelism=1), argv=["x"])
+    parents, first, second = fake.state["jobs"][:3]
+    assert (first["array"], second["array"]) == (2, 2)
+    assert first["dependency"] == f"afterok:{parents['id']}"
+    assert second["dependency"] == f"afterok:{parents['id']},afterany:{first['id']}"  # both must hold
+    assert all(flags(fake, j)["kill-on-invalid-dep"] == "yes" for j in (first, second))
