@@ -8,7 +8,10 @@ its DONE file, never SLURM's exit state. The job pickles are written by :mod:`.p
 sbatch calls made by :mod:`.arrays`, each identifiable by its submission token (:mod:`.tokens`:
 an sbatch that answers late is looked up, never lost, and a rerun looks up what never answered
 before it submits anything). Nothing is submitted into a folder others could write
-(:mod:`nondet_hpc.sweep.trust`), and arrays queued without their reducer get one.
+(:mod:`nondet_hpc.sweep.trust`), and arrays queued without their reducer get one. Runs perturbed
+from epoch k (``source.from_epoch``) come with their parents (:mod:`.lineage`: the parents' array
+first, the children's ``afterok`` behind it); a sweep with ``barriers.pairs`` > 0 gets a barrier job
+between the arrays and the reducer (:mod:`.barrier_job`).
 """
 
 from __future__ import annotations
