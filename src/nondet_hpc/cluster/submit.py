@@ -297,7 +297,7 @@ def _queue_runs(launch: Launch, family: lineage.Lineage, todo: list[PlannedRun],
                 result: SubmissionResult, echo: Callable[[str], None]) -> None:
     """The arrays: the parents first (role parents), the runs that need no parent, then the children
     (role children), which wait for their parents (afterok, killed when a parent fails)."""
-    groups = {lineage.PARENTS: [], None: [], lineage.CHILDREN: []}  # type: dict[str | None, list[PlannedRun]]
+    groups: dict[str | None, list[PlannedRun]] = {lineage.PARENTS: [], None: [], lineage.CHILDREN: []}
     for r in todo:
         groups[family.role(r.run_id)].append(r)
     parent_arrays: dict[str, str] = {}
