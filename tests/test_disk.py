@@ -4,9 +4,9 @@ import errno
 import os
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
-import torch
 
 from nondet_hpc import rundir
 from nondet_hpc.config import ConfigError
@@ -16,15 +16,20 @@ from nondet_hpc.rundir import DiskFullError, run_dir
 
 def test_enospc_while_checkpointing_keeps_the_previous_checkpoint(cfg_factory, monkeypatch):
     cfg = cfg_factory("source=init", "seed=3", "train.epochs=3", "train.checkpoint_every=1")
-    real_save, saves = torch.save, []
+    real_write, saves = train.atomic_write, []
 
-    def save(obj, f, *a, **k):  # the second checkpoint hits a full disk half-way
+    def write(path, writer, **kw):  # the second checkpoint file hits a full disk half-way through its bytes
+        if Path(path).name != "checkpoint.pt":
+            return real_write(path, writer, **kw)
         saves.append(1)
-        if len(saves) == 2:
-            f.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *a, **k)
-    monkeypatch.setattr(torch, "save", save)
+
+        def half(f):
+            if len(saves) == 2:
+                f.write(b"partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            writer(f)
+        return real_write(path, half, **kw)
+    monkeypatch.setattr(train, "atomic_write", write)
     with pytest.raises(DiskFullError) as e:
         task.run(cfg)
     rd = run_dir(cfg)
@@ -35,7 +40,7 @@ def test_enospc_while_checkpointing_keeps_the_previous_checkpoint(cfg_factory, m
     state = train.load_checkpoint_file(rd / "checkpoint.pt", rd.name)
     assert state["progress"]["epoch"] == 1
     assert not [p for p in rd.iterdir() if p.name.endswith(".tmp")] and not (rd / "DONE").exists()
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(train, "atomic_write", real_write)
     assert task.run(cfg)["state"] == "done"  # space back: the same command finishes the run
 
 

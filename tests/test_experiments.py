@@ -316,7 +316,8 @@ def test_quick_tta_end_to_end(tmp_path):
 def test_quick_architectures_end_to_end(tmp_path):
     """experiment=architectures_quick on two rungs of its ladder and fewer seeds and epochs (the
     whole quick preset, 108 runs, is measured in docs/experiments/architectures.md): the report's
-    architectures table and plot, the control exactly 0, the condition-number slot empty."""
+    architectures table and plot, the control exactly 0, each model's condition number from the instability
+    section (the bit-change runs against the control, from their recorded trajectories)."""
     import pandas as pd
 
     out = tmp_path / "architectures_quick"
@@ -326,11 +327,12 @@ def test_quick_architectures_end_to_end(tmp_path):
     table = pd.read_csv(out / "report" / "architectures.csv")
     assert list(table["model"]) == ["linearnet", "resnet6"] and (table[["n_init", "n_bitflip"]] == 2).all().all()
     assert (table["control_acc_sd"] == 0).all() and (table["control_disagreement"] == 0).all()
-    assert np.isfinite(table["acc_sd_ratio"]).all() and table["condition_number"].isna().all()
+    assert np.isfinite(table["acc_sd_ratio"]).all()
+    assert np.isfinite(table["condition_number"]).all() and (table["condition_number"] > 0).all()
     assert list(table["n_parameters"]) == [650, 9_690]  # on digits: 64 inputs, 1-channel stem
     report = (out / "report" / "report.md").read_text()
     assert "## Where instability begins" in report and (out / "report" / "architectures.png").stat().st_size > 0
-    assert "was not measured in this sweep" in (out / "report" / "architectures.md").read_text()
+    assert "was not measured in this sweep" not in (out / "report" / "architectures.md").read_text()
 
 
 def test_quick_cifar100_end_to_end(tmp_path):

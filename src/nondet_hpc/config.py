@@ -180,7 +180,7 @@ class StudyTargetConfig:
 
 @dataclass
 class StudyConfig:
-    # Grow a SLURM sweep in waves until its precision target is met (cluster/waves.py). Off while no
+    # Grow a SLURM sweep in waves until its precision target is met (sweep/waves.py, advanced by cluster/advance.py). Off while no
     # target is set: the sweep is submitted whole, as always. Bookkeeping: never part of a run's identity.
     target: StudyTargetConfig = field(default_factory=StudyTargetConfig)
     wave: int = 10  # seeds per group per wave: the first `wave` seeds of the sweep, then the next ones

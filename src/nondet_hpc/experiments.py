@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import threads_for
-from .presets import CIFAR_TEST, CIFAR_TRAIN, MEASURED, PRESETS, barrier_gpu_hours, cost_basis, describe, \
-    gpu_hours_per_model, run_files_bytes
+from .presets import CIFAR_TEST, CIFAR_TRAIN, MEASURED, PARAMETERS, PRESETS, barrier_gpu_hours, cost_basis, \
+    describe, gpu_hours_per_model, run_files_bytes
 
 __all__ = ["plan", "main"]
 
@@ -141,10 +141,13 @@ def _job_record(cfg: Any, job: dict[str, Any], packing: int) -> dict[str, Any]:
             "data": cfg.data.name}
 
 
-def _disk_bytes(cfg: Any) -> int:
-    """Bytes of the run's folder when finished (presets.run_files_bytes; digits: its 1,300/497 split)."""
+def _disk_bytes(cfg: Any) -> float:
+    """Bytes of the run's folder when finished (presets.run_files_bytes; digits: its 1,300/497 split);
+    NaN for a model whose tensors the cost model does not count (presets.PARAMETERS)."""
     from .run.recording import record_settings
 
+    if cfg.model.name not in PARAMETERS:
+        return math.nan
     d = cfg.data
     n_train, n_test = (1797 - int(d.test_size), int(d.test_size)) if d.name == "digits" else (CIFAR_TRAIN, CIFAR_TEST)
     n_train, n_test = int(d.get("train_subset") or n_train), int(d.get("test_subset") or n_test)
@@ -262,8 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"about {hours:,.0f} V100 GPU-hours to go" if math.isfinite(hours) else
             "no V100 estimate: some models have no cost figure (the cost model is CIFAR-10's; docs/models.md)")
     disk = math.fsum(j["disk_bytes"] for j in todo) / 1e9
-    print(f"{len(jobs)} runs in {', '.join(folders)}: {len(done)} DONE, {len(todo)} to train; {cost}; about "
-          f"{disk:,.2f} GB of run folders to write (logits, checkpoints, final weights and trajectories).")
+    disk_text = (f"about {disk:,.2f} GB of run folders to write (logits, checkpoints, final weights and trajectories)"
+                 if math.isfinite(disk) else "no disk estimate: the storage model counts the tensors of "
+                 f"{', '.join(sorted(PARAMETERS))} only (presets.PARAMETERS)")
+    print(f"{len(jobs)} runs in {', '.join(folders)}: {len(done)} DONE, {len(todo)} to train; {cost}; {disk_text}.")
     entry = PRESETS.get(a.name, {})
     if entry.get("parents") and jobs and jobs[0]["data"] != "digits":  # not among the sweep's own jobs
         extra = entry["parents"] * gpu_hours_per_model(entry["model"], entry["epochs"]) + \

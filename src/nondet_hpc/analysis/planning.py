@@ -161,7 +161,7 @@ def _load(sweep: Path) -> list[_Group]:
 
 def sweep_groups(sweep: Path) -> list[_Group]:
     """The reducer's groups of a sweep (one per group and view) with their per-model values, its
-    bootstrap seed (``seed_key``) and run.json facts: what cluster/waves.py measures between waves."""
+    bootstrap seed (``seed_key``) and run.json facts: what sweep/waves.py measures between waves."""
     return _load(Path(sweep))
 
 
