@@ -137,6 +137,41 @@ def test_resuming_from_the_parent_is_exact(family):
 
 
 # --- a parent that cannot serve ------------------------------------------------------------------
+def test_from_epoch_0_is_todays_run_with_todays_run_id(tmp_path):
+    """source.from_epoch=0 (the default) is a neutral default: the same run id as a config that does
+    not name it, no parent, and the same bits as that run trained elsewhere."""
+    today = make_cfg(tmp_path / "a", "source=bitflip", "seed=2")
+    explicit = make_cfg(tmp_path / "b", "source=bitflip", "seed=2", "source.from_epoch=0")
+    assert run_id(today) == run_id(explicit)
+    runs = [Path(task.run(c)["run_dir"]) for c in (today, explicit)]
+    assert all("parent" not in _info(r) or _info(r)["parent"] is None for r in runs)
+    assert _info(runs[0])["bitflip"] == _info(runs[1])["bitflip"] and "epoch" not in _info(runs[1])["bitflip"]
+    np.testing.assert_array_equal(_final(runs[0]), _final(runs[1]))
+
+
+def test_a_child_does_not_retrain_its_parents_epochs(family, monkeypatch):
+    """Counted, not timed: a child from epoch K trains only epochs K..E-1 (one pass over the data per
+    epoch, each of SPE optimizer steps); its parent trained all of them."""
+    from nondet_hpc.run import train
+
+    epochs, steps = [], []
+    real = train.Trainer._batches
+
+    def counting(self, x_epoch, y_epoch, start):
+        epochs.append(self.progress.epoch)
+        before = self.progress.step
+        out = real(self, x_epoch, y_epoch, start)
+        steps.append(self.progress.step - before)
+        return out
+    monkeypatch.setattr(train.Trainer, "_batches", counting)
+    res = task.run(_child(family["out"], "augment", 3))
+    assert res["state"] == "done"
+    assert epochs == list(range(K, 2)) and steps == [SPE] * (2 - K), (epochs, steps)
+    epochs.clear()
+    task.run(parent_config(_child(family["out"] / "again", "augment", 3), keep=[K]))
+    assert epochs == [0, 1]
+
+
 def test_a_missing_parent_is_named_with_the_fix(tmp_path):
     cfg = _child(tmp_path / "empty", "bitflip", 1)
     pid = run_id(parent_config(cfg))
