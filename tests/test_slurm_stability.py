@@ -1,5 +1,7 @@
 """Runs perturbed from epoch k on a real SLURM cluster (marker ``slurm``; issue 21): the parent's
-array first, the children behind it, the barrier job and the reducer, end to end on digits.
+array first, the children behind it, the barrier job and the reducer, end to end on digits
+(``experiment=stability_quick``, made smaller); a failed parent's children never start and status
+says why.
 
 Skips with a reason where no cluster answers (start one: bash launch/start_slurm.sh); FAILS
 under CI=true instead. Kept small: ResNet-14 on digits, 2 epochs, one thread, 2 seeds from
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import run_cli
-from slurm_fixtures import require_cluster, sweep_status, wait_progressing
+from slurm_fixtures import require_cluster, sweep_status, wait_for, wait_progressing
 
 pytestmark = pytest.mark.slurm
 
@@ -33,7 +35,7 @@ def sacct_times(job: str) -> dict[str, tuple[str, str, str]]:
 def test_parent_first_children_after_it_then_barriers_and_report(tmp_path):
     require_cluster()
     sweep = tmp_path / "stab"
-    args = ["-m", "nondet_hpc", "-m", "source=bitflip", "seed=1,2", "source.from_epoch=0,1", f"out_dir={sweep}",
+    args = ["-m", "nondet_hpc", "-m", "experiment=stability_quick", "source=bitflip", "seed=1,2", "source.from_epoch=0,1", f"out_dir={sweep}",
             "train.epochs=2", "train.warmup_epochs=1", "train.threads=1", "train.batch_size=32", "barriers.pairs=1",
             "barriers.bn_images=64", "barriers.points=3", "hydra/launcher=slurm",
             "hydra.launcher.reducer.partition=cpu", "hydra.launcher.barriers.timeout_min=10"]
@@ -87,6 +89,46 @@ def test_parent_first_children_after_it_then_barriers_and_report(tmp_path):
         assert (report / "stability.csv").exists()
         header = (report / "metrics.csv").read_text().splitlines()[0].split(",")
         assert "barrier_loss" in header and "barrier_error" in header
+    finally:
+        if (sweep / "sweep.json").exists():
+            run_cli(["-m", "nondet_hpc.cancel", str(sweep)], check=False, timeout=60)
+
+
+def test_a_failed_parent_ends_its_children_and_status_says_why(tmp_path):
+    """The parent is cancelled while it trains (as a node failure or scancel would end it): its
+    children's array, queued afterok with --kill-on-invalid-dep, is ended by SLURM without a task
+    starting, and status names the parent for each child."""
+    require_cluster()
+    sweep = tmp_path / "orphans"
+    args = ["-m", "nondet_hpc", "-m", "experiment=stability_quick", "source=bitflip", "seed=1,2",
+            "source.from_epoch=1", f"out_dir={sweep}", "train.epochs=400", "train.threads=1", "barriers.pairs=0",
+            "hydra/launcher=slurm", "hydra.launcher.reducer.partition=cpu"]
+    try:
+        p = run_cli(args)
+        parent_arr = re.search(r"array job (\d+): 1 task \(run 0 of submission 0\).*the parent runs, first", p.stdout)
+        child_arr = re.search(rf"array job (\d+): 2 tasks .*after afterok:{parent_arr.group(1) if parent_arr else 'x'}",
+                              p.stdout)
+        assert parent_arr and child_arr, p.stdout
+        m = json.loads((sweep / "sweep.json").read_text())
+        parent_id = m["submissions"][0]["arrays"][0]["tasks"][0][0]
+        children = [t[0] for t in m["submissions"][0]["arrays"][1]["tasks"]]
+        subprocess.run(["scancel", parent_arr.group(1)], check=True, timeout=30)
+
+        def told():
+            st = sweep_status(sweep)
+            notes = {r["run_id"]: r.get("note") or "" for r in st["runs"]}
+            return st if all(f"not run: its parent run {parent_id}" in notes.get(c, "") for c in children) else None
+
+        st = wait_for(told, 120, interval=2, what="status to say the children were not run because of their parent")
+        kids = {k: v for k, v in sacct_times(child_arr.group(1)).items()}
+        assert kids and all(v[0] == "CANCELLED" for v in kids.values()), kids
+        # never started: a job cancelled while pending has no start time, or (some SLURM versions) the
+        # cancellation time as both start and end
+        assert all(v[1] in ("None", "Unknown") or v[1] == v[2] for v in kids.values()), kids
+        assert not any((Path(m["runs"][c]["run_dir"]) / "DONE").exists() for c in children)
+        assert not any((Path(m["runs"][c]["run_dir"]) / "run.json").exists() for c in children)
+        text = run_cli(["-m", "nondet_hpc.status", str(sweep)], check=False).stdout
+        assert text.count(f"its parent run {parent_id}") >= len(children), text
     finally:
         if (sweep / "sweep.json").exists():
             run_cli(["-m", "nondet_hpc.cancel", str(sweep)], check=False, timeout=60)
