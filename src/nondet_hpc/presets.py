@@ -89,9 +89,9 @@ def transforms_per_image(views: Iterable[str], pad: int = 4) -> int:
 
 
 #: (parameter values without the classifier, BatchNorm buffer values, parameter tensors, buffer tensors)
-#: of every model the cost model covers, counted on run/models.build_model (tests/test_experiments.py)
+#: of every model the cost model covers, counted on run/models.build_model (tests/test_instability_runs.py); resnet18b is version 0.1.0's resnet18
 PARAMETERS: dict[str, tuple[int, int, int, int]] = {
-    "resnet14": (171_952, 1_039, 45, 45), "resnet18": (11_168_832, 9_620, 62, 60),
+    "resnet14": (171_952, 1_039, 45, 45), "resnet18b": (11_168_832, 9_620, 62, 60),
     "resnet34": (21_276_992, 17_060, 110, 108)}
 _NAME_CHARS, _ENTRY, _STREAMS = 32, 200, 50_000  # longest tensor name, bytes per archive entry, stream states
 
