@@ -48,7 +48,7 @@ def test_every_authors_model_trains_one_epoch_on_its_dataset(name, tmp_path, mon
     model = model_for_run(cfg, e.in_shape, e.num_classes, streams.init)
     assert sum(p.numel() for p in model.parameters()) == e.params  # on the authors' dataset: their count
     before = [p.detach().clone() for p in model.parameters()]
-    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self: None)  # 1 epoch: nothing to resume from
+    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self, keep=False: None)  # 1 epoch: nothing to resume from
     trainer = Trainer(model, data, streams, cfg.train, dcfg, torch.device("cpu"), tmp_path / "ckpt.pt")
     small = small_lr_names(model, "authors")
     assert trainer.groups_record["groups"][1]["tensors"] == len(small) > 0  # every model has a bias or BN
@@ -74,7 +74,7 @@ def test_gpu_every_authors_model_trains_deterministically_on_cuda(name, tmp_path
     old = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
            torch.backends.cudnn.benchmark)
     configure_kernels(True, dev)
-    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self: None)
+    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self, keep=False: None)
     weights = []
     try:
         for _ in range(2):
