@@ -121,7 +121,7 @@ CASES: list[Case] = [
     Case("FIFO logits/plain.npy", _fifo("logits/plain.npy"), "is a FIFO", R2, 2, subprocess=True),
     Case("FIFO labels.npy", _fifo("labels.npy"), "is a FIFO", R2, 2, subprocess=True),
     Case("FIFO run.json", _fifo("run.json"), "not a regular file", R2, 2, subprocess=True),
-    Case("FIFO DONE", _fifo("DONE"), "", "", 3, subprocess=True),  # DONE is never opened
+    Case("FIFO DONE", _fifo("DONE"), "DONE is a FIFO, not a regular file", R2, 2, subprocess=True),  # never opened
     Case("run.json is a JSON list", _write("run.json", b"[1, 2]"), "holds a JSON list", R2, 2),
     Case("run.json garbage", _write("run.json", b"{not json"), "run.json unreadable", R2, 2),
     Case("run.json empty", _write("run.json", b""), "run.json unreadable", R2, 2),

@@ -338,6 +338,30 @@ def _copy_run(sweep: Path, src: Path, seed: int) -> Path:
     return dest
 
 
+def test_a_planted_done_marker_is_not_a_finished_run(tmp_path):
+    """DONE must be a regular file: a link to another run's DONE, a FIFO or a folder under that name
+    makes the run incomplete (named, with what the marker is), never a model counted in a group."""
+    from nondet_hpc.rundir import DONE, is_done
+
+    sweep = tmp_path / "sweep"
+    _small_sweep(sweep, sources=("init", "shuffle"), seeds=(1, 2, 3))
+    runs = sweep / "runs"
+    real = runs / run_id("init", 1) / DONE
+    planted = {2: lambda p: p.symlink_to(real), 3: os.mkfifo}
+    for seed, plant in planted.items():
+        marker = runs / run_id("init", seed) / DONE
+        marker.unlink()
+        plant(marker)
+        assert not is_done(marker.parent)
+    assert is_done(real.parent)
+    df = R.reduce_sweep(sweep, n_boot=20)
+    assert row(df, "Parameter Initialization")["n_models"] == 1
+    ex = excluded(sweep)
+    why = {r: ex[ex["run_id"] == run_id("init", s)]["reason"].iloc[0] for s, r in [(2, "link"), (3, "fifo")]}
+    assert "DONE is a symbolic link, not a regular file" in why["link"]
+    assert "DONE is a FIFO, not a regular file" in why["fifo"]
+
+
 def test_hard_linked_copies_of_a_run_are_one_model(tmp_path):
     sweep = tmp_path / "sweep"
     _small_sweep(sweep, sources=("init", "shuffle", "all"))

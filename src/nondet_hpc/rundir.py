@@ -103,8 +103,9 @@ def read_run_json(run: Path) -> tuple[dict | None, str]:
 
 
 def is_done(path: Path) -> bool:
-    """A finished run: it has a DONE (never opened, so nothing under that name can block)."""
-    return (Path(path) / DONE).exists()
+    """A finished run: its DONE is a regular file (lstat only, never opened, so nothing under that name
+    can block; a link, FIFO or folder planted as DONE is not a finished run)."""
+    return safeio.is_regular(Path(path) / DONE)
 
 
 def list_runs(sweep_dir: Path) -> list[Path]:

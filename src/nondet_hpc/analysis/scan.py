@@ -25,6 +25,7 @@ from ..rundir import (
     LOGITS,
     RUN_JSON,
     RUNS,
+    is_done,
     list_runs,
     logits_path,
     read_run_json,
@@ -232,9 +233,12 @@ def _read_run(d: Path, sweep: Path, excluded: list[Exclusion]) -> Run | None:
     label = str(info.get("group_label", "")) if info else ""
     gkey = info.get("group_key")
     gkey_s = gkey if isinstance(gkey, str) else ""
-    if not (d / DONE).exists():  # an incomplete run is reported as such, whatever its run.json holds
+    if not is_done(d):  # an incomplete run is reported as such, whatever its run.json holds
         state = info.get("state", "unknown") if info else "unknown"
-        excluded.append(Exclusion(rid, label, "all", "incomplete", f"no DONE marker (state: {state})", gkey_s))
+        why = f"no DONE marker (state: {state})"
+        if os.path.lexists(d / DONE):  # a link, FIFO or folder under that name: not a finished run's marker
+            why = f"{DONE} is {safeio.kind(os.lstat(d / DONE).st_mode)}, not a regular file (state: {state})"
+        excluded.append(Exclusion(rid, label, "all", "incomplete", why, gkey_s))
         return None
     if info_err:
         excluded.append(Exclusion(rid, label, "all", "unreadable", f"{rel(d, sweep)}/{info_err}"))
