@@ -82,12 +82,18 @@ def test_a_custom_model_with_dropout_resumes_bit_exactly(bit_exact_resume):
     assert rec["model"]["factory"]["kwargs"] == {"p_drop": 0.3}
 
 
-def test_editing_the_model_file_makes_new_run_ids(cfg_factory, tmp_path, monkeypatch):
-    name = f"edited_nets_{abs(hash(str(tmp_path))) % 10**8}"
+def _model_file_copy(tmp_path, monkeypatch, prefix: str) -> tuple[str, Path]:
+    """A copy of custom_nets.py under a module name unique to this test, importable from sys.path."""
+    name = f"{prefix}_{abs(hash(str(tmp_path))) % 10**8}"
     path = tmp_path / "models" / f"{name}.py"
     path.parent.mkdir()
     shutil.copy(HERE / "custom_nets.py", path)
     monkeypatch.syspath_prepend(str(path.parent))
+    return name, path
+
+
+def test_editing_the_model_file_makes_new_run_ids(cfg_factory, tmp_path, monkeypatch):
+    name, path = _model_file_copy(tmp_path, monkeypatch, "edited_nets")
     overrides = ("model=custom", f"model.factory={name}:tiny_cnn", "seed=4")
     planned = cfg_factory(*overrides)
     resolve_inputs(planned)  # as the SLURM launcher does before it submits
@@ -204,11 +210,7 @@ def test_custom_runs_packed_in_one_task_match_their_solo_runs(tmp_path):
 
 
 def test_a_model_file_edited_between_runs_of_one_process_is_imported_again(cfg_factory, tmp_path, monkeypatch):
-    name = f"reloaded_nets_{abs(hash(str(tmp_path))) % 10**8}"
-    path = tmp_path / "models" / f"{name}.py"
-    path.parent.mkdir()
-    shutil.copy(HERE / "custom_nets.py", path)
-    monkeypatch.syspath_prepend(str(path.parent))
+    name, path = _model_file_copy(tmp_path, monkeypatch, "reloaded_nets")
     first = task.run(cfg_factory("model=custom", f"model.factory={name}:tiny_cnn"))
     path.write_text(path.read_text().replace("width: int = 8", "width: int = 5"))
     second = task.run(cfg_factory("model=custom", f"model.factory={name}:tiny_cnn"))
