@@ -74,6 +74,33 @@ def record_unanswered(launch: Launch, kind: str, e: LateAnswer, job: dict) -> No
     launch.record.setdefault("unanswered", []).append({"kind": kind, **e.record, "job": job})
 
 
+def sbatch_recorded(launch: Launch, script_path: Path, job: dict, kind: str, what: str, noun: str,
+                    n_tasks: int | None = None) -> str:
+    """sbatch a script written with ``job["token"]`` (its pickles named by it) and fill in ``job``'s
+    ``job_id`` (and ``late_answer``, noted as "``noun`` ID was found"). An sbatch whose outcome is
+    unknown is recorded under ``kind`` for the lookup (its pickles wait for it); a refused one
+    discards its pickles; both re-raise."""
+    token = job["token"]
+    try:
+        job_id, late = sbatch_identifiable(script_path, token, launch.timeout, launch.user, what)
+    except LateAnswer as e:
+        if e.unknown:
+            record_unanswered(launch, kind, e, job)
+        else:
+            discard_pickles(launch.folder, token)
+        raise
+    except SlurmError:
+        discard_pickles(launch.folder, token)
+        raise
+    adopt_pickles(launch.folder, token, job_id, n_tasks)
+    job["job_id"] = job_id
+    if late:
+        job["late_answer"] = late
+        launch.notes.append(f"sbatch answered late ({late['after']}): {noun} {job_id} was found by its "
+                            f"submission token {token} and recorded")
+    return job_id
+
+
 def submit_array(launch: Launch, c: int, runs: list[PlannedRun], offset: int, parallelism: int | None,
                  dependency: str | None, role: str | None = None) -> dict:
     """Write one array's script and pickles, sbatch it, record its tasks in the manifest.
@@ -97,24 +124,8 @@ def submit_array(launch: Launch, c: int, runs: list[PlannedRun], offset: int, pa
            "tasks": [[r.run_id for r in task] for task in tasks]}
     if role:
         arr["role"] = role
-    try:
-        array_id, late = sbatch_identifiable(script_path, token, launch.timeout, launch.user,
-                                             f"array {c} of submission {sub_n} ({len(runs)} runs)")
-    except LateAnswer as e:
-        if e.unknown:
-            record_unanswered(launch, "array", e, arr)  # its pickles wait for the lookup
-        else:
-            discard_pickles(folder, token)
-        raise
-    except SlurmError:
-        discard_pickles(folder, token)
-        raise
-    adopt_pickles(folder, token, array_id, len(tasks))
-    arr["job_id"] = array_id
-    if late:
-        arr["late_answer"] = late
-        launch.notes.append(f"sbatch answered late ({late['after']}): array job {array_id} was found by its "
-                            f"submission token {token} and recorded")
+    sbatch_recorded(launch, script_path, arr, "array", f"array {c} of submission {sub_n} ({len(runs)} runs)",
+                    "array job", n_tasks=len(tasks))
     launch.record["arrays"].append(arr)
     record_array_jobs(launch.manifest, sub_n, arr)
     launch.save()

@@ -26,12 +26,11 @@ from typing import Any, Mapping, Sequence
 
 from .. import safeio
 from . import fields
-from .arrays import Launch, arrays_dependency, earlier_barrier_jobs, record_unanswered
-from .client import SlurmError
+from .arrays import Launch, arrays_dependency, earlier_barrier_jobs, sbatch_recorded
 from .joblog import log
-from .pickles import adopt_pickles, discard_pickles, pickle_job
+from .pickles import pickle_job
 from .script import python_command, render_script
-from .tokens import LateAnswer, new_token, sbatch_identifiable
+from .tokens import new_token
 
 #: training options the barrier job does not take: it has no checkpoint to write at a warning signal,
 #: is not requeued, and is no array
@@ -128,24 +127,8 @@ def submit_barriers(launch: Launch, settings: Mapping[str, int]) -> dict:
     pickle_job(launch.folder, job, timeout_min, 0, name=token)
     entry = {"job_id": None, "token": token, "dependency": dependency or "", "script": str(script_path),
              "command": "python -m nondet_hpc.barriers " + shlex.join(job.command()[3:]), **dict(settings)}
-    what = f"the barrier job of submission {launch.record['n']}"
-    try:
-        job_id, late = sbatch_identifiable(script_path, token, launch.timeout, launch.user, what)
-    except LateAnswer as e:
-        if e.unknown:
-            record_unanswered(launch, "barriers", e, entry)
-        else:
-            discard_pickles(launch.folder, token)
-        raise
-    except SlurmError:
-        discard_pickles(launch.folder, token)
-        raise
-    adopt_pickles(launch.folder, token, job_id, None)
-    entry["job_id"] = job_id
-    if late:
-        entry["late_answer"] = late
-        launch.notes.append(f"sbatch answered late ({late['after']}): barrier job {job_id} was found by its "
-                            f"submission token {token} and recorded")
+    sbatch_recorded(launch, script_path, entry, "barriers", f"the barrier job of submission {launch.record['n']}",
+                    "barrier job")
     launch.record["barriers"] = entry
     launch.save()
     return entry
