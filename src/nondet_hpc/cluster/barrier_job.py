@@ -103,7 +103,7 @@ def sweep_barriers(runs: Sequence[Any]) -> dict[str, int] | None:
     where they differ); None when no run asks for barriers (``barriers.pairs`` = 0)."""
     best: dict[str, int] | None = None
     for run in runs:
-        cfg = run.container if run.container is not None else run.cfg
+        cfg = run.config
         node = cfg.get("barriers") if hasattr(cfg, "get") else None
         pairs = int((node or {}).get("pairs") or 0)
         if pairs > 0 and (best is None or pairs > best["pairs"]):

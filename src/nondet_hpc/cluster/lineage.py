@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from .. import safeio
 from ..rundir import kept_checkpoint
@@ -49,10 +49,6 @@ class Lineage:
         return {self.parent_of[r.run_id] for r in todo if r.run_id in self.parent_of}
 
 
-def _config(run: PlannedRun) -> Any:
-    return run.container if run.container is not None else run.cfg
-
-
 def _family(run: PlannedRun) -> str:
     """Equal for runs that differ only in their source and seed: what a parent's config does not
     keep of its child's (:func:`nondet_hpc.sweep.parents.parent_config` sets both), so the runs of one
@@ -65,7 +61,7 @@ def plan_lineage(runs: Sequence[PlannedRun], ignore_keys: Sequence[str] = ()) ->
     """The sweep's runs and the parents they need (:func:`nondet_hpc.sweep.parents.plan_parents`,
     asked once per family and epoch: thousands of runs share a few parents)."""
     runs = list(runs)
-    ks = [from_epoch(_config(r)) for r in runs]
+    ks = [from_epoch(r.config) for r in runs]
     if not any(k > 0 for k in ks):
         return Lineage(runs)
     out = Lineage(runs)
@@ -103,7 +99,7 @@ def missing_checkpoints(lineage: Lineage, done: Sequence[PlannedRun], active: Se
     done_ids, queued = {r.run_id: r for r in done}, {r.run_id: r for r in active}
     lacking: dict[str, set[int]] = {}
     for r in todo:
-        pid, k = lineage.parent_of.get(r.run_id), from_epoch(_config(r))
+        pid, k = lineage.parent_of.get(r.run_id), from_epoch(r.config)
         if pid in done_ids and not safeio.is_regular(kept_checkpoint(done_ids[pid].run_dir, k)):
             lacking.setdefault(pid, set()).add(k)
         elif pid in queued and k not in ((manifest["runs"].get(pid) or {}).get("keep_checkpoints") or []):

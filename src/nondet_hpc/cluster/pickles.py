@@ -33,7 +33,7 @@ def task_job(params: Mapping[str, Any], runs: Sequence[PlannedRun]) -> Callable[
     """What one array task executes: its one run (RunJob), or its K runs at once (PackJob)."""
     max_requeue = int(fields.value(params, "max_requeue"))
     # the plain resolved config where the launcher has it (fast to pickle and to load), else the config
-    jobs = [RunJob(run.container if run.container is not None else run.cfg, run.run_id, str(run.run_dir),
+    jobs = [RunJob(run.config, run.run_id, str(run.run_dir),
                    max_requeue) for run in runs]
     if int(params.get("runs_per_task") or 1) == 1:
         return jobs[0]

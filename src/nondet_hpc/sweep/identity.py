@@ -78,6 +78,11 @@ class PlannedRun:
     # the resolved config as plain data: what the job pickle carries (~100x faster to pickle)
     container: dict | None = None
 
+    @property
+    def config(self) -> Any:
+        """The run's config as the job gets it: the plain container where there is one, else ``cfg``."""
+        return self.container if self.container is not None else self.cfg
+
 
 class _Fields(dict):
     """A resolved container read the way ``rundir.run_id`` reads a config (``cfg.source.name``):
