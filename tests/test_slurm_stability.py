@@ -120,7 +120,9 @@ def test_a_failed_parent_ends_its_children_and_status_says_why(tmp_path):
             return st if all(f"not run: its parent run {parent_id}" in notes.get(c, "") for c in children) else None
 
         st = wait_for(told, 120, interval=2, what="status to say the children were not run because of their parent")
-        kids = {k: v for k, v in sacct_times(child_arr.group(1)).items()}
+        # sacct may record the cancelled pending array a moment after squeue stops showing it
+        kids = wait_for(lambda: sacct_times(child_arr.group(1)) or None, 60, interval=2,
+                        what="sacct's record of the children's array")
         assert kids and all(v[0] == "CANCELLED" for v in kids.values()), kids
         # never started: a job cancelled while pending has no start time, or (some SLURM versions) the
         # cancellation time as both start and end
